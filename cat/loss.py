@@ -1,0 +1,104 @@
+"""The CAT objective (DESIGN.md §1).
+
+    L     = L_LDM + lambda * L_CAT
+    L_LDM = mse( eps_ada(z_t, t, y_T), target )
+    L_CAT = mse( eps_ada(z_t, t, y),   sg(eps_base(z_t, t, y)) )
+
+Both terms use the same ``z_t``, ``t`` and noise; ``mse`` is the mean over all elements in
+float32. :func:`cat_loss_reference` is the straightforward three-call form and stays the
+reference that faster paths are tested against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from cat_engine.engine.lora import adapters_disabled
+
+
+@dataclass
+class CatLossOutput:
+    """``loss`` is differentiable; ``ldm`` and ``cat`` are detached float32 scalars."""
+
+    loss: torch.Tensor
+    ldm: torch.Tensor
+    cat: torch.Tensor
+
+
+def mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over all elements, computed in float32."""
+    return F.mse_loss(pred.float(), target.float(), reduction="mean")
+
+
+def _unet_call(unet, latents, timesteps, embeds, added_cond_kwargs):
+    kwargs = {"added_cond_kwargs": added_cond_kwargs} if added_cond_kwargs is not None else {}
+    return unet(latents, timesteps, encoder_hidden_states=embeds, return_dict=False, **kwargs)[0]
+
+
+def cat_loss_reference(
+    unet,
+    noisy_latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    token_embeds: torch.Tensor,
+    plain_embeds: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    cat_weight: float = 1.0,
+    added_cond_kwargs: dict | None = None,
+    plain_added_cond_kwargs: dict | None = None,
+) -> CatLossOutput:
+    """Three UNet calls: adapter/token, adapter/plain, base/plain under no_grad."""
+    pred_token = _unet_call(unet, noisy_latents, timesteps, token_embeds, added_cond_kwargs)
+    ldm = mse(pred_token, target)
+    if cat_weight == 0:
+        return CatLossOutput(ldm, ldm.detach(), torch.zeros((), device=ldm.device))
+    plain_cond = plain_added_cond_kwargs if plain_added_cond_kwargs is not None else added_cond_kwargs
+    pred_plain = _unet_call(unet, noisy_latents, timesteps, plain_embeds, plain_cond)
+    with torch.no_grad(), adapters_disabled(unet):
+        pred_base = _unet_call(unet, noisy_latents, timesteps, plain_embeds, plain_cond)
+    cat = mse(pred_plain, pred_base.detach())
+    return CatLossOutput(ldm + cat_weight * cat, ldm.detach(), cat.detach())
+
+
+def cat_loss(
+    unet,
+    noisy_latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    token_embeds: torch.Tensor,
+    plain_embeds: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    cat_weight: float = 1.0,
+    added_cond_kwargs: dict | None = None,
+    plain_added_cond_kwargs: dict | None = None,
+) -> CatLossOutput:
+    """The CAT loss of one batch (DESIGN.md §1).
+
+    Args:
+        unet: a diffusers ``UNet2DConditionModel`` carrying a LoRA adapter (peft or fused).
+        noisy_latents: ``z_t``, ``[B, C, H, W]``.
+        timesteps: ``t``, ``[B]`` (or a scalar).
+        token_embeds: text embeddings of the captions with the trigger token, ``[B, L, D]``.
+        plain_embeds: text embeddings of the plain captions, ``[B, L, D]``.
+        target: the noise, or ``v`` for v-prediction, shaped like ``noisy_latents``.
+        cat_weight: ``lambda``; 0 gives plain LoRA training (no CAT passes run).
+        added_cond_kwargs: SDXL's ``{"text_embeds", "time_ids"}`` for the token captions.
+        plain_added_cond_kwargs: the same for the plain captions (defaults to ``added_cond_kwargs``).
+
+    Returns:
+        :class:`CatLossOutput` with ``loss`` (differentiable), ``ldm`` and ``cat`` (detached).
+    """
+    return cat_loss_reference(
+        unet,
+        noisy_latents,
+        timesteps,
+        token_embeds,
+        plain_embeds,
+        target,
+        cat_weight=cat_weight,
+        added_cond_kwargs=added_cond_kwargs,
+        plain_added_cond_kwargs=plain_added_cond_kwargs,
+    )

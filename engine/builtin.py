@@ -1,0 +1,179 @@
+"""The built-in default model: a tiny Stable-Diffusion-shaped pipeline, made deterministically.
+
+It is **random-initialised**: it exists so that ``cat-engine train`` and the tests run with no
+download, on a CPU, in seconds. It produces noise-like images; it is for trying the engine, not
+for judging the method (a pretrained toy world replaces it later).
+
+Every component is a real diffusers/transformers class (``UNet2DConditionModel``,
+``AutoencoderKL``, ``CLIPTextModel`` with the real CLIP BPE tokenizer, ``DDPMScheduler``), so
+the code paths are the ones a full SD1.5/SDXL model takes. ``builtin_model_dir()`` writes the
+pipeline once as a normal diffusers folder (safetensors) into a cache folder and reuses it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+BUILTIN_NAME = "builtin-tiny-sd-v1"
+TOKENIZER_DIR = Path(__file__).parent / "assets" / "clip_tokenizer"
+NATIVE_RESOLUTION = 64  # pixels; latents are 16x16 (the tiny VAE downsamples by 4)
+FAMILIES = ("sd", "sdxl")
+
+
+def clip_tokenizer(max_length: int = 77):
+    """The real CLIP BPE tokenizer (49,408 tokens), from the files shipped with the engine."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer(
+        str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"), model_max_length=max_length
+    )
+
+
+def _text_config(hidden: int, projection: int | None = None):
+    from transformers import CLIPTextConfig
+
+    kwargs = dict(
+        vocab_size=49408,
+        hidden_size=hidden,
+        intermediate_size=hidden * 4,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        hidden_act="quick_gelu",
+    )
+    if projection is not None:
+        kwargs["projection_dim"] = projection
+    return CLIPTextConfig(**kwargs)
+
+
+def tiny_unet(family: str = "sd", **overrides):
+    """A small SD-shaped (or SDXL-shaped: text_time added conditioning) UNet, random weights."""
+    from diffusers import UNet2DConditionModel
+
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    config = dict(
+        sample_size=NATIVE_RESOLUTION // 4,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    if family == "sdxl":
+        config.update(
+            cross_attention_dim=64,  # two text encoders of width 32, concatenated
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=8 * 6 + 32,  # 6 time ids + pooled text (32)
+            transformer_layers_per_block=1,
+        )
+    config.update(overrides)
+    return UNet2DConditionModel(**config)
+
+
+def tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=NATIVE_RESOLUTION,
+    )
+
+
+def tiny_scheduler(prediction_type: str = "epsilon"):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type=prediction_type,
+        clip_sample=False,
+        steps_offset=1,
+    )
+
+
+def tiny_pipeline(family: str = "sd", prediction_type: str = "epsilon", seed: int = 0):
+    """Build the tiny pipeline in memory (random weights from ``seed``)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = tiny_unet(family)
+        vae = tiny_vae()
+        if family == "sd":
+            text_encoder = CLIPTextModel(_text_config(32))
+            return StableDiffusionPipeline(
+                vae=vae,
+                text_encoder=text_encoder,
+                tokenizer=clip_tokenizer(),
+                unet=unet,
+                scheduler=tiny_scheduler(prediction_type),
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
+        text_encoder = CLIPTextModel(_text_config(32))
+        text_encoder_2 = CLIPTextModelWithProjection(_text_config(32, projection=32))
+        return StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=clip_tokenizer(),
+            tokenizer_2=clip_tokenizer(),
+            unet=unet,
+            scheduler=tiny_scheduler(prediction_type),
+        )
+
+
+def cache_root() -> Path:
+    """Where generated models live: ``$CAT_ENGINE_CACHE``, else ``~/.cache/cat-engine``."""
+    return Path(os.environ.get("CAT_ENGINE_CACHE") or Path.home() / ".cache" / "cat-engine")
+
+
+def save_pipeline_atomically(pipe, target: Path) -> Path:
+    """Save a pipeline as a diffusers folder under a temporary name, then rename it into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process won the race: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def builtin_model_dir(family: str = "sd", prediction_type: str = "epsilon") -> Path:
+    """The built-in model as a diffusers folder, written once into the cache and reused."""
+    suffix = "" if (family, prediction_type) == ("sd", "epsilon") else f"-{family}-{prediction_type}"
+    target = cache_root() / (BUILTIN_NAME + suffix)
+    if not (target / "model_index.json").exists():
+        save_pipeline_atomically(tiny_pipeline(family, prediction_type), target)
+    return target

@@ -1,0 +1,141 @@
+"""LoRA adapters on a diffusers UNet: add, prepare for the engine, disable, save in diffusers format.
+
+The adapter itself is peft's (``unet.add_adapter(LoraConfig(...))``), so anything trained here
+loads with ``StableDiffusionPipeline.load_lora_weights`` and anything trained elsewhere with
+peft can be handed to :func:`fuse_lora`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from cat_engine.engine.split_batch import adapter_rows, split_state
+
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+FEED_FORWARD_TARGETS = ("ff.net.0.proj", "ff.net.2")
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+# diffusers reads the peft config of a saved adapter from this safetensors metadata key.
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
+ENGINE_METADATA_KEY = "cat_engine"
+
+
+def add_lora(unet, rank: int = 16, alpha: float | None = None, targets=DEFAULT_TARGETS, seed: int | None = None):
+    """Add a trainable peft LoRA adapter (default name) to a frozen diffusers UNet; return the UNet.
+
+    ``alpha`` defaults to ``rank`` (scale 1). ``lora_B`` starts at zero as in peft, so the adapter
+    model initially equals the base model; ``lora_A`` is Gaussian, seeded by ``seed`` when given.
+    """
+    from peft import LoraConfig
+
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    unet.requires_grad_(False)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=float(rank if alpha is None else alpha),
+        init_lora_weights="gaussian",
+        target_modules=list(targets),
+    )
+    if seed is None:
+        unet.add_adapter(config)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            unet.add_adapter(config)
+    return unet
+
+
+def lora_parameters(unet) -> list[torch.nn.Parameter]:
+    """The trainable LoRA parameters, in a stable (module) order."""
+    return [p for n, p in unet.named_parameters() if "lora_" in n and p.requires_grad]
+
+
+def has_peft_adapter(unet) -> bool:
+    return bool(getattr(unet, "peft_config", None))
+
+
+def fuse_lora(unet):
+    """Prepare a UNet carrying a peft LoRA adapter for the engine, in place; return it.
+
+    The trainable tensors stay the same ``Parameter`` objects, so an optimizer built before the
+    call keeps working. Calling it twice is harmless. Raises ``ValueError`` when the UNet has no
+    LoRA adapter.
+    """
+    if not has_peft_adapter(unet) and not getattr(unet, "_cat_fused", False):
+        raise ValueError(
+            "fuse_lora: the UNet carries no LoRA adapter; add one first with "
+            "unet.add_adapter(peft.LoraConfig(...)) or cat_engine.engine.add_lora(unet)"
+        )
+    split_state(unet)  # every call now reads its adapter rows from here
+    object.__setattr__(unet, "_cat_fused", True)
+    return unet
+
+
+@contextmanager
+def adapters_disabled(unet):
+    """Run the frozen base model: no LoRA delta on any row, whatever the layers are."""
+    peft_active = has_peft_adapter(unet) and getattr(unet, "_cat_peft_enabled", True)
+    if peft_active:
+        unet.disable_adapters()
+        object.__setattr__(unet, "_cat_peft_enabled", False)
+    try:
+        with adapter_rows(unet, 0):
+            yield unet
+    finally:
+        if peft_active:
+            unet.enable_adapters()
+            object.__setattr__(unet, "_cat_peft_enabled", True)
+
+
+def lora_state_dict(unet) -> dict[str, torch.Tensor]:
+    """The adapter's weights under diffusers' key names (``unet.<module>.lora_A.weight`` ...)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    return {f"unet.{k}": v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+
+
+def lora_config_dict(unet) -> dict:
+    cfg = unet.peft_config["default"]
+    return {"r": int(cfg.r), "lora_alpha": float(cfg.lora_alpha), "target_modules": sorted(cfg.target_modules)}
+
+
+def save_lora(unet, output_dir: str | os.PathLike, info: dict | None = None) -> Path:
+    """Write ``OUTPUT/pytorch_lora_weights.safetensors`` atomically (temporary name, then rename).
+
+    ``info`` (token, class word, cat weight, ...) goes into the safetensors metadata under
+    ``cat_engine`` as JSON, next to the peft config diffusers needs to rebuild the adapter.
+    """
+    from safetensors.torch import save_file
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config = lora_config_dict(unet)
+    metadata = {
+        "format": "pt",
+        DIFFUSERS_METADATA_KEY: json.dumps({f"unet.{k}": v for k, v in config.items()}, sort_keys=True),
+        ENGINE_METADATA_KEY: json.dumps({**config, **(info or {})}, sort_keys=True, default=str),
+    }
+    path = output_dir / LORA_WEIGHT_NAME
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(lora_state_dict(unet), str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def read_lora_metadata(path: str | os.PathLike) -> dict:
+    """The engine metadata of a saved adapter (a folder or the .safetensors file)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / LORA_WEIGHT_NAME
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta.get(ENGINE_METADATA_KEY, "{}"))

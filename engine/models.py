@@ -1,0 +1,105 @@
+"""Loading a base model: a local diffusers folder (SD1.x, SD2.x, SDXL) or the built-in default.
+
+Only safetensors weights are read (``use_safetensors=True``): nothing a user hands the engine is
+unpickled. Nothing is downloaded (``local_files_only=True``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from cat_engine.engine.builtin import builtin_model_dir
+
+BUILTIN = "builtin"
+
+
+class ModelLoadError(ValueError):
+    """A --base that cannot be used; the message names the folder and the problem."""
+
+
+@dataclass
+class BaseModel:
+    """The components of a Stable-Diffusion-class pipeline that training and sampling need."""
+
+    path: Path
+    family: str  # "sd" (SD1.x/SD2.x) or "sdxl"
+    unet: torch.nn.Module
+    vae: torch.nn.Module | None
+    tokenizers: list = field(default_factory=list)
+    text_encoders: list = field(default_factory=list)
+    noise_scheduler: object = None  # a DDPMScheduler built from the folder's scheduler config
+
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 8
+
+    @property
+    def native_resolution(self) -> int:
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    def release_encoders(self) -> None:
+        """Drop the VAE and text encoders (after latents and embeddings are cached)."""
+        self.vae = None
+        self.text_encoders = []
+
+
+def resolve_base(base: str | Path | None) -> Path:
+    """The folder of ``--base`` (``None`` or ``builtin``: the built-in tiny model)."""
+    if base is None or str(base) == BUILTIN:
+        return builtin_model_dir()
+    path = Path(base).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"--base {path}: no such folder")
+    if not path.is_dir():
+        raise ModelLoadError(f"--base {path}: is a file; give a diffusers model folder (with model_index.json)")
+    if not (path / "model_index.json").exists():
+        raise ModelLoadError(
+            f"--base {path}: not a diffusers model folder (no model_index.json); "
+            "convert single-file checkpoints with diffusers' from_single_file first"
+        )
+    return path
+
+
+def model_family(path: Path) -> str:
+    index = json.loads((path / "model_index.json").read_text())
+    return "sdxl" if "text_encoder_2" in index and index["text_encoder_2"][0] is not None else "sd"
+
+
+def load_base(base: str | Path | None = None, *, load_encoders: bool = True) -> BaseModel:
+    """Load ``--base`` in float32 on the CPU; the caller moves and casts what it needs."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    path = resolve_base(base)
+    family = model_family(path)
+    common = dict(local_files_only=True)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", use_safetensors=True, **common)
+        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common)
+        vae, tokenizers, encoders = None, [], []
+        if load_encoders:
+            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", use_safetensors=True, **common)
+            tokenizers.append(CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **common))
+            encoders.append(CLIPTextModel.from_pretrained(path, subfolder="text_encoder", use_safetensors=True, **common))
+            if family == "sdxl":
+                tokenizers.append(CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **common))
+                encoders.append(
+                    CLIPTextModelWithProjection.from_pretrained(
+                        path, subfolder="text_encoder_2", use_safetensors=True, **common
+                    )
+                )
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"--base {path}: cannot load it as a diffusers model: {first_line}") from None
+    for module in [unet, vae, *encoders]:
+        if module is not None:
+            module.requires_grad_(False).eval()
+    return BaseModel(path, family, unet, vae, tokenizers, encoders, scheduler)
