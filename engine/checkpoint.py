@@ -1,0 +1,155 @@
+"""Training checkpoints: ``OUTPUT/checkpoints/step-N/``, safetensors and JSON only (no pickle).
+
+A checkpoint holds everything needed to continue bit-exactly: the LoRA weights, the optimizer
+state, the learning-rate schedule, the RNG states, the data position and the config. It is
+written into a temporary folder and renamed into place, so a crash mid-write never leaves a
+half checkpoint under a ``step-N`` name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+# File and key names: constants, so save and load cannot disagree.
+LORA_FILE = "lora.safetensors"
+OPTIMIZER_TENSORS = "optimizer.safetensors"
+RNG_FILE = "rng.safetensors"
+STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
+STEP_PATTERN = re.compile(r"^step-(\d+)$")
+CHECKPOINTS = "checkpoints"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the folder and the problem."""
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Split ``optimizer.state_dict()`` into JSON (groups, scalars) and tensors (safetensors)."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, per_param in state["state"].items():
+        for key, value in per_param.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value
+            else:
+                scalars[f"{index}.{key}"] = value
+    return {"param_groups": state["param_groups"], "scalars": scalars}, tensors
+
+
+def optimizer_from_files(meta: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    state: dict[int, dict] = {}
+    for flat, value in [*tensors.items(), *meta["scalars"].items()]:
+        index, key = flat.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def rng_states(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    states = {"noise_generator": generator.get_state(), "torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            states[f"torch_cuda_{i}"] = s
+    return states
+
+
+def restore_rng(states: dict[str, torch.Tensor], generator: torch.Generator) -> None:
+    generator.set_state(states["noise_generator"])
+    torch.set_rng_state(states["torch_cpu"])
+    cuda = [states[k] for k in sorted(states) if k.startswith("torch_cuda_")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def save_checkpoint(
+    output_dir: str | os.PathLike,
+    step: int,
+    lora: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    trainer_state: dict,
+    keep: int | None = None,
+) -> Path:
+    """Write ``OUTPUT/checkpoints/step-{step}`` atomically; prune to the newest ``keep``."""
+    root = Path(output_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / f"step-{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step}.tmp-", dir=root))
+    try:
+        _save_tensors(lora, tmp / LORA_FILE)
+        opt_meta, opt_tensors = optimizer_to_files(optimizer)
+        _save_tensors(opt_tensors, tmp / OPTIMIZER_TENSORS)
+        _save_tensors(rng_states(generator), tmp / RNG_FILE)
+        state = {**trainer_state, "step": step, "optimizer": opt_meta}
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True, default=str))
+        if target.exists():  # re-saving the same step (e.g. Ctrl-C right after a save)
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    if keep:
+        for old in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints under ``OUTPUT/checkpoints``, oldest first."""
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = STEP_PATTERN.match(p.name)
+        if m and (p / STATE_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(resume: str, output_dir: str | os.PathLike) -> Path:
+    """``latest`` → the newest complete checkpoint of ``output_dir``; else the given folder."""
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            raise CheckpointError(
+                f"--resume latest: no checkpoint in {Path(output_dir) / CHECKPOINTS}; start without --resume"
+            )
+        return found[-1]
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise CheckpointError(f"--resume {path}: not a cat-engine checkpoint folder (no {STATE_FILE})")
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a checkpoint: ``{"lora", "optimizer", "rng", "state"}`` (tensors on the CPU)."""
+    path = Path(path)
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+        return {
+            "lora": _load_tensors(path / LORA_FILE),
+            "optimizer": optimizer_from_files(state.pop("optimizer"), _load_tensors(path / OPTIMIZER_TENSORS)),
+            "rng": _load_tensors(path / RNG_FILE),
+            "state": state,
+        }
+    except (OSError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path}: unreadable ({exc})") from None
