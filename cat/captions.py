@@ -30,7 +30,8 @@ def has_token(caption: str, token: str) -> bool:
 
 def _tidy(text: str) -> str:
     text = re.sub(r"\s+", " ", text).strip()
-    return re.sub(r"\s+([,.;:!?])", r"\1", text)
+    text = re.sub(r"\s+([,.;:!?])", r"\1", text)
+    return text.lstrip(",;: ")  # "sks, on the beach" stripped of its token starts with the comma
 
 
 def plain_caption(caption: str, token: str, class_word: str, mode: str = "class") -> str:
