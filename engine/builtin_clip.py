@@ -1,0 +1,100 @@
+"""The built-in embedding model for KPS: a tiny CLIP with random weights, made deterministically.
+
+No CLIP image weights can be fetched or shipped (DESIGN.md §8), so the evaluator's default
+embedding is a **random** ``CLIPModel`` with small vision and text towers and the real CLIP
+tokenizer. Its scores exercise every code path and are stable from run to run, but they say
+nothing about image content; pass ``--clip`` with a real CLIP folder for meaningful numbers.
+Outputs name it ``builtin-tiny-clip-random`` so nobody mistakes one for the other.
+
+``builtin_clip_dir()`` writes it once as a normal transformers folder (safetensors,
+``preprocessor_config.json``, tokenizer files) so the built-in and a user's CLIP load the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from cat_engine.engine.builtin import cache_root, clip_tokenizer
+
+BUILTIN_CLIP_NAME = "builtin-tiny-clip-random"
+IMAGE_SIZE = 32  # pixels the vision tower sees; generated and reference images are resized to it
+# OpenAI CLIP's normalisation, so the folder looks like a real CLIP's to the image processor.
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def tiny_clip_config():
+    from transformers import CLIPConfig
+
+    text = dict(
+        vocab_size=49408,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=8
+    )
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)
+
+
+def tiny_clip(seed: int = 0):
+    """The tiny random CLIPModel in memory, in eval mode; the same weights for the same ``seed``."""
+    from transformers import CLIPModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(tiny_clip_config())
+    return model.eval()
+
+
+def tiny_clip_image_processor():
+    """A CLIP image processor sized for the tiny vision tower (PIL backend: no torchvision needed)."""
+    try:
+        from transformers import CLIPImageProcessorPil as processor_class
+    except ImportError:  # transformers 4: the PIL implementation is the class itself
+        from transformers import CLIPImageProcessor as processor_class
+    return processor_class(
+        do_resize=True,
+        size={"shortest_edge": IMAGE_SIZE},
+        resample=3,  # bicubic, as CLIP
+        do_center_crop=True,
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+        do_convert_rgb=True,
+    )
+
+
+def builtin_clip_dir(seed: int = 0) -> Path:
+    """The tiny CLIP as a transformers folder, written once into the cache and reused."""
+    target = cache_root() / (BUILTIN_CLIP_NAME + ("" if seed == 0 else f"-seed{seed}"))
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        tiny_clip(seed).save_pretrained(tmp, safe_serialization=True)
+        tiny_clip_image_processor().save_pretrained(tmp)
+        clip_tokenizer().save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process wrote it first: keep theirs
+            pass
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
