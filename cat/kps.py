@@ -26,7 +26,9 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 
 def _check_rows(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     if a.shape[0] != b.shape[0]:
-        raise ValueError(f"{what}: paired sets need the same number of rows, got {a.shape[0]} and {b.shape[0]}")
+        raise ValueError(
+            f"{what}: paired sets need the same number of rows, got {a.shape[0]} and {b.shape[0]}"
+        )
 
 
 def mean_cross_cos(a: torch.Tensor, b: torch.Tensor) -> float:

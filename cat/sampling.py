@@ -72,7 +72,11 @@ def split_batch_native(unet) -> bool:
 
 def _unet(unet, x, t, embeds: PromptEmbeds, resolution: int) -> torch.Tensor:
     return unet(
-        x, t, encoder_hidden_states=embeds.embeds, added_cond_kwargs=added_cond(embeds, resolution), return_dict=False
+        x,
+        t,
+        encoder_hidden_states=embeds.embeds,
+        added_cond_kwargs=added_cond(embeds, resolution),
+        return_dict=False,
     )[0]
 
 
@@ -130,7 +134,9 @@ def decode(model, latents: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_jobs(model, jobs: list[Job], settings: SampleSettings, progress: bool = True) -> dict[str, torch.Tensor]:
+def sample_jobs(
+    model, jobs: list[Job], settings: SampleSettings, progress: bool = True
+) -> dict[str, torch.Tensor]:
     """Generate G_tok, G_ada and G_base for every job; ``{"tok"|"ada"|"base": [N, 3, H, W]}`` in [0, 1].
 
     ``model`` is a :class:`cat_engine.engine.models.BaseModel` whose UNet carries the LoRA adapter;
@@ -168,7 +174,8 @@ def sample_jobs(model, jobs: list[Job], settings: SampleSettings, progress: bool
             parts, n_adapter = [tok, plain, plain], 2 * k
         embeds = _cat_embeds(parts)
         embeds = PromptEmbeds(
-            embeds.embeds.to(device, dtype), None if embeds.pooled is None else embeds.pooled.to(device, dtype)
+            embeds.embeds.to(device, dtype),
+            None if embeds.pooled is None else embeds.pooled.to(device, dtype),
         )
 
         scheduler = ddim_scheduler(model)

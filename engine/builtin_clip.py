@@ -31,20 +31,16 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 def tiny_clip_config():
     from transformers import CLIPConfig
 
-    text = dict(
-        vocab_size=49408,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-    )
-    vision = dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=8
-    )
+    towers = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+    text = {
+        **towers,
+        "vocab_size": 49408,
+        "max_position_embeddings": 77,
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+        "pad_token_id": 49407,
+    }
+    vision = {**towers, "image_size": IMAGE_SIZE, "patch_size": 8}
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)
 
 
