@@ -49,7 +49,9 @@ def star_points(cx: float, cy: float, radius: float, angle: float) -> list[tuple
     return points
 
 
-def draw_star(background: tuple[int, int, int], cx: float, cy: float, radius: float, angle: float) -> Image.Image:
+def draw_star(
+    background: tuple[int, int, int], cx: float, cy: float, radius: float, angle: float
+) -> Image.Image:
     """One ``SIZE`` x ``SIZE`` RGB image; coordinates are in output pixels."""
     big = SIZE * SUPERSAMPLE
     s = SUPERSAMPLE
