@@ -1,0 +1,136 @@
+"""The batched split-batch sampler against the diffusers pipeline, one image at a time."""
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+from diffusers.utils.torch_utils import randn_tensor
+
+from cat_engine.cat import sampling
+from cat_engine.cat.sampling import Job, SampleSettings, initial_latents, sample_jobs
+from cat_engine.engine.builtin import tiny_pipeline
+from cat_engine.engine.lora import add_lora, save_lora
+from cat_engine.engine.models import BaseModel
+
+STEPS = 3
+JOBS = [
+    Job(f"a photo of sks star {w}", f"a photo of star {w}", seed) for w in ("red", "blue") for seed in (0, 11)
+]
+
+
+def random_lora_dir(tmp_path, family):
+    """A LoRA with non-zero B (so adapter images differ from base images), saved by the engine."""
+    pipe = tiny_pipeline(family)
+    add_lora(pipe.unet, rank=4, seed=1)
+    g = torch.Generator().manual_seed(3)
+    for name, p in pipe.unet.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=g) * 0.2
+    save_lora(pipe.unet, tmp_path / "lora")
+    return tmp_path / "lora"
+
+
+def engine_model(family, lora_dir):
+    pipe = tiny_pipeline(family)
+    pipe.unet.load_lora_adapter(str(lora_dir), prefix="unet", weight_name="pytorch_lora_weights.safetensors")
+    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if family == "sdxl" else [])
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
+    return BaseModel(None, family, pipe.unet, pipe.vae, tokenizers, encoders, pipe.scheduler)
+
+
+def reference_pipeline(family, lora_dir):
+    pipe = tiny_pipeline(family)
+    pipe.load_lora_weights(str(lora_dir))
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pipeline_image(pipe, prompt, seed, guidance, adapter):
+    if adapter:
+        pipe.enable_lora()
+    else:
+        pipe.disable_lora()
+    out = pipe(
+        prompt,
+        generator=torch.Generator().manual_seed(seed),
+        num_inference_steps=STEPS,
+        guidance_scale=guidance,
+        height=64,
+        width=64,
+        output_type="pt",
+    )
+    return out.images[0]
+
+
+@pytest.mark.parametrize(("family", "guidance"), [("sd", 7.5), ("sd", 1.0), ("sdxl", 5.0)])
+def test_batched_images_equal_the_pipeline_one_at_a_time(tmp_path, family, guidance):
+    lora_dir = random_lora_dir(tmp_path, family)
+    # batch_jobs=3 over 4 jobs: a full batch and a ragged one
+    settings = SampleSettings(resolution=64, steps=STEPS, guidance=guidance, batch_jobs=3)
+    got = sample_jobs(engine_model(family, lora_dir), JOBS, settings, progress=False)
+    pipe = reference_pipeline(family, lora_dir)
+    for i, job in enumerate(JOBS):
+        want = {
+            "tok": pipeline_image(pipe, job.token_prompt, job.seed, guidance, adapter=True),
+            "ada": pipeline_image(pipe, job.plain_prompt, job.seed, guidance, adapter=True),
+            "base": pipeline_image(pipe, job.plain_prompt, job.seed, guidance, adapter=False),
+        }
+        for name in sampling.SETS:
+            torch.testing.assert_close(
+                got[name][i], want[name], atol=2e-5, rtol=0, msg=f"{name} image of {job}"
+            )
+        # the LoRA must show, or the comparison above proves nothing about adapter rows
+        assert (want["ada"] - want["base"]).abs().max() > 1e-2
+
+
+def test_initial_latents_are_the_pipelines_noise_for_the_seed():
+    shape = (4, 16, 16)
+    want = randn_tensor((1, *shape), generator=torch.Generator().manual_seed(5), dtype=torch.float32)
+    assert torch.equal(initial_latents(5, shape, "cpu", torch.float32), want)
+
+
+def test_rows_are_adapter_first_with_their_uncond_rows(tmp_path, monkeypatch):
+    """Row layout of a guided batch of K jobs: [tok, ada, tok-unc, ada-unc | base, base-unc]."""
+    model = engine_model("sd", random_lora_dir(tmp_path, "sd"))
+    calls = []
+    real = sampling.split_unet_call
+
+    def spy(unet, x, t, embeds, n_adapter, resolution):
+        calls.append((x.clone(), embeds.embeds.clone(), n_adapter))
+        return real(unet, x, t, embeds, n_adapter, resolution)
+
+    monkeypatch.setattr(sampling, "split_unet_call", spy)
+    jobs = JOBS[:2]
+    sample_jobs(
+        model, jobs, SampleSettings(resolution=64, steps=1, guidance=7.5, batch_jobs=2), progress=False
+    )
+    ((x, embeds, n_adapter),) = calls
+    k = len(jobs)
+    assert n_adapter == 4 * k and x.shape[0] == 6 * k
+    enc = sampling.encode_prompts(
+        model, [j.token_prompt for j in jobs] + [j.plain_prompt for j in jobs] + [""]
+    )
+    tok, plain, unc = enc.embeds[:k], enc.embeds[k : 2 * k], enc.embeds[2 * k :]
+    want = torch.cat([tok, plain, unc.expand(k, -1, -1), unc.expand(k, -1, -1), plain, unc.expand(k, -1, -1)])
+    torch.testing.assert_close(embeds, want)
+    # all three images of a job start from the same noise; a set's cond and uncond rows share latents
+    noise = torch.cat([initial_latents(j.seed, (4, 16, 16), "cpu", torch.float32) for j in jobs])
+    for block in x.split(k):
+        torch.testing.assert_close(block, noise)
+
+
+def test_fallback_matches_separate_adapter_and_base_calls(tmp_path):
+    model = engine_model("sd", random_lora_dir(tmp_path, "sd"))
+    unet = model.unet
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 16, 16, generator=g)
+    embeds = sampling.PromptEmbeds(torch.randn(3, 77, 32, generator=g))
+    t = torch.tensor(500)
+    with torch.no_grad():
+        got = sampling.split_unet_call(unet, x, t, embeds, 2, 64)
+        ada = unet(x[:2], t, encoder_hidden_states=embeds.embeds[:2]).sample
+        unet.disable_adapters()
+        base = unet(x[2:], t, encoder_hidden_states=embeds.embeds[2:]).sample
+        unet.enable_adapters()
+    torch.testing.assert_close(got, torch.cat([ada, base]), atol=1e-5, rtol=0)
+    assert (ada[1] - unet(x[1:2], t, encoder_hidden_states=embeds.embeds[1:2]).sample[0]).abs().max() < 1e-5
