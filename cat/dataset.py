@@ -223,13 +223,17 @@ def load_concept_images(
     else ``caption_template`` filled with ``token`` and ``class_word``. ``flip=True`` appends a
     mirrored copy of every image with the same caption (N becomes twice the images), so the
     augmentation survives latent caching. Raises ``DataError`` when the folder is missing, empty
-    or has no usable image.
+    or has no usable image, or the template uses a field other than ``{token}`` and ``{class_word}``.
     """
     data_dir = Path(data_dir).expanduser()
     if resolution < 8:
         raise DataError(f"--resolution {resolution}: must be at least 8 pixels")
     files = _list_files(data_dir)
-    template_caption = token_caption(caption_template, token, class_word)
+    try:
+        template_caption = token_caption(caption_template, token, class_word)
+    except ValueError as exc:  # unknown field or stray brace: the caller prints DataErrors as one line
+        detail = str(exc).replace(f"caption template {caption_template!r} ", "")  # named once is enough
+        raise DataError(f"--caption-template {caption_template!r}: {detail}") from None
     summary = DataSummary()
     pixels, captions, used = [], [], []
     for path in files:

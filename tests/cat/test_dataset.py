@@ -262,6 +262,14 @@ def test_template_without_token_warns_once(tmp_path, caplog):
     assert "caption template" in line and "does not contain the token 'sks'" in line
 
 
+@pytest.mark.parametrize("template", ["a photo of {name}", "a photo of {token"])
+def test_bad_caption_template_is_data_error(tmp_path, template):
+    rgb(tmp_path / "a.png")
+    with pytest.raises(DataError, match=r"^--caption-template ") as info:
+        load_concept_images(tmp_path, caption_template=template, resolution=R)
+    assert "\n" not in str(info.value)
+
+
 # --- the built-in concept ---------------------------------------------------------------------
 
 
