@@ -1,0 +1,377 @@
+"""One bench run: build the peers and the engine on the same frozen weights, run them interleaved.
+
+Variants (every step = forward + loss + backward + AdamW step on the LoRA parameters):
+
+| name           | what                                                         | rows |
+|----------------|--------------------------------------------------------------|------|
+| peft_lora      | (1) diffusers + peft plain LoRA                              | B    |
+| naive_cat      | (2) three-pass CAT with peft (bench/peers.py)                | B    |
+| engine_cat     | (3) ``cat_loss`` on a UNet after ``fuse_lora``               | B    |
+| engine_lora    | (4) ``cat_loss(..., cat_weight=0)`` on the same UNet         | B    |
+| peft_lora_2b   | plain LoRA on 2B rows: what naive CAT's overhead is taken from | 2B |
+| engine_lora_2b | the engine's plain LoRA on 2B rows: the same for the engine  | 2B   |
+| base_forward   | one no-grad forward of the frozen model: the overhead's unit | B    |
+
+CAT overhead, in no-grad forwards (the issue-4 target is <= 1.0):
+
+    overhead = (t_CAT_step(B) - t_LoRA_step(2B rows)) / t_nograd_forward(B)
+
+Both UNets share one copy of the frozen weights; each has its own LoRA adapter (same seed) and
+optimizer. Steps run round-robin, the starting variant rotating each round, so drift in clock
+speed or in other load on the machine hits every variant alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from cat_engine.bench import measure, peers
+from cat_engine.bench.presets import Batch, build_unet, make_batch, resolve_preset, shared_weights_copy
+from cat_engine.cat import cat_loss
+from cat_engine.engine.lora import add_lora, fuse_lora, lora_parameters
+
+MAIN_VARIANTS = ("peft_lora", "naive_cat", "engine_cat", "engine_lora")
+AUX_VARIANTS = ("peft_lora_2b", "engine_lora_2b", "base_forward")
+VARIANTS = MAIN_VARIANTS + AUX_VARIANTS
+LABELS = {
+    "peft_lora": "diffusers+peft LoRA",
+    "naive_cat": "naive 3-pass CAT (peft)",
+    "engine_cat": "engine CAT",
+    "engine_lora": "engine LoRA",
+    "peft_lora_2b": "peft LoRA, 2B rows",
+    "engine_lora_2b": "engine LoRA, 2B rows",
+    "base_forward": "no-grad forward, B rows",
+}
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ATTENTION = ("sdpa", "math")
+CPU_COMPILE_WARNING = (
+    "torch.compile on CPU: torch 2.13's inductor is known to give wrong LoRA gradients for "
+    "diffusers UNets (DESIGN.md §6); these timings are for profiling only"
+)
+
+
+@dataclass
+class BenchConfig:
+    preset: str = "tiny"  # a name from presets.PRESETS or a local diffusers folder
+    resolution: int | None = None  # pixels; None: the preset's native resolution
+    batch: int = 1  # B: training images per step
+    rank: int = 16
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast, frozen weights in that dtype, LoRA fp32
+    attention: str = "sdpa"  # sdpa (AttnProcessor2_0) | math (AttnProcessor)
+    checkpointing: bool = False
+    compile: bool = False
+    steps: int = 5  # timed steps per variant
+    warmup: int = 2  # untimed steps per variant first
+    cat_weight: float = 1.0
+    lr: float = 1e-4
+    seed: int = 0
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}")
+        for name in ("batch", "rank", "steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+
+
+@dataclass
+class Variant:
+    name: str
+    rows: int  # UNet rows of the training batch (B or 2B); the CAT passes add their own
+    loss: object  # () -> loss tensor (for base_forward: the prediction)
+    trainer: Trainer | None  # None: a no-grad forward, no backward, no optimizer step
+
+
+class Trainer:
+    """AdamW on one UNet's LoRA parameters; GradScaler when training in fp16."""
+
+    def __init__(self, params: list[torch.nn.Parameter], lr: float, device: torch.device, precision: str):
+        self.params = params
+        self.optimizer = torch.optim.AdamW(params, lr=lr)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    def step(self, loss_fn, autocast) -> None:
+        with autocast():
+            loss = loss_fn()
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        # Grads freed right after the step, so no variant's peak memory holds another's grads.
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def engine_loss(unet, batch: Batch, cat_weight: float) -> torch.Tensor:
+    b = batch
+    return cat_loss(
+        unet,
+        b.noisy_latents,
+        b.timesteps,
+        b.token_embeds,
+        b.plain_embeds,
+        b.target,
+        cat_weight=cat_weight,
+        added_cond_kwargs=b.added_cond_kwargs,
+    ).loss
+
+
+def variant_losses(peft_unet, engine_unet, batch: Batch, cat_weight: float) -> dict:
+    """name -> (rows, loss function, which UNet trains or None for the no-grad forward)."""
+    double = batch.repeated(2)
+    return {
+        "peft_lora": (batch.rows, lambda: peers.peft_lora_loss(peft_unet, batch), "peft"),
+        "naive_cat": (batch.rows, lambda: peers.naive_cat_loss(peft_unet, batch, cat_weight), "peft"),
+        "engine_cat": (batch.rows, lambda: engine_loss(engine_unet, batch, cat_weight), "engine"),
+        "engine_lora": (batch.rows, lambda: engine_loss(engine_unet, batch, 0.0), "engine"),
+        "peft_lora_2b": (double.rows, lambda: peers.peft_lora_loss(peft_unet, double), "peft"),
+        "engine_lora_2b": (double.rows, lambda: engine_loss(engine_unet, double, 0.0), "engine"),
+        "base_forward": (batch.rows, lambda: peers.base_forward(peft_unet, batch), None),
+    }
+
+
+def set_attention(unet, attention: str) -> None:
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    unet.set_attn_processor(AttnProcessor2_0() if attention == "sdpa" else AttnProcessor())
+
+
+def build_models(cfg: BenchConfig, preset, device: torch.device, checkpoint_func=None):
+    """(peft UNet, engine UNet): one set of frozen weights, two LoRA adapters with the same init.
+
+    On ``meta`` (FLOP counting) the precision, checkpointing and compile knobs are left out: the
+    count is of the model's own work, the same whatever the memory plan recomputes.
+    """
+    meta = device.type == "meta"
+    base = build_unet(preset, device, seed=cfg.seed)
+    if not meta and cfg.precision != "fp32":
+        base.to(PRECISIONS[cfg.precision])  # frozen weights in half precision
+    twin = shared_weights_copy(base)
+    for unet in (base, twin):
+        add_lora(unet, rank=cfg.rank, seed=cfg.seed)
+        for p in lora_parameters(unet):
+            p.data = p.data.float()  # LoRA weights (and so their AdamW state) stay float32
+        set_attention(unet, cfg.attention)
+        if cfg.checkpointing and not meta:
+            unet.train()  # diffusers checkpoints only in training mode
+            unet.enable_gradient_checkpointing(checkpoint_func)
+    fuse_lora(twin)
+    if cfg.compile and not meta:
+        for unet in (base, twin):
+            unet.compile()
+    return base, twin
+
+
+def build_variants(cfg: BenchConfig, preset, device: torch.device, resolution: int, checkpoint_func=None):
+    peft_unet, engine_unet = build_models(cfg, preset, device, checkpoint_func)
+    batch = make_batch(dict(peft_unet.config), cfg.batch, resolution, preset.vae_scale, device, seed=cfg.seed)
+    trainers = {}
+    if device.type != "meta":
+        trainers = {
+            "peft": Trainer(lora_parameters(peft_unet), cfg.lr, device, cfg.precision),
+            "engine": Trainer(lora_parameters(engine_unet), cfg.lr, device, cfg.precision),
+        }
+    variants = {
+        name: Variant(name, rows, loss, trainers.get(which) if which else None)
+        for name, (rows, loss, which) in variant_losses(peft_unet, engine_unet, batch, cfg.cat_weight).items()
+    }
+    return variants, (peft_unet, engine_unet)
+
+
+def count_variant_flops(cfg: BenchConfig, preset, resolution: int) -> tuple[dict, list[str]]:
+    """FLOPs per step of each variant (forward + backward; no optimizer), counted on meta tensors."""
+    flops, warnings = {}, []
+    variants, _ = build_variants(cfg, preset, torch.device("meta"), resolution)
+    for name, v in variants.items():
+        try:
+            if v.trainer is None and name == "base_forward":
+                with torch.no_grad():
+                    flops[name] = measure.count_flops(v.loss)
+            else:
+                flops[name] = measure.count_flops(lambda v=v: v.loss().backward())
+        except Exception as exc:  # e.g. an op without a meta kernel: count on the device later
+            flops[name] = None
+            warnings.append(
+                f"{name}: FLOPs not countable on meta ({type(exc).__name__}: {exc}); counted on device"
+            )
+    return flops, warnings
+
+
+@dataclass
+class VariantResult:
+    name: str
+    label: str
+    rows: int
+    images: int  # training images per step: B (2B for the 2B-row LoRA steps)
+    times_s: list[float] = field(default_factory=list)
+    median_s: float | None = None
+    q1_s: float | None = None
+    q3_s: float | None = None
+    min_s: float | None = None
+    max_s: float | None = None
+    steps_per_s: float | None = None
+    images_per_s: float | None = None
+    flops_per_step: int | None = None
+    flops_source: str | None = None  # "meta" or "device"
+    achieved_flops_per_s: float | None = None
+    mfu: float | None = None  # against the bf16 matmul rate measured in the same run (GPU only)
+    saved_bytes: int | None = None  # saved for backward, parameters excluded, deduplicated by storage
+    cuda_peak_bytes: int | None = None  # torch.cuda.max_memory_allocated over a step, both UNets resident
+    cuda_step_bytes: int | None = None  # the same, minus what was allocated when the step began
+    nvml_used_bytes: int | None = None  # NVML device memory in use right after the step
+
+
+def _ratio(a, b):
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def ratios(results: dict[str, VariantResult]) -> dict:
+    t = {k: r.median_s for k, r in results.items()}
+    out = {
+        "engine_cat_over_naive_cat_time": _ratio(t["engine_cat"], t["naive_cat"]),
+        "engine_lora_over_peft_lora_time": _ratio(t["engine_lora"], t["peft_lora"]),
+        "engine_cat_over_engine_lora_time": _ratio(t["engine_cat"], t["engine_lora"]),
+        "naive_cat_over_peft_lora_time": _ratio(t["naive_cat"], t["peft_lora"]),
+        "engine_cat_over_naive_cat_saved_bytes": _ratio(
+            results["engine_cat"].saved_bytes, results["naive_cat"].saved_bytes
+        ),
+        "engine_cat_over_engine_lora_2b_saved_bytes": _ratio(
+            results["engine_cat"].saved_bytes, results["engine_lora_2b"].saved_bytes
+        ),
+        "engine_cat_over_naive_cat_cuda_step_bytes": _ratio(
+            results["engine_cat"].cuda_step_bytes, results["naive_cat"].cuda_step_bytes
+        ),
+    }
+    if t["base_forward"]:
+        out["cat_overhead_engine_fwd"] = (t["engine_cat"] - t["engine_lora_2b"]) / t["base_forward"]
+        out["cat_overhead_naive_fwd"] = (t["naive_cat"] - t["peft_lora_2b"]) / t["base_forward"]
+    return out
+
+
+def run_bench(cfg: BenchConfig, log=print) -> dict:
+    """Run every variant interleaved; return the results record (see report.py for its use)."""
+    cfg.validate()
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    preset = resolve_preset(cfg.preset)
+    resolution = cfg.resolution or preset.resolution
+    warnings: list[str] = []
+    if cfg.compile and device.type == "cpu":
+        warnings.append(CPU_COMPILE_WARNING)
+        log(f"warning: {CPU_COMPILE_WARNING}")
+
+    flops, flop_warnings = count_variant_flops(cfg, preset, resolution)
+    warnings += flop_warnings
+
+    meter = measure.SavedTensorsMeter()
+    torch.manual_seed(cfg.seed)
+    variants, unets = build_variants(cfg, preset, device, resolution, checkpoint_func=meter.checkpoint_func)
+    meter.exclude(p for unet in unets for p in unet.parameters())
+    meter.exclude(b for unet in unets for b in unet.buffers())
+    autocast = lambda: torch.autocast(
+        device.type, dtype=PRECISIONS[cfg.precision], enabled=cfg.precision != "fp32"
+    )
+
+    def step(v: Variant) -> None:
+        if v.trainer is None:
+            with torch.no_grad(), autocast():
+                v.loss()
+        else:
+            v.trainer.step(v.loss, autocast)
+
+    names = list(variants)
+    log(
+        f"bench: {cfg.preset} at {resolution} px, batch {cfg.batch}, rank {cfg.rank}, {cfg.precision}, "
+        f"{cfg.attention}, checkpointing {'on' if cfg.checkpointing else 'off'}, "
+        f"compile {'on' if cfg.compile else 'off'}, on {device}; "
+        f"{cfg.warmup} warm-up + {cfg.steps} timed steps per variant, interleaved"
+    )
+    for _ in range(cfg.warmup):
+        for name in names:
+            step(variants[name])
+
+    flops_source = {k: ("meta" if v is not None else None) for k, v in flops.items()}
+    for name in names:
+        if flops[name] is None:
+            v = variants[name]
+            try:
+                if v.trainer is None:
+                    with torch.no_grad(), autocast():
+                        flops[name] = measure.count_flops(v.loss)
+                else:
+                    flops[name] = measure.count_flops(lambda v=v: v.trainer.step(v.loss, autocast))
+                flops_source[name] = "device"
+            except Exception as exc:
+                warnings.append(f"{name}: FLOPs not countable ({type(exc).__name__}: {exc})")
+
+    saved = {}
+    for name in names:
+        v = variants[name]
+        if v.trainer is None:
+            saved[name] = 0  # no graph under no_grad
+            continue
+        try:
+            with autocast(), meter:
+                loss = v.loss()
+            saved[name] = meter.bytes
+            del loss
+        except Exception as exc:  # e.g. hooks under torch.compile
+            saved[name] = None
+            warnings.append(f"{name}: saved bytes not measurable ({type(exc).__name__}: {exc})")
+
+    memory = measure.CudaMemory(device) if device.type == "cuda" else None
+    if memory is not None and memory._nvml is None:
+        warnings.append(f"NVML unavailable: {memory.nvml_error}")
+    results = {
+        name: VariantResult(name, LABELS[name], v.rows, v.rows if name.endswith("_2b") else cfg.batch)
+        for name, v in variants.items()
+    }
+    for r in range(cfg.steps):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            res = results[name]
+            if memory is not None:
+                start_bytes = torch.cuda.memory_allocated(device)
+                memory.reset_peak()
+            res.times_s.append(measure.time_step(lambda v=variants[name]: step(v), device))
+            if memory is not None:
+                peak = memory.peak_allocated()
+                res.cuda_peak_bytes = max(res.cuda_peak_bytes or 0, peak)
+                res.cuda_step_bytes = max(res.cuda_step_bytes or 0, peak - start_bytes)
+                used = memory.nvml_used()
+                if used is not None:
+                    res.nvml_used_bytes = max(res.nvml_used_bytes or 0, used)
+
+    matmul_rate = None
+    if device.type == "cuda":
+        matmul_rate = measure.matmul_flops_per_s(device, torch.bfloat16)
+    for name, res in results.items():
+        spread = measure.Spread.of(res.times_s)
+        res.median_s, res.q1_s, res.q3_s, res.min_s, res.max_s = (
+            spread.median,
+            spread.q1,
+            spread.q3,
+            spread.min,
+            spread.max,
+        )
+        res.steps_per_s = 1.0 / spread.median
+        res.images_per_s = res.images / spread.median
+        res.flops_per_step, res.flops_source = flops[name], flops_source[name]
+        if res.flops_per_step is not None:
+            res.achieved_flops_per_s = res.flops_per_step / spread.median
+            if matmul_rate:
+                res.mfu = res.achieved_flops_per_s / matmul_rate
+        res.saved_bytes = saved[name]
+
+    return {
+        "config": {**asdict(cfg), "resolution": resolution, "device": str(device)},
+        "variants": [asdict(results[n]) for n in names],
+        "ratios": ratios(results),
+        "matmul_bf16_flops_per_s": matmul_rate,
+        "warnings": warnings,
+    }

@@ -1,0 +1,136 @@
+"""The bench end to end on the tiny preset (1 timed step), and its peers against the reference."""
+
+import json
+
+import pytest
+import torch
+
+from cat_engine.bench import report
+from cat_engine.bench.harness import MAIN_VARIANTS, VARIANTS, BenchConfig, build_models
+from cat_engine.bench.peers import base_forward, naive_cat_loss, peft_lora_loss
+from cat_engine.bench.presets import PRESETS, make_batch, resolve_preset
+from cat_engine.cat.cli import main
+from cat_engine.engine.lora import lora_parameters
+
+TIMED_FIELDS = ("median_s", "q1_s", "q3_s", "min_s", "max_s", "steps_per_s", "images_per_s")
+CUDA_FIELDS = ("cuda_peak_bytes", "cuda_step_bytes", "nvml_used_bytes", "mfu")
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    rc = main(
+        ["bench", "--quick", "--steps", "1", "--warmup", "0", "--device", "cpu", "--results-dir", str(out)]
+    )
+    assert rc == 0
+    records = report.read_jsonl(out / report.RESULTS_FILE)
+    assert len(records) == 1
+    return out, records[0]
+
+
+def test_record_has_every_variant_and_field(bench_run):
+    out, rec = bench_run
+    assert rec["schema"] == report.SCHEMA
+    assert [v["name"] for v in rec["variants"]] == list(VARIANTS)
+    for v in rec["variants"]:
+        assert len(v["times_s"]) == 1
+        for f in TIMED_FIELDS:
+            assert v[f] > 0, (v["name"], f)
+        assert v["flops_per_step"] > 0 and v["achieved_flops_per_s"] > 0, v["name"]
+        assert v["flops_source"] in ("meta", "device")
+        for f in CUDA_FIELDS:
+            assert v[f] is None, (v["name"], f)  # a CPU run
+        if v["name"] == "base_forward":
+            assert v["saved_bytes"] == 0
+        else:
+            assert v["saved_bytes"] > 0, v["name"]
+    by = {v["name"]: v for v in rec["variants"]}
+    assert by["peft_lora_2b"]["rows"] == 2 * by["peft_lora"]["rows"] == 2
+    # CAT runs the LoRA work plus a second adapter pass: more FLOPs than plain LoRA, fewer than 3x.
+    assert (
+        by["peft_lora"]["flops_per_step"]
+        < by["naive_cat"]["flops_per_step"]
+        < 3 * by["peft_lora"]["flops_per_step"]
+    )
+    assert by["naive_cat"]["saved_bytes"] == by["peft_lora_2b"]["saved_bytes"]  # two grad passes of B rows
+    r = rec["ratios"]
+    t = {k: v["median_s"] for k, v in by.items()}
+    assert r["engine_cat_over_naive_cat_time"] == pytest.approx(t["engine_cat"] / t["naive_cat"])
+    assert r["cat_overhead_engine_fwd"] == pytest.approx(
+        (t["engine_cat"] - t["engine_lora_2b"]) / t["base_forward"]
+    )
+    assert r["cat_overhead_naive_fwd"] == pytest.approx(
+        (t["naive_cat"] - t["peft_lora_2b"]) / t["base_forward"]
+    )
+    assert set(rec["versions"]) >= {"torch", "triton", "diffusers", "peft"}
+    assert {"commit", "dirty"} <= set(rec["git"])
+    assert rec["device"]["type"] == "cpu"
+    assert rec["config"]["preset"] == "tiny" and rec["config"]["resolution"] == 64
+    json.dumps(rec)  # plain JSON all the way down
+
+
+def test_chart_and_table(bench_run):
+    out, rec = bench_run
+    chart = out / rec["chart"]
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.glob("*.tmp"))
+    text = report.table(rec)
+    for v in rec["variants"]:
+        assert v["label"] in text
+    assert "CAT overhead" in text
+    assert "tiny" in report.summary([rec])
+
+
+def test_unknown_preset_is_a_one_line_error(capsys, tmp_path):
+    rc = main(["bench", "--preset", "no-such-model", "--results-dir", str(tmp_path)])
+    assert rc == 2
+    assert "unknown preset" in capsys.readouterr().err
+    assert not (tmp_path / report.RESULTS_FILE).exists()
+
+
+def test_presets_resolve():
+    for name in PRESETS:
+        p = resolve_preset(name)
+        assert p.resolution % p.vae_scale == 0
+
+
+@pytest.mark.parametrize("preset_name", ["tiny", "tiny-xl"])
+def test_naive_peer_matches_the_reference_cat_loss(preset_name):
+    """The peer is written independently of cat/loss.py; both must give the same loss and grads."""
+    from cat_engine.cat.loss import cat_loss_reference
+
+    preset = resolve_preset(preset_name)
+    cfg = BenchConfig(preset=preset_name, rank=4)
+    peft_unet, _ = build_models(cfg, preset, torch.device("cpu"))
+    for p in lora_parameters(peft_unet):  # lora_B starts at zero: move off it so CAT is non-trivial
+        p.data.normal_(std=0.05)
+    b = make_batch(dict(peft_unet.config), 2, preset.resolution, preset.vae_scale, "cpu", seed=1)
+
+    def grads(loss):
+        params = lora_parameters(peft_unet)
+        return loss.detach(), torch.autograd.grad(loss, params)
+
+    peer_loss, peer_grads = grads(naive_cat_loss(peft_unet, b, 0.7))
+    ref = cat_loss_reference(
+        peft_unet,
+        b.noisy_latents,
+        b.timesteps,
+        b.token_embeds,
+        b.plain_embeds,
+        b.target,
+        cat_weight=0.7,
+        added_cond_kwargs=b.added_cond_kwargs,
+    )
+    ref_loss, ref_grads = grads(ref.loss)
+    torch.testing.assert_close(peer_loss, ref_loss)
+    for g, h in zip(peer_grads, ref_grads):
+        torch.testing.assert_close(g, h)
+    assert peer_loss > peft_lora_loss(peft_unet, b).detach()  # the CAT term is positive here
+    assert peft_unet.active_adapters  # adapters enabled again after the base pass
+    with torch.no_grad():
+        again = base_forward(peft_unet, b)
+    assert again.shape == b.noisy_latents.shape
+
+
+def test_main_variants_listed_first():
+    assert VARIANTS[: len(MAIN_VARIANTS)] == MAIN_VARIANTS
