@@ -65,4 +65,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main, so `UserError` raised by sub-commands is this very class
+    # (as __main__, this file would define a second, different UserError).
+    from cat_engine.cat.cli import main as _main
+
+    sys.exit(_main())

@@ -79,6 +79,7 @@ def load_base(base: str | Path | None = None, *, load_encoders: bool = True) -> 
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     path = resolve_base(base)
+    _quiet_loading()
     family = model_family(path)
     common = dict(local_files_only=True)
     try:
@@ -103,3 +104,12 @@ def load_base(base: str | Path | None = None, *, load_encoders: bool = True) -> 
         if module is not None:
             module.requires_grad_(False).eval()
     return BaseModel(path, family, unet, vae, tokenizers, encoders, scheduler)
+
+
+def _quiet_loading() -> None:
+    """Loading a local folder needs no per-file progress bars; the engine shows its own."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()

@@ -1,0 +1,344 @@
+"""``cat-engine train``: the CAT training recipe, top to bottom: setup, train, save.
+
+    images --(once)--> VAE --> cached latent distributions
+    captions --(once)--> text encoder(s) --> cached embeddings of y_T (token) and y (plain)
+    each step: noise, t --> z_t --> cat_loss (one split-batch UNet call) --> backward --> AdamW
+
+Also runnable as ``python -m cat_engine.cat.train`` (and under torchrun, later).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cat_engine.cat.config import FIELDS, ConfigError, TrainConfig, build_config, config_differences, load_yaml
+from cat_engine.cat.loss import cat_loss
+from cat_engine.engine import checkpoint as ckpt
+from cat_engine.engine.cache import CaptionCache, LatentCache, encode_captions, encode_latents
+from cat_engine.engine.lora import add_lora, fuse_lora, lora_parameters, save_lora
+from cat_engine.engine.models import ModelLoadError, load_base
+
+log = logging.getLogger("cat_engine")
+LOG_FILE = "train_log.jsonl"
+CONFIG_FILE = "train_config.json"
+
+
+class TrainingError(RuntimeError):
+    """Training stopped for a reason the user must see (non-finite loss...)."""
+
+
+# ----------------------------------------------------------------------------------------- data
+@dataclass
+class CachedData:
+    """Everything the loop needs per sample, already encoded: no VAE or text encoder needed."""
+
+    latents: LatentCache  # scaled latent distributions, [N, 4, h, w]
+    texts: CaptionCache  # embeddings of the distinct token and plain captions
+    captions: list[str]
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+
+def sample_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
+    """Samples of ``step``: an epoch-wise shuffled stream, a pure function of the step.
+
+    Sample ``k`` of the stream is ``perm(epoch)[k % n]`` with ``epoch = k // n``, so the data
+    position is just the step number and a resumed run reads exactly what a straight run reads.
+    """
+    out = []
+    for k in range(step * batch_size, (step + 1) * batch_size):
+        epoch, pos = divmod(k, n)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        out.append(int(torch.randperm(n, generator=g)[pos]))
+    return out
+
+
+def prepare_data(config: TrainConfig, model, resolution: int, device) -> CachedData:
+    """Load and check the images, then encode latents and captions once."""
+    from cat_engine.cat.dataset import builtin_concept_dir, load_concept_images
+
+    data = load_concept_images(
+        config.data or builtin_concept_dir(),
+        token=config.token,
+        class_word=config.class_word,
+        caption_template=config.caption_template,
+        resolution=resolution,
+        flip=config.flip,
+    )
+    log.info("data: %s", data.summary.line())
+    model.vae.to(device)
+    for encoder in model.text_encoders:
+        encoder.to(device)
+    latents = encode_latents(model.vae, data.pixels)
+    texts = encode_captions(model, data.captions, data.plain_captions(config.plain_mode))
+    return CachedData(latents.to(device), texts.to(device), list(data.captions))
+
+
+# ------------------------------------------------------------------------------------ one step
+def training_step(unet, noise_scheduler, data: CachedData, step: int, config: TrainConfig, generator, resolution):
+    """Draw z_t for the step's samples and return the :class:`CatLossOutput`."""
+    from cat_engine.engine.text import sdxl_time_ids
+
+    idx = torch.tensor(sample_indices(step, config.batch_size, len(data), config.seed))
+    mean, std = data.latents.mean[idx], data.latents.std[idx]
+    device = mean.device
+    # All randomness from one CPU generator: identical draws on any device, and resumable.
+    latents = mean + std * torch.randn(mean.shape, generator=generator).to(device)
+    noise = torch.randn(mean.shape, generator=generator).to(device)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=generator).to(device)
+    noisy = noise_scheduler.add_noise(latents, noise, t)
+    prediction = noise_scheduler.config.prediction_type
+    if prediction == "epsilon":
+        target = noise
+    elif prediction == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, t)
+    else:
+        target = latents
+    token, plain = data.texts.token(idx), data.texts.plain(idx)
+    added = plain_added = None
+    if token.pooled is not None:  # SDXL: pooled text and size micro-conditioning
+        time_ids = sdxl_time_ids(resolution, len(idx), device)
+        added = {"text_embeds": token.pooled, "time_ids": time_ids}
+        plain_added = {"text_embeds": plain.pooled, "time_ids": time_ids}
+    return cat_loss(
+        unet, noisy, t, token.embeds, plain.embeds, target,
+        cat_weight=config.cat_weight, added_cond_kwargs=added, plain_added_cond_kwargs=plain_added,
+    )
+
+
+# ---------------------------------------------------------------------------------------- train
+def _lora_named(unet) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in unet.named_parameters() if "lora_" in n and p.requires_grad}
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _lr_lambda(warmup: int):
+    return lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0
+
+
+def train(config: TrainConfig, progress: bool = True) -> Path:
+    """Run the recipe; return the path of the saved LoRA. Raises the engine's user errors."""
+    from tqdm.auto import tqdm
+
+    output = Path(config.output)
+    device = _pick_device(config.device)
+    torch.manual_seed(config.seed)
+
+    # -- setup: model, data (encoded once), adapter, optimizer --------------------------------
+    resume_from = ckpt.resolve_resume(config.resume, output) if config.resume else None
+    model = load_base(config.base)
+    resolution = config.resolution or model.native_resolution
+    if resolution % model.vae_scale_factor:
+        raise ConfigError(f"--resolution {resolution} must be a multiple of {model.vae_scale_factor} for this model")
+    data = prepare_data(config, model, resolution, device)
+    model.release_encoders()  # the VAE and text encoders are not needed again
+
+    unet = model.unet.to(device)
+    add_lora(unet, config.rank, config.alpha, config.targets, seed=config.seed)
+    if not lora_parameters(unet):
+        raise ConfigError(f"--targets {','.join(config.targets)}: matched no module of the UNet")
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    fuse_lora(unet)
+    named = _lora_named(unet)
+    optimizer = torch.optim.AdamW(list(named.values()), lr=config.lr, weight_decay=1e-2)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.lr_warmup_steps))
+    generator = torch.Generator().manual_seed(config.seed)
+
+    start = 0
+    if resume_from is not None:
+        start = _restore(resume_from, config, named, optimizer, lr_schedule, generator)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=1))
+    info = {
+        "token": config.token, "class_word": config.class_word, "cat_weight": config.cat_weight,
+        "plain_mode": config.plain_mode, "base": str(model.path), "resolution": resolution,
+    }
+
+    def save_state(step: int) -> Path:
+        state = {"config": config.to_dict(), "data_position": step * config.batch_size,
+                 "lr_schedule": lr_schedule.state_dict()}
+        return ckpt.save_checkpoint(output, step, {n: p for n, p in named.items()}, optimizer, generator,
+                                    state, keep=config.keep_checkpoints)
+
+    # -- train --------------------------------------------------------------------------------
+    bar = tqdm(total=config.steps, initial=start, disable=not progress, desc="train", unit="step",
+               dynamic_ncols=True)
+    step = start
+    with open(output / LOG_FILE, "a") as log_file:
+        try:
+            t0 = time.perf_counter()
+            while step < config.steps:
+                out = training_step(unet, model.noise_scheduler, data, step, config, generator, resolution)
+                if not torch.isfinite(out.loss):
+                    _stop_non_finite(f"loss is {out.loss.item()}", step + 1, output, save_state, step)
+                optimizer.zero_grad(set_to_none=True)
+                out.loss.backward()
+                norm = torch.nn.utils.clip_grad_norm_(list(named.values()), config.max_grad_norm)
+                if not torch.isfinite(norm):
+                    _stop_non_finite("gradient norm is not finite", step + 1, output, save_state, step)
+                optimizer.step()
+                lr_schedule.step()
+                step += 1
+                rate = (step - start) / max(time.perf_counter() - t0, 1e-9)
+                record = {"step": step, "loss": out.loss.item(), "ldm": out.ldm.item(), "cat": out.cat.item(),
+                          "lr": lr_schedule.get_last_lr()[0], "it_s": round(rate, 3)}
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+                bar.set_postfix(ldm=f"{record['ldm']:.4f}", cat=f"{record['cat']:.2e}", refresh=False)
+                bar.update(1)
+                if config.save_every and step % config.save_every == 0 and step < config.steps:
+                    save_state(step)
+        except KeyboardInterrupt:
+            bar.close()
+            path = save_state(step)
+            log.warning("interrupted at step %d: checkpoint written to %s; continue with --resume latest", step, path)
+            raise
+        finally:
+            bar.close()
+
+    # -- save ---------------------------------------------------------------------------------
+    save_state(step)
+    return save_lora(unet, output, {**info, "steps": step})
+
+
+def _stop_non_finite(what: str, step: int, output: Path, save_state, good_step: int):
+    """Keep the adapter as it was before ``step`` (the parameters are still untouched) and stop."""
+    existing = {p.name for p in ckpt.list_checkpoints(output)}
+    path = output / ckpt.CHECKPOINTS / f"step-{good_step}"
+    if good_step > 0 and path.name not in existing:
+        path = save_state(good_step)
+    where = f"last good checkpoint: {path}" if good_step > 0 else "no step had completed, nothing to keep"
+    raise TrainingError(
+        f"{what} at step {step}; stopped before updating the adapter ({where}). "
+        "Try a lower --lr, --precision fp32 or --max-grad-norm."
+    )
+
+
+def _restore(path: Path, config: TrainConfig, named, optimizer, lr_schedule, generator) -> int:
+    loaded = ckpt.load_checkpoint(path)
+    state = loaded["state"]
+    for line in config_differences(state.get("config", {}), config):
+        log.warning("resuming from %s with a different option: %s", path, line)
+    missing = sorted(set(named) - set(loaded["lora"]))
+    if missing:
+        raise ckpt.CheckpointError(
+            f"--resume {path}: the checkpoint lacks {len(missing)} LoRA tensors of this model (e.g. {missing[0]}); "
+            "was it trained with other --targets or --rank?"
+        )
+    with torch.no_grad():
+        for name, param in named.items():
+            saved = loaded["lora"][name]
+            if saved.shape != param.shape:
+                raise ckpt.CheckpointError(f"--resume {path}: {name} has shape {tuple(saved.shape)}, "
+                                           f"this model {tuple(param.shape)} (different --rank?)")
+            param.copy_(saved)
+    optimizer.load_state_dict(loaded["optimizer"])
+    lr_schedule.load_state_dict(dict(state["lr_schedule"]))  # lr_lambdas: [None], the lambda is rebuilt
+    ckpt.restore_rng(loaded["rng"], generator)
+    log.info("resumed from %s at step %d", path, state["step"])
+    return int(state["step"])
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags derived from :class:`TrainConfig`; defaults are None so the config file can fill them."""
+    help_text = {
+        "base": "local diffusers model folder (SD1.x/SD2.x/SDXL); default: the built-in tiny model",
+        "data": "folder of concept images (+ optional same-name .txt captions); default: built-in set",
+        "token": "trigger token (default: sks)",
+        "class_word": "class word of the concept (default: star)",
+        "caption_template": "caption for images without a .txt (default: 'a photo of {token} {class_word}')",
+        "plain_mode": "plain caption for the CAT term: class (token -> class word), strip, empty",
+        "cat_weight": "lambda of the CAT term (default 1.0; 0 = plain LoRA)",
+        "rank": "LoRA rank (default 16)",
+        "alpha": "LoRA alpha (default: the rank, i.e. scale 1)",
+        "targets": "comma-separated module names to adapt (default: to_q,to_k,to_v,to_out.0)",
+        "lr": "learning rate (default 1e-4)",
+        "lr_warmup_steps": "linear warm-up steps (default 0)",
+        "max_grad_norm": "gradient clipping norm (default 1.0)",
+        "steps": "optimizer steps in total (default 500)",
+        "batch_size": "images per step (default 1)",
+        "resolution": "training resolution in pixels (default: the model's native one)",
+        "seed": "seed of the adapter init, data order, noise and timesteps (default 0)",
+        "flip": "random horizontal flips",
+        "precision": "auto (bf16 on a GPU that has it, else fp32), fp32, bf16, fp16",
+        "gradient_checkpointing": "recompute activations in backward (less memory, ~30%% more time)",
+        "attention": "attention backend: sdpa, xformers, math",
+        "compile": "torch.compile the UNet (its gradients are checked against eager first)",
+        "channels_last": "channels-last memory format for convolutions",
+        "vram_budget": "e.g. 8GB: pick the fastest memory plan predicted to fit",
+        "output": "output folder (default: cat-output)",
+        "save_every": "checkpoint every N steps (default 100; 0: only at the end)",
+        "keep_checkpoints": "checkpoints to keep (default 3)",
+        "resume": "'latest' (newest checkpoint in --output) or a checkpoint folder",
+        "device": "auto, cpu, cuda, cuda:1 ...",
+    }
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of options; flags override it")
+    for name, f in FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        kind = f.type
+        if kind == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text[name])
+            continue
+        caster = {"int": int, "float": float, "int | None": int, "float | None": float}.get(kind, str)
+        parser.add_argument(flag, type=caster, default=None, help=help_text[name])
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    flags = {k: getattr(args, k) for k in FIELDS if hasattr(args, k)}
+    return build_config(load_yaml(args.config) if args.config else {}, flags)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cat_engine.cat.cli import UserError
+    from cat_engine.cat.dataset import DataError
+
+    setup_logging()
+    try:
+        config = config_from_args(args)
+        path = train(config, progress=True)
+    except (ConfigError, DataError, ModelLoadError, ckpt.CheckpointError, TrainingError) as exc:
+        raise UserError(str(exc)) from None
+    except KeyboardInterrupt:
+        return 130
+    print(f"saved LoRA: {path}")
+    return 0
+
+
+class _TqdmHandler(logging.Handler):
+    """One line per record on stderr, written through tqdm so progress bars stay intact."""
+
+    def emit(self, record):
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"cat-engine: {record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
+
+
+def setup_logging() -> None:
+    """Engine warnings (skipped images, config changes on resume...) as one line each on stderr."""
+    if not any(isinstance(h, _TqdmHandler) for h in log.handlers):
+        log.addHandler(_TqdmHandler())
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+if __name__ == "__main__":
+    from cat_engine.cat.cli import main
+
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -1,0 +1,130 @@
+"""The training recipe end to end on the built-in tiny model: outputs, resume, interrupts, errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import cat_engine.cat.train as train_mod
+from cat_engine.cat.config import TrainConfig
+from cat_engine.engine.checkpoint import list_checkpoints
+from cat_engine.engine.lora import LORA_WEIGHT_NAME, read_lora_metadata
+
+FAST = dict(rank=4, steps=6, save_every=0, batch_size=2, lr=1e-3)
+
+
+def _train(tmp_path, name, **overrides):
+    config = TrainConfig(output=str(tmp_path / name), **{**FAST, **overrides}).validate()
+    return train_mod.train(config, progress=False)
+
+
+def _weights(path):
+    return load_file(str(path))
+
+
+def test_resume_is_bit_exact(tmp_path):
+    straight = _weights(_train(tmp_path, "straight"))
+    _train(tmp_path, "split", steps=3)
+    resumed = _weights(_train(tmp_path, "split", steps=6, resume="latest"))
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+    log = [json.loads(line) for line in (tmp_path / "split" / train_mod.LOG_FILE).read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert all({"loss", "ldm", "cat", "lr", "it_s"} <= r.keys() for r in log)
+
+
+def test_ctrl_c_writes_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch):
+    straight = _weights(_train(tmp_path, "straight"))
+    real_step = train_mod.training_step
+
+    def interrupt_at_4(unet, sched, data, step, *args, **kwargs):
+        if step == 4:
+            raise KeyboardInterrupt
+        return real_step(unet, sched, data, step, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "training_step", interrupt_at_4)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path, "interrupted")
+    assert [p.name for p in list_checkpoints(tmp_path / "interrupted")] == ["step-4"]
+    monkeypatch.setattr(train_mod, "training_step", real_step)
+    resumed = _weights(_train(tmp_path, "interrupted", resume="latest"))
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    real_step = train_mod.training_step
+
+    def nan_at_step_5(unet, sched, data, step, *args, **kwargs):
+        out = real_step(unet, sched, data, step, *args, **kwargs)
+        if step == 4:  # the 5th step
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(train_mod, "training_step", nan_at_step_5)
+    with pytest.raises(train_mod.TrainingError, match=r"loss is nan at step 5.*step-4"):
+        _train(tmp_path, "nan", save_every=2)
+    names = [p.name for p in list_checkpoints(tmp_path / "nan")]
+    assert names == ["step-2", "step-4"]
+    assert not (tmp_path / "nan" / LORA_WEIGHT_NAME).exists()
+
+
+def test_cat_weight_zero_is_plain_lora_and_metadata_is_written(tmp_path):
+    path = _train(tmp_path, "lora", cat_weight=0.0, steps=2)
+    log = [json.loads(line) for line in (tmp_path / "lora" / train_mod.LOG_FILE).read_text().splitlines()]
+    assert all(r["cat"] == 0.0 and r["loss"] == r["ldm"] for r in log)
+    meta = read_lora_metadata(path)
+    assert meta["cat_weight"] == 0.0 and meta["token"] == "sks" and meta["r"] == 4 and meta["plain_mode"] == "class"
+
+
+def test_sdxl_v_prediction_model_trains(tmp_path):
+    from cat_engine.engine.builtin import builtin_model_dir
+
+    base = builtin_model_dir("sdxl", "v_prediction")
+    path = _train(tmp_path, "xl", base=str(base), steps=2, plain_mode="strip")
+    assert read_lora_metadata(path)["base"] == str(base)
+
+
+def _cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "cat_engine.cat.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_end_to_end_on_builtin_default(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("rank: 4\nsave-every: 2\n")
+    result = _cli("train", "--config", str(config), "--steps", "3", "--output", "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / LORA_WEIGHT_NAME).is_file()
+    assert [p.name for p in list_checkpoints(tmp_path / "out")] == ["step-2", "step-3"]
+    assert "ldm=" in result.stderr and "step/s" in result.stderr or "s/step" in result.stderr  # progress bar
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--base", "nowhere"], "--base nowhere: no such folder"),
+        (["--data", "nowhere"], "nowhere"),
+        (["--plain-mode", "bogus"], "--plain-mode must be one of"),
+        (["--resume", "latest"], "no checkpoint in"),
+    ],
+)
+def test_cli_bad_input_is_one_clear_line(tmp_path, args, message):
+    result = _cli("train", "--steps", "1", "--output", "out", *args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert message in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, result.stderr
+
+
+def test_cli_base_that_is_not_a_diffusers_model(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "weights.ckpt").write_bytes(b"not a model")
+    result = _cli("train", "--base", "model", "--output", "out", cwd=tmp_path)
+    assert result.returncode == 2 and "not a diffusers model folder" in result.stderr
+    assert "Traceback" not in result.stderr
