@@ -62,23 +62,43 @@ def has_peft_adapter(unet) -> bool:
 def fuse_lora(unet):
     """Prepare a UNet carrying a peft LoRA adapter for the engine, in place; return it.
 
-    The trainable tensors stay the same ``Parameter`` objects, so an optimizer built before the
-    call keeps working. Calling it twice is harmless. Raises ``ValueError`` when the UNet has no
-    LoRA adapter.
+    Every peft LoRA ``Linear`` (``to_q``, ``to_k``, ``to_v``, ``to_out.0`` and the feed-forward
+    linears when targeted) becomes a :class:`~cat_engine.engine.fused_lora.FusedLoraLinear`: the
+    same module object with a forward that runs the fused split-batch op on the UNet's
+    ``adapter_rows``. The trainable tensors stay the same ``Parameter`` objects, so an optimizer
+    built before the call keeps working, and state-dict keys do not change. LoRA on convolutions
+    stays peft's. Calling it twice is harmless; :func:`unfuse_lora` undoes it. Raises
+    ``ValueError`` when the UNet has no LoRA adapter.
     """
+    from cat_engine.engine.fused_lora import fuse_lora_layers
+
     if not has_peft_adapter(unet) and not getattr(unet, "_cat_fused", False):
         raise ValueError(
             "fuse_lora: the UNet carries no LoRA adapter; add one first with "
             "unet.add_adapter(peft.LoraConfig(...)) or cat_engine.engine.add_lora(unet)"
         )
-    split_state(unet)  # every call now reads its adapter rows from here
+    fuse_lora_layers(unet, split_state(unet))  # every fused call reads its adapter rows from here
     object.__setattr__(unet, "_cat_fused", True)
+    return unet
+
+
+def unfuse_lora(unet):
+    """Turn the fused LoRA layers of :func:`fuse_lora` back into plain peft layers, in place; return it."""
+    from cat_engine.engine.fused_lora import unfuse_lora_layers
+
+    unfuse_lora_layers(unet)
+    object.__setattr__(unet, "_cat_fused", False)
     return unet
 
 
 @contextmanager
 def adapters_disabled(unet):
-    """Run the frozen base model: no LoRA delta on any row, whatever the layers are."""
+    """Run the frozen base model: no LoRA delta on any row, whatever the layers are.
+
+    Fused layers see both signals: ``adapter_rows=0`` and peft's disabled flag (on which they run
+    the frozen layer alone, as peft does); layers left to peft, such as LoRA convolutions, need
+    the flag.
+    """
     peft_active = has_peft_adapter(unet) and getattr(unet, "_cat_peft_enabled", True)
     if peft_active:
         unet.disable_adapters()

@@ -18,11 +18,17 @@ Only adapter rows enter ``t``, ``u``, ``dA`` and ``dB``; base rows cost exactly 
 
 Dispatch, read at call time: CUDA tensors run the Triton kernels; CPU tensors run
 ``kernels/reference.py``, unless ``CAT_ENGINE_FORCE_TRITON=1``, which sends them to the Triton
-kernels too. On CPU that needs ``TRITON_INTERPRET=1``; kernels are decorated lazily, per
-interpreter setting, on first launch, so the variable only has to be set before that launch
-(tests/kernels/conftest.py sets it before anything imports triton, to be safe with triton 3.0).
+kernels too. On CPU that needs ``TRITON_INTERPRET=1``. Triton decorates its own jitted helpers
+(``tl.zeros``, ``tl.cdiv`` ...) once, at import, in the mode the environment then says, and torch,
+peft and diffusers import triton early; so the kernels here use only core builtins (``tl.full``,
+plain integer division) and are decorated lazily, per setting, at launch. The variable is then
+honoured whenever it is set before the launch (tests/kernels/conftest.py sets it up front anyway).
 """
 
+from __future__ import annotations
+
+import functools
+import importlib.util
 import math
 import os
 from typing import Optional
@@ -31,14 +37,10 @@ import torch
 
 from cat_engine.kernels import reference
 
-try:  # Triton is Linux-only; without it the reference path must still work.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where triton is absent
-    triton = None
-
-    class tl:  # noqa: N801 - stands in for triton.language in the kernels' annotations only
-        constexpr = None
+# Imported on first launch (_load_triton), not here: importing triton fixes its interpreter mode
+# for the whole process, and the package must import where triton is absent (non-Linux).
+triton = None
+tl = None
 
 FORCE_TRITON_ENV = "CAT_ENGINE_FORCE_TRITON"
 MAX_RANK = 128
@@ -46,7 +48,10 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------------------------
-# Kernels. Plain functions, jitted on first launch by _jit() (see module docstring).
+# Kernels. Plain functions, jitted on first launch by _jit() (see module docstring); their
+# ``tl.constexpr`` annotations stay strings (postponed annotations), which triton reads as such.
+# No triton.language.standard helpers (tl.zeros, tl.cdiv): those are jitted at triton's import in
+# one mode and break the interpreter when TRITON_INTERPRET was set later.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -65,7 +70,7 @@ def _lowrank_kernel(
     rm = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rr = tl.arange(0, BLOCK_R)
     rk = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         x = tl.load(X + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
@@ -97,8 +102,8 @@ def _fused_lora_xw_sb_kernel(
     Programs are ordered in groups of GROUP_M row tiles so neighbouring programs share W tiles in L2.
     """
     pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
+    num_m = (M + BLOCK_M - 1) // BLOCK_M
+    num_n = (N + BLOCK_N - 1) // BLOCK_N
     group = GROUP_M * num_n
     first_m = (pid // group) * GROUP_M
     size_m = min(num_m - first_m, GROUP_M)
@@ -108,7 +113,7 @@ def _fused_lora_xw_sb_kernel(
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
 
     if pid_m * BLOCK_M < ROWS:
         rr = tl.arange(0, BLOCK_R)
@@ -160,7 +165,7 @@ def _lora_weight_grad_kernel(
     rb = tl.arange(0, BLOCK_M)
     start = pid_s * ROWS_PER_SPLIT
     end = min(start + ROWS_PER_SPLIT, ROWS)
-    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    acc = tl.full((BLOCK_P, BLOCK_Q), 0.0, tl.float32)
     for m0 in range(start, end, BLOCK_M):
         rm = (m0 + rb).to(tl.int64)
         u = tl.load(U + rm[:, None] * stride_um + rp[None, :] * stride_up,
@@ -180,6 +185,22 @@ def _lora_weight_grad_kernel(
 # ----------------------------------------------------------------------------------------------
 
 _JITTED: dict = {}
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _load_triton():
+    global triton, tl
+    if triton is None:
+        if not _triton_installed():
+            raise RuntimeError("lora_linear: Triton is not installed; CPU tensors use the reference path")
+        import triton as _triton
+        import triton.language as _tl
+
+        triton, tl = _triton, _tl
 
 
 def _interpreting() -> bool:
@@ -212,13 +233,12 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _check_launch(x: torch.Tensor, *others: torch.Tensor):
-    if triton is None:
-        raise RuntimeError("lora_linear: Triton is not installed; CPU tensors use the reference path")
     if x.device.type != "cuda" and not _interpreting():
         raise RuntimeError(
             f"lora_linear: Triton kernels got {x.device.type} tensors without TRITON_INTERPRET=1; "
-            f"set it before the first launch, or unset {FORCE_TRITON_ENV}"
+            f"set it before triton is imported, or unset {FORCE_TRITON_ENV}"
         )
+    _load_triton()
     for t in others:
         if t.device != x.device:
             raise ValueError(f"lora_linear: tensors on different devices ({x.device} and {t.device})")
@@ -353,7 +373,7 @@ def _triton_backward(dy, x, weight, lora_A, lora_B, t, scale, rows, lora_x, need
 
 def _use_triton(x: torch.Tensor) -> bool:
     if x.is_cuda:
-        return triton is not None
+        return _triton_installed()
     return os.environ.get(FORCE_TRITON_ENV, "0") == "1"
 
 

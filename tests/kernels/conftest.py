@@ -1,10 +1,11 @@
 """Kernel tests run the Triton code on CPU through Triton's interpreter.
 
-TRITON_INTERPRET must be in the environment before triton decorates a kernel. The kernels in
-cat_engine.kernels are decorated lazily per setting (so setting it before the first launch is
-enough on triton 3.9), but triton 3.0 decides at decoration time and some tools import triton
-early, so it is set here, before any test module imports triton or cat_engine.kernels. With a
-GPU present it is left alone: CUDA tensors then run the compiled kernels.
+The kernels read TRITON_INTERPRET at launch (they are jitted lazily, per setting, and avoid
+triton's import-time-jitted helpers), but triton itself fixes the mode of its own helpers when
+first imported, and torch/peft/diffusers import it early. Setting the variable here, before any
+test module of this folder imports anything, keeps every triton object in one mode where this
+conftest is loaded first. With a GPU present it is left alone: CUDA tensors then run the compiled
+kernels. Outside pytest: ``TRITON_INTERPRET=1 CAT_ENGINE_FORCE_TRITON=1 python ...``.
 """
 
 import os

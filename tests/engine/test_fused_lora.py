@@ -1,0 +1,229 @@
+"""fuse_lora on a tiny diffusers UNet: same outputs and LoRA gradients as peft, split batches,
+disabled adapters, saving, unfusing, gradient checkpointing, dropout."""
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig
+from peft.tuners.lora.layer import Linear as PeftLoraLinear
+
+from cat_engine.engine import adapter_rows, add_lora, fuse_lora, lora_parameters, unfuse_lora
+from cat_engine.engine.fused_lora import FusedLoraLinear, fused_layers
+from cat_engine.engine.lora import FEED_FORWARD_TARGETS, DEFAULT_TARGETS, adapters_disabled, lora_state_dict, save_lora
+
+REL = 1e-4  # float32: max error over max |reference|; the fused op only reorders sums
+
+
+def close(got, want):
+    err = (got - want).abs().max().item()
+    assert err <= REL * want.abs().max().item(), f"max error {err:.3g} vs max |want| {want.abs().max().item():.3g}"
+
+
+def tiny_unet(seed=0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, sample_size=8,
+        norm_num_groups=8, attention_head_dim=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    )
+
+
+def lora_unet(rank=4, alpha=8.0, targets=DEFAULT_TARGETS + FEED_FORWARD_TARGETS, seed=0):
+    unet = add_lora(tiny_unet(seed), rank=rank, alpha=alpha, targets=targets, seed=seed)
+    with torch.no_grad():  # B starts at zero in peft; make the delta visible
+        for n, p in unet.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    return unet
+
+
+def inputs(batch=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 4, 8, 8, generator=g), torch.tensor([10, 500, 999][:batch]),
+            torch.randn(batch, 5, 32, generator=g))
+
+
+def run(unet, sample, t, ctx, grad=True):
+    """Output and the LoRA gradients of a fixed loss (in module order)."""
+    for p in lora_parameters(unet):
+        p.grad = None
+    out = unet(sample, t, ctx).sample
+    if not grad:
+        return out.detach(), []
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    return out.detach(), [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in lora_parameters(unet)]
+
+
+def assert_all_close(a, b):
+    assert len(a) == len(b) and len(a) > 0
+    for x, y in zip(a, b):
+        close(x, y)
+
+
+def count_op_calls(monkeypatch):
+    """Count calls of the fused op from the layers: equal outputs alone would not show that the
+    layers ran it rather than falling back to peft's forward."""
+    import cat_engine.engine.fused_lora as fl
+
+    calls = []
+    real = fl.lora_linear
+    monkeypatch.setattr(fl, "lora_linear", lambda *a, **k: calls.append(a[6]) or real(*a, **k))
+    return calls
+
+
+def test_fused_unet_matches_peft_outputs_and_lora_grads(monkeypatch):
+    calls = count_op_calls(monkeypatch)
+    peft_unet = lora_unet()
+    fused = fuse_lora(copy.deepcopy(peft_unet))
+    names = fused_layers(fused)
+    assert len(names) == sum(type(m) is PeftLoraLinear for m in peft_unet.modules()) > 0
+    assert any(n.endswith("ff.net.2") for n in names) and any(n.endswith("to_out.0") for n in names)
+    out_p, grads_p = run(peft_unet, *inputs())
+    out_f, grads_f = run(fused, *inputs())
+    assert len(calls) == len(names) and set(calls) == {None}  # every layer once, all rows
+    close(out_f, out_p)
+    assert_all_close(grads_f, grads_p)
+    assert max(g.abs().max() for g in grads_f) > 0
+
+
+def test_split_rows_are_adapter_then_base():
+    """Rows < k get peft's adapter model, rows >= k the base model; LoRA grads only from rows < k."""
+    peft_unet = lora_unet()
+    fused = fuse_lora(copy.deepcopy(peft_unet))
+    sample, t, ctx = inputs(3)
+    with adapter_rows(fused, 2):
+        out, _ = run(fused, sample, t, ctx, grad=False)
+        for p in lora_parameters(fused):
+            p.grad = None
+        fused(sample, t, ctx).sample[2:].sum().backward()  # a loss on the base row only
+    assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in lora_parameters(fused))
+    ada, _ = run(peft_unet, sample[:2], t[:2], ctx[:2], grad=False)
+    with adapters_disabled(peft_unet):
+        base, _ = run(peft_unet, sample[2:], t[2:], ctx[2:], grad=False)
+    close(out[:2], ada)
+    close(out[2:], base)
+    with adapters_disabled(peft_unet):
+        base_of_adapter_rows, _ = run(peft_unet, sample[:2], t[:2], ctx[:2], grad=False)
+    assert (ada - base_of_adapter_rows).abs().max() > 1e-3  # the split is visible
+
+
+def test_adapters_disabled_gives_base_model_on_fused_unet():
+    unet = lora_unet()
+    base = tiny_unet()  # same seed: the same frozen weights, no adapter
+    fuse_lora(unet)
+    sample, t, ctx = inputs()
+    with torch.no_grad(), adapters_disabled(unet):
+        got = unet(sample, t, ctx).sample
+    with torch.no_grad():
+        want = base(sample, t, ctx).sample
+        adapted = unet(sample, t, ctx).sample
+    close(got, want)
+    assert (adapted - want).abs().max() > 1e-3  # the adapter is back on after the block
+    assert all(p.requires_grad for p in lora_parameters(unet))
+
+
+def test_same_parameters_optimizer_state_dict_and_unfuse(tmp_path):
+    unet = lora_unet()
+    params = lora_parameters(unet)
+    opt = torch.optim.SGD(params, lr=0.1)
+    keys_before = lora_state_dict(unet)
+    assert fuse_lora(unet) is unet
+    assert fuse_lora(unet) is unet  # twice is harmless
+    assert [id(p) for p in lora_parameters(unet)] == [id(p) for p in params]
+    after = lora_state_dict(unet)
+    assert list(after) == list(keys_before)
+    for k in after:
+        torch.testing.assert_close(after[k], keys_before[k], rtol=0, atol=0)
+    assert save_lora(unet, tmp_path).exists()
+
+    sample, t, ctx = inputs()
+    unet(sample, t, ctx).sample.square().mean().backward()
+    old = [p.detach().clone() for p in params]
+    opt.step()
+    assert any((p - o).abs().max() > 0 for p, o in zip(params, old))  # the old optimizer moved them
+    with torch.no_grad():
+        fused_out = unet(sample, t, ctx).sample
+    assert unfuse_lora(unet) is unet
+    assert not fused_layers(unet) and any(type(m) is PeftLoraLinear for m in unet.modules())
+    with torch.no_grad():
+        close(unet(sample, t, ctx).sample, fused_out)
+
+
+def test_fuse_lora_without_adapter_raises():
+    with pytest.raises(ValueError, match="no LoRA adapter"):
+        fuse_lora(tiny_unet())
+
+
+def test_gradient_checkpointing_with_split_rows():
+    peft_unet = lora_unet()
+    fused = fuse_lora(copy.deepcopy(peft_unet))
+    fused.enable_gradient_checkpointing()
+    fused.train()
+    peft_unet.train()
+    sample, t, ctx = inputs(3)
+    with adapter_rows(fused, 2):  # backward inside: the recomputation reads the same rows
+        out, grads = run(fused, sample, t, ctx)
+    for p in lora_parameters(peft_unet):
+        p.grad = None
+    ada = peft_unet(sample[:2], t[:2], ctx[:2]).sample
+    weights = torch.linspace(-1, 1, out.numel()).view_as(out)
+    (ada * weights[:2]).sum().backward()  # base rows carry no LoRA gradient
+    assert_all_close(grads, [p.grad for p in lora_parameters(peft_unet)])
+    close(out[:2], ada.detach())
+
+
+def test_dropout_and_scaling_follow_peft():
+    unet = tiny_unet()
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=3, lora_alpha=7.0, lora_dropout=0.3, init_lora_weights="gaussian",
+                                target_modules=list(DEFAULT_TARGETS)))
+    with torch.no_grad():
+        for n, p in unet.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    unet.train()
+    fused = fuse_lora(copy.deepcopy(unet))
+    layer = next(m for m in fused.modules() if type(m) is FusedLoraLinear)
+    assert layer.scaling["default"] == pytest.approx(7.0 / 3)
+    results = []
+    for model in (unet, fused):
+        torch.manual_seed(11)  # same dropout masks: both draw them in the same order and shapes
+        results.append(run(model, *inputs()))
+    close(results[1][0], results[0][0])
+    assert_all_close(results[1][1], results[0][1])
+    torch.manual_seed(12)
+    other, _ = run(fused, *inputs(), grad=False)
+    assert (other - results[1][0]).abs().max() > 1e-4  # dropout is really on
+
+
+def test_fused_unet_through_triton_kernels(monkeypatch):
+    """The same equivalence with every LoRA linear on the Triton code (interpreter on CPU)."""
+    monkeypatch.setenv("CAT_ENGINE_FORCE_TRITON", "1")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # kernels are jitted per setting at first launch
+    import cat_engine.kernels.reference as ref
+
+    # Poison the reference path: any layer that silently used it would break the comparison.
+    monkeypatch.setattr(ref, "lora_linear_forward", None)
+    monkeypatch.setattr(ref, "lora_linear_backward", None)
+    calls = count_op_calls(monkeypatch)
+    peft_unet = lora_unet(targets=DEFAULT_TARGETS)
+    fused = fuse_lora(copy.deepcopy(peft_unet))
+    sample, t, ctx = inputs(2)
+    with adapter_rows(fused, 1):
+        out, grads = run(fused, sample, t, ctx)
+    assert len(calls) == len(fused_layers(fused)) and set(calls) == {1}
+    for p in lora_parameters(peft_unet):
+        p.grad = None
+    ada = peft_unet(sample[:1], t[:1], ctx[:1]).sample
+    weights = torch.linspace(-1, 1, out.numel()).view_as(out)
+    (ada * weights[:1]).sum().backward()
+    close(out[:1], ada.detach())
+    assert_all_close(grads, [p.grad for p in lora_parameters(peft_unet)])
+    with adapters_disabled(peft_unet), torch.no_grad():
+        base = peft_unet(sample[1:], t[1:], ctx[1:]).sample
+    close(out[1:], base)
