@@ -1,0 +1,142 @@
+"""``cat-engine plan``: predict peak VRAM of a CAT training step and pick the fastest plan that fits.
+
+    cat-engine plan --base sd15 --resolution 512 --vram-budget 8GB
+
+Prints every candidate plan (fastest first) with its predicted peak and whether it fits, then the
+chosen one. ``cat-engine train --vram-budget`` applies the same choice (:func:`parse_bytes` and
+``cat_engine.engine.vram.best_plan``).
+"""
+
+from __future__ import annotations
+
+import re
+
+from cat_engine.cat.cli import UserError
+
+BYTES_HELP = (
+    "a size such as 8GB, 8GiB, 12G, 8000MB or a plain number of bytes. Units are binary: "
+    "K/KB/KiB = 2^10, M/MB/MiB = 2^20, G/GB/GiB = 2^30, T/TB/TiB = 2^40 bytes, because GPU memory "
+    "is sized that way (an '8 GB' card has 8192 MiB, as nvidia-smi shows)"
+)
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """Parse a memory size; ``GB``, ``G`` and ``GiB`` all mean 2^30 bytes (see :data:`BYTES_HELP`).
+
+    Raises ``ValueError`` with the accepted forms for anything else, or for a size of zero.
+    """
+    match = _SIZE.match(str(text))
+    if not match or (match.group(3).lower() == "i"):  # "8Gi" without the B is not a unit we accept
+        raise ValueError(f"cannot read {text!r} as a memory size: {BYTES_HELP}")
+    value = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if value < 1:
+        raise ValueError(f"memory size must be positive, got {text!r}")
+    return int(value)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument(
+        "--base",
+        default="builtin",
+        help="sd15, sd21, sdxl (full-size configs), builtin, or a diffusers folder",
+    )
+    parser.add_argument(
+        "--resolution", type=int, default=None, help="image side in pixels (default: the model's)"
+    )
+    parser.add_argument("--batch-size", type=int, default=1, help="images per step (default 1)")
+    parser.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
+    parser.add_argument("--vram-budget", default=None, help=f"GPU memory to fit into: {BYTES_HELP}")
+    parser.add_argument(
+        "--cat-weight",
+        type=float,
+        default=1.0,
+        help="CAT lambda; 0 estimates plain LoRA training (default 1.0)",
+    )
+    parser.add_argument(
+        "--half",
+        choices=("bf16", "fp16"),
+        default="bf16",
+        help="half precision to plan with (fp16 on GPUs without bf16)",
+    )
+    parser.add_argument("--attention", choices=("sdpa", "xformers"), default="sdpa", help="attention backend")
+
+
+def _row(rank, plan, est, budget, chosen) -> str:
+    from cat_engine.engine.vram import format_bytes
+
+    fits = "-" if budget is None else ("yes" if est.fits(budget) else "no")
+    mark = "  <- chosen" if chosen else ""
+    return (
+        f"{rank:<3} {plan.describe():<22} {format_bytes(est.weights):>10} {format_bytes(est.lora + est.grads + est.optimizer):>10} "
+        f"{format_bytes(est.activations):>11} {format_bytes(est.workspace):>10} {format_bytes(est.total):>10} {fits:>5}{mark}"
+    )
+
+
+def run(args) -> int:
+    from cat_engine.engine import vram
+
+    try:
+        spec = vram.resolve_model(args.base)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    budget = None
+    if args.vram_budget is not None:
+        try:
+            budget = parse_bytes(args.vram_budget)
+        except ValueError as exc:
+            raise UserError(f"--vram-budget: {exc}") from None
+    for name in ("batch_size", "rank"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+    resolution = args.resolution or int(spec.config.get("sample_size", 64)) * spec.vae_scale_factor
+    if resolution < 1 or resolution % spec.vae_scale_factor:
+        raise UserError(
+            f"--resolution must be a positive multiple of {spec.vae_scale_factor}, got {resolution}"
+        )
+    cat = args.cat_weight != 0
+
+    candidates = vram.plan_candidates(
+        spec, resolution, args.batch_size, args.rank, cat=cat, half=args.half, attention=args.attention
+    )
+    chosen, failure = None, None
+    if budget is not None:
+        try:  # the same choice `cat-engine train --vram-budget` makes (estimates are cached)
+            chosen = vram.best_plan(
+                spec,
+                resolution,
+                args.batch_size,
+                budget,
+                args.rank,
+                cat=cat,
+                half=args.half,
+                attention=args.attention,
+            )
+        except vram.NoPlanFits as exc:
+            failure = str(exc)
+
+    what = "CAT" if cat else "plain LoRA (cat weight 0)"
+    print(f"{spec.name}: {resolution} px, batch {args.batch_size}, LoRA rank {args.rank}, {what}")
+    if budget is not None:
+        print(
+            f"budget {vram.format_bytes(budget)} ({args.vram_budget}); a plan fits when its peak plus "
+            f"{vram.format_bytes(vram.CUDA_CONTEXT_RESERVE)} for the CUDA context is within it"
+        )
+    print("plans fastest first (half precision before fp32, no checkpointing before checkpointing)")
+    print(
+        f"{'#':<3} {'plan':<22} {'weights':>10} {'lora+opt':>10} {'activations':>11} {'workspace':>10} {'peak':>10} {'fits':>5}"
+    )
+    for i, (plan, est) in enumerate(candidates):
+        print(_row(i + 1, plan, est, budget, chosen is not None and plan == chosen[0]))
+    print("peak = predicted torch.cuda.max_memory_allocated; activations measured on the meta device")
+    if failure is not None:
+        raise UserError(failure)
+    if chosen is None:
+        return 0
+    plan, est = chosen
+    flags = f"--precision {plan.precision} --attention {plan.attention}"
+    if plan.gradient_checkpointing:
+        flags += " --gradient-checkpointing"
+    print(f"chosen: {plan.describe()}, predicted peak {vram.format_bytes(est.total)} (train flags: {flags})")
+    return 0

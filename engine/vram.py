@@ -1,0 +1,488 @@
+"""VRAM estimator (DESIGN.md §6): predict the peak GPU memory of one CAT training step.
+
+    est = estimate_peak("sd15", resolution=512, batch=1, plan=MemoryPlan(precision="bf16"), rank=16)
+    est.total, est.breakdown()          # weights, lora, grads, optimizer, activations, workspace
+    plan, est = best_plan("sdxl", 1024, 1, budget_bytes=12 * GiB, rank=16)
+
+What is counted, and how:
+
+- ``weights``: frozen UNet parameters and buffers, in the plan's frozen dtype (half for bf16/fp16).
+- ``lora``, ``grads``, ``optimizer``: LoRA master weights, their gradients and AdamW's two moment
+  buffers, all fp32. Gradients are counted as resident for the whole step (they exist only late
+  in backward with ``zero_grad(set_to_none=True)``; they are small, so the error is small and safe).
+- ``activations`` and ``workspace`` are **measured, not guessed**: the real training step
+  (``cat_engine.cat.loss.cat_loss``, forward and backward) runs on the full-size UNet on the
+  ``meta`` device (shapes and dtypes, no data, no memory) under a dispatch mode that follows every
+  tensor storage from allocation to release, the way a caching allocator sees them. ``activations``
+  is what is alive when backward starts (everything the autograd graph holds, including checkpoint
+  inputs, which ``saved_tensors_hooks`` would miss); ``workspace`` is the measured transient peak
+  above that (gradient buffers in backward, checkpoint recomputation, attention scores with math
+  attention, the no-grad base pass) plus :data:`KERNEL_WORKSPACE` for cuBLAS/cuDNN workspaces,
+  which the meta run cannot see.
+- CUDA specifics are reproduced on meta: autocast is emulated with CUDA's cast policy (matmuls and
+  convolutions in half, group/layer norm and softmax in fp32: the fp32 norm outputs are a large
+  share of bf16 activation memory), and SDPA is run as the flash kernel (saves q, k, v, out and
+  the log-sum-exp), not as the math decomposition meta would otherwise take.
+- Not counted: the CUDA context (never in ``torch.cuda.max_memory_allocated``; see
+  :data:`CUDA_CONTEXT_RESERVE`, which ``fits``/``best_plan`` add), allocator fragmentation
+  (use ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``), the VAE and text encoders (off the
+  GPU once latents and embeddings are cached, DESIGN.md §6), ``torch.compile``'s savings.
+
+Estimates are cached per (model, resolution, batch, precision, checkpointing, attention, rank,
+cat); one SD1.5 estimate takes a few seconds on a CPU (the meta build is ~2 s the first time).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+import weakref
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves, tree_map
+
+from cat_engine.engine.memory_plan import MemoryPlan, cast_frozen_weights, is_lora_name
+
+GiB = 2**30
+MiB = 2**20
+# cuBLAS keeps a workspace per handle/stream (up to 32 MiB on Hopper) and cuDNN convolution
+# algorithms ask for scratch space; both come from the caching allocator, so
+# max_memory_allocated sees them but the meta run cannot. A fixed allowance, not a measurement.
+KERNEL_WORKSPACE = 128 * MiB
+# The CUDA context and loaded kernels (~300-500 MiB with lazy loading) occupy the card but are
+# not in max_memory_allocated; a plan "fits" a budget only with this much left over.
+CUDA_CONTEXT_RESERVE = 512 * MiB
+# The caching allocator hands out blocks in multiples of 512 bytes.
+_ALLOC_ROUND = 512
+_ADAM_STATES = 2  # exp_avg, exp_avg_sq (the step counter is a scalar)
+
+
+@dataclass(frozen=True)
+class VramEstimate:
+    """Predicted peak of ``torch.cuda.max_memory_allocated`` for one training step, in bytes."""
+
+    model: str
+    resolution: int
+    batch: int
+    rank: int
+    cat: bool
+    plan: MemoryPlan
+    weights: int
+    lora: int
+    grads: int
+    optimizer: int
+    activations: int
+    workspace: int
+    method: str = "meta"  # how activations were measured (see estimate_peak)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.lora + self.grads + self.optimizer + self.activations + self.workspace
+
+    def breakdown(self) -> dict[str, int]:
+        keys = ("weights", "lora", "grads", "optimizer", "activations", "workspace")
+        return {k: getattr(self, k) for k in keys} | {"total": self.total}
+
+    def fits(self, budget_bytes: int, reserve: int = CUDA_CONTEXT_RESERVE) -> bool:
+        """Whether the step fits a card of ``budget_bytes`` with ``reserve`` left for the CUDA context."""
+        return self.total + reserve <= budget_bytes
+
+
+# --- models ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A UNet config plus the conditioning shapes a training step feeds it."""
+
+    name: str
+    config_json: str  # the UNet config, as sorted JSON (hashable cache key)
+    text_tokens: int
+    text_width: int
+    pooled_width: int | None  # SDXL's pooled text embedding, else None
+    vae_scale_factor: int
+
+    @property
+    def config(self) -> dict:
+        return json.loads(self.config_json)
+
+
+def _spec_from_config(name: str, config: dict, vae_scale_factor: int = 8) -> ModelSpec:
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    cross = config.get("cross_attention_dim") or 768
+    width = cross[0] if isinstance(cross, (list, tuple)) else cross
+    pooled = None
+    if config.get("addition_embed_type") == "text_time":
+        # SDXL: the added embedding is the pooled text plus 6 time ids, each embedded to addition_time_embed_dim.
+        pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+    return ModelSpec(
+        name, json.dumps(config, sort_keys=True, default=list), 77, int(width), pooled, vae_scale_factor
+    )
+
+
+def resolve_model(model) -> ModelSpec:
+    """``sd15`` / ``sd21`` / ``sdxl`` / ``builtin``, a UNet config dict, or a diffusers folder."""
+    from cat_engine.engine.unet_configs import UNET_CONFIGS, VAE_SCALE_FACTOR
+
+    if isinstance(model, ModelSpec):
+        return model
+    if isinstance(model, dict):
+        return _spec_from_config("custom", model)
+    name = str(model)
+    if name in UNET_CONFIGS:
+        return _spec_from_config(name, UNET_CONFIGS[name], VAE_SCALE_FACTOR)
+    if name == "builtin":
+        from cat_engine.engine.builtin import tiny_unet, tiny_vae
+
+        with torch.device("meta"):
+            config, vae = dict(tiny_unet().config), tiny_vae()
+        return _spec_from_config("builtin", config, 2 ** (len(vae.config.block_out_channels) - 1))
+    path = Path(name).expanduser()
+    for candidate in (path / "unet" / "config.json", path / "config.json"):
+        if candidate.is_file():
+            config = json.loads(candidate.read_text())
+            factor = 8
+            vae_config = path / "vae" / "config.json"
+            if vae_config.is_file():
+                factor = 2 ** (len(json.loads(vae_config.read_text())["block_out_channels"]) - 1)
+            return _spec_from_config(str(path), config, factor)
+    raise ValueError(
+        f"unknown model {name!r}: use sd15, sd21, sdxl, builtin, or a diffusers folder with unet/config.json"
+    )
+
+
+_META_UNETS: dict[tuple[str, int], torch.nn.Module] = {}
+
+
+def _meta_lora_unet(spec: ModelSpec, rank: int):
+    """The full-size UNet with a rank-``rank`` LoRA adapter, on meta; built once per (config, rank)."""
+    key = (spec.config_json, rank)
+    if key not in _META_UNETS:
+        from diffusers import UNet2DConditionModel
+
+        from cat_engine.engine.lora import add_lora
+
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(spec.config)
+        _META_UNETS[key] = add_lora(unet, rank=rank)
+    return _META_UNETS[key]
+
+
+# --- meta-device measurement -------------------------------------------------------------------
+
+
+def _rounded(nbytes: int) -> int:
+    return -(-nbytes // _ALLOC_ROUND) * _ALLOC_ROUND
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Follows every storage an op allocates until it is freed; keeps the current and peak sum.
+
+    Storages in ``known`` (weights, created before the step) are not counted. Views and in-place
+    results share a counted storage, so they add nothing, as on a real allocator.
+    """
+
+    def __init__(self, known: set[int]):
+        super().__init__()
+        self.known = known
+        self.live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
+
+    def _track(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self.live or key in self.known:
+            return
+        nbytes = _rounded(storage.nbytes())
+        self.live[key] = nbytes
+        self.current += nbytes
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(storage, self._free, key)
+
+    def _free(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+
+def _storage_keys(tensors) -> set[int]:
+    return {t.untyped_storage()._cdata for t in tensors}
+
+
+# Autocast's cast policy, per device type (aten/src/ATen/autocast_mode.cpp), restricted to the ops
+# a diffusers UNet and the CAT loss call. Meta tensors have no autocast dispatch key, so a
+# function mode (above autograd, where autocast sits) applies the same casts.
+def _policy(device_type: str):
+    lower = {
+        F.linear, F.conv2d, torch.conv2d, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__,
+        torch.bmm, torch.Tensor.bmm, torch.baddbmm, torch.Tensor.baddbmm, torch.addmm, torch.mm,
+        torch.einsum, F.scaled_dot_product_attention,
+    }  # fmt: skip
+    fp32 = {F.mse_loss}
+    if device_type == "cuda":
+        fp32 |= {
+            F.group_norm, torch.group_norm, F.layer_norm, torch.layer_norm, F.softmax, torch.softmax,
+            torch.Tensor.softmax, F.log_softmax, torch.exp, torch.Tensor.exp, torch.log, torch.rsqrt,
+        }  # fmt: skip
+    return lower, fp32
+
+
+def _cast(tree, dtype):
+    def cast(x):
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != dtype:
+            return x.to(dtype)
+        return x
+
+    return tree_map(cast, tree)
+
+
+class _MetaCuda(TorchFunctionMode):
+    """Makes a meta run allocate what a CUDA run allocates: autocast casts and flash SDPA."""
+
+    def __init__(
+        self, autocast_dtype: torch.dtype | None, device_type: str = "cuda", flash_sdpa: bool = True
+    ):
+        super().__init__()
+        self.dtype = autocast_dtype
+        self.lower, self.fp32 = _policy(device_type)
+        self.flash_sdpa = flash_sdpa
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.dtype is not None:
+            if func in self.lower:
+                args, kwargs = _cast((args, kwargs), self.dtype)
+            elif func in self.fp32:
+                args, kwargs = _cast((args, kwargs), torch.float32)
+        if func is F.scaled_dot_product_attention and self.flash_sdpa:
+            return _flash_sdpa(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _flash_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
+    # On meta, SDPA decomposes to the math path (it saves the [N, N] probabilities). CUDA runs
+    # flash / memory-efficient kernels, which save q, k, v, out and a [B, H, N] fp32 log-sum-exp:
+    # the CPU flash op saves exactly that set, and has meta kernels forward and backward.
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale
+    )[0]
+
+
+def _step_inputs(spec: ModelSpec, resolution: int, batch: int, device):
+    side = resolution // spec.vae_scale_factor
+    # Latents and cached text embeddings are fp32 (cast by autocast where they are used).
+    latents = torch.zeros(batch, 4, side, side, device=device)
+    timesteps = torch.zeros(batch, dtype=torch.long, device=device)
+    token = torch.zeros(batch, spec.text_tokens, spec.text_width, device=device)
+    plain = torch.zeros(batch, spec.text_tokens, spec.text_width, device=device)
+    added = None
+    if spec.pooled_width is not None:
+        added = {
+            "text_embeds": torch.zeros(batch, spec.pooled_width, device=device),
+            "time_ids": torch.zeros(batch, 6, device=device),
+        }
+    return latents, timesteps, token, plain, added
+
+
+def measure_step(unet, spec: ModelSpec, resolution: int, batch: int, plan: MemoryPlan, cat: bool,
+                 *, device="meta", device_type: str = "cuda") -> tuple[int, int]:  # fmt: skip
+    """Run one training step (``cat_loss`` forward + backward); return ``(at_backward, peak)`` bytes.
+
+    ``at_backward``: bytes alive when backward starts; ``peak``: the highest count during the step;
+    both exclude the weights. ``device="meta"`` with ``device_type="cuda"`` reproduces a CUDA
+    run's allocations; a real device (CPU) with its own ``device_type`` is how this is validated.
+    """
+    from diffusers.models import attention_processor as ap
+
+    from cat_engine.cat.loss import cat_loss
+    from cat_engine.engine.lora import lora_parameters
+
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.precision)
+    unet.train()
+    # xformers saves the same tensors as flash SDPA (q, k, v, out, lse); model it as sdpa.
+    unet.set_attn_processor(ap.AttnProcessor() if plan.attention == "math" else ap.AttnProcessor2_0())
+    if plan.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    else:
+        unet.disable_gradient_checkpointing()
+    cast_frozen_weights(unet, half or torch.float32)
+    known = _storage_keys(list(unet.parameters()) + list(unet.buffers()))
+    tracker = _LiveBytes(known)
+    is_meta = torch.device(device).type == "meta"
+    real_autocast = (
+        torch.autocast(device_type, dtype=half)
+        if (half and not is_meta)
+        else torch.autocast("cpu", enabled=False)
+    )
+    try:
+        with tracker, _MetaCuda(half if is_meta else None, device_type, flash_sdpa=is_meta), real_autocast:
+            latents, timesteps, token, plain, added = _step_inputs(spec, resolution, batch, device)
+            target = torch.zeros_like(latents)
+            out = cat_loss(
+                unet, latents, timesteps, token, plain, target, cat_weight=1.0 if cat else 0.0,
+                added_cond_kwargs=added,
+            )  # fmt: skip
+            del latents, timesteps, token, plain, added, target
+            at_backward = tracker.current
+            _run_backward(out.loss)
+            del out
+    finally:
+        for p in lora_parameters(unet):
+            p.grad = None
+    return at_backward, tracker.peak
+
+
+def _run_backward(loss: torch.Tensor) -> None:
+    # Straight to the autograd engine: ``Tensor.backward`` goes through ``__torch_function__``,
+    # and a function mode is switched off while it handles a call, so checkpoint recomputation
+    # inside backward would run without the autocast casts.
+    torch.autograd.Variable._execution_engine.run_backward(
+        (loss,), (torch.ones_like(loss),), False, False, (), True, True
+    )
+
+
+_MEASURED: dict[tuple, tuple[int, int, str]] = {}
+
+
+def _measure_cached(spec: ModelSpec, resolution: int, batch: int, plan: MemoryPlan, rank: int, cat: bool):
+    key = (spec.config_json, resolution, batch, plan.precision, plan.gradient_checkpointing,
+           plan.attention == "math", rank, cat)  # fmt: skip
+    if key not in _MEASURED:
+        unet = _meta_lora_unet(spec, rank)
+        try:
+            at_backward, peak = measure_step(unet, spec, resolution, batch, plan, cat)
+            method = "meta"
+        except Exception as exc:  # noqa: BLE001 - an op without a meta kernel in some torch/diffusers combination
+            small = _small_resolution(spec)
+            warnings.warn(
+                f"meta run of the full step failed ({type(exc).__name__}: {exc}); measuring at {small} px "
+                f"and scaling activations by pixel count (attention scores grow faster: less exact)",
+                stacklevel=3,
+            )
+            at_backward, peak = measure_step(unet, spec, small, batch, plan, cat)
+            ratio = (resolution / small) ** 2
+            at_backward, peak = int(at_backward * ratio), int(peak * ratio)
+            method = f"meta@{small}px x{ratio:g}"
+        _MEASURED[key] = (at_backward, peak, method)
+    return _MEASURED[key]
+
+
+def _small_resolution(spec: ModelSpec) -> int:
+    # the smallest latent side every down-sampling level divides evenly, times 2
+    levels = len(spec.config.get("block_out_channels", (0, 0, 0, 0)))
+    return spec.vae_scale_factor * 2 ** (levels - 1) * 2
+
+
+# --- public API --------------------------------------------------------------------------------
+
+
+def _param_bytes(unet, plan: MemoryPlan) -> tuple[int, int]:
+    frozen_size = 2 if plan.precision in ("bf16", "fp16") else 4
+    weights = lora = 0
+    for name, p in unet.named_parameters():
+        if is_lora_name(name):
+            lora += _rounded(p.numel() * 4)
+        else:
+            weights += _rounded(p.numel() * frozen_size)
+    weights += sum(_rounded(b.numel() * frozen_size) for b in unet.buffers())
+    return weights, lora
+
+
+def estimate_peak(
+    model, resolution: int, batch: int, plan: MemoryPlan, rank: int = 16, cat: bool = True
+) -> VramEstimate:
+    """Predict peak training memory (``torch.cuda.max_memory_allocated``) of one step.
+
+    Args:
+        model: ``sd15``/``sd21``/``sdxl``/``builtin``, a UNet config dict, or a diffusers folder.
+        resolution: image side in pixels (latents are ``resolution / vae_scale_factor``).
+        batch: images per step (CAT adds the plain-caption and base rows itself).
+        plan: the memory plan (precision ``auto`` is taken as bf16, the CUDA default).
+        rank: LoRA rank (default targets: to_q, to_k, to_v, to_out.0).
+        cat: ``False`` estimates plain LoRA training (``cat_weight=0``).
+    """
+    spec = resolve_model(model)
+    if resolution % spec.vae_scale_factor:
+        raise ValueError(f"resolution must be a multiple of {spec.vae_scale_factor}, got {resolution}")
+    if plan.precision == "auto":
+        plan = replace(plan, precision="bf16")
+    at_backward, peak, method = _measure_cached(spec, resolution, batch, plan, rank, cat)
+    weights, lora = _param_bytes(_meta_lora_unet(spec, rank), plan)
+    return VramEstimate(
+        model=spec.name,
+        resolution=resolution,
+        batch=batch,
+        rank=rank,
+        cat=cat,
+        plan=plan,
+        weights=weights,
+        lora=lora,
+        grads=lora,
+        optimizer=_ADAM_STATES * lora,
+        activations=at_backward,
+        workspace=peak - at_backward + KERNEL_WORKSPACE,
+        method=method,
+    )
+
+
+def candidate_plans(half: str = "bf16", attention: str = "sdpa") -> list[MemoryPlan]:
+    """Plans in order of expected speed, fastest first.
+
+    Half precision before fp32: bf16/fp16 matmuls run at twice the TF32 tensor-core rate or more
+    and move half the bytes. Without checkpointing before with: checkpointing recomputes each
+    checkpointed block's forward in backward (roughly +30% step time), which costs less than
+    falling back to fp32. Hence: half, half+ckpt, fp32, fp32+ckpt. ``half`` is ``fp16`` on GPUs
+    without bf16. Math attention is never a candidate: slower than SDPA and larger.
+    """
+    return [
+        MemoryPlan(attention=attention, precision=half, gradient_checkpointing=False),
+        MemoryPlan(attention=attention, precision=half, gradient_checkpointing=True),
+        MemoryPlan(attention=attention, precision="fp32", gradient_checkpointing=False),
+        MemoryPlan(attention=attention, precision="fp32", gradient_checkpointing=True),
+    ]
+
+
+class NoPlanFits(ValueError):
+    """No candidate plan fits the budget; the message gives the smallest estimate and what to change."""
+
+
+def plan_candidates(model, resolution: int, batch: int, rank: int = 16, *, cat: bool = True,
+                    half: str = "bf16", attention: str = "sdpa") -> list[tuple[MemoryPlan, VramEstimate]]:  # fmt: skip
+    """Every candidate plan with its estimate, fastest first (see :func:`candidate_plans`)."""
+    return [
+        (p, estimate_peak(model, resolution, batch, p, rank, cat)) for p in candidate_plans(half, attention)
+    ]
+
+
+def best_plan(model, resolution: int, batch: int, budget_bytes: int, rank: int = 16, *, cat: bool = True,
+              half: str = "bf16", attention: str = "sdpa", reserve: int = CUDA_CONTEXT_RESERVE):  # fmt: skip
+    """The fastest candidate plan whose estimate plus ``reserve`` (CUDA context) fits ``budget_bytes``.
+
+    Returns ``(MemoryPlan, VramEstimate)``; raises :class:`NoPlanFits` naming the smallest plan's
+    need when none fits. ``half="fp16"`` on GPUs without bf16.
+    """
+    candidates = plan_candidates(model, resolution, batch, rank, cat=cat, half=half, attention=attention)
+    for plan, est in candidates:
+        if est.fits(budget_bytes, reserve):
+            return plan, est
+    smallest_plan, smallest = min(candidates, key=lambda c: c[1].total)
+    raise NoPlanFits(
+        f"no plan fits {format_bytes(budget_bytes)} for {smallest.model} at {resolution} px, batch {batch}, "
+        f"rank {rank}: the smallest ({smallest_plan.describe()}) needs {format_bytes(smallest.total)} "
+        f"+ {format_bytes(reserve)} for the CUDA context; lower the resolution, batch size or rank"
+    )
+
+
+def format_bytes(n: int) -> str:
+    return f"{n / GiB:.2f} GiB" if abs(n) >= GiB else f"{n / MiB:.0f} MiB"
