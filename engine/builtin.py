@@ -12,6 +12,7 @@ pipeline once as a normal diffusers folder (safetensors) into a cache folder and
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -170,10 +171,39 @@ def save_pipeline_atomically(pipe, target: Path) -> Path:
     return target
 
 
+def _fingerprint(pipe) -> str:
+    """A short hash of every component's config: a changed definition gets a new cache folder."""
+    import hashlib
+    import json
+
+    import diffusers
+    import transformers
+
+    described = {"versions": [torch.__version__, diffusers.__version__, transformers.__version__]}
+    for name, module in pipe.components.items():
+        config = getattr(module, "config", None)
+        if hasattr(config, "to_dict"):
+            described[name] = config.to_dict()
+        elif config is not None:
+            described[name] = dict(config)
+        elif module is not None:
+            described[name] = [type(module).__name__, len(getattr(module, "encoder", {}) or {})]
+    blob = json.dumps(described, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+@functools.lru_cache(maxsize=None)
+def _builtin_name(family: str, prediction_type: str) -> str:
+    return f"{BUILTIN_NAME}-{family}-{prediction_type}-{_fingerprint(tiny_pipeline(family, prediction_type))}"
+
+
 def builtin_model_dir(family: str = "sd", prediction_type: str = "epsilon") -> Path:
-    """The built-in model as a diffusers folder, written once into the cache and reused."""
-    suffix = "" if (family, prediction_type) == ("sd", "epsilon") else f"-{family}-{prediction_type}"
-    target = cache_root() / (BUILTIN_NAME + suffix)
+    """The built-in model as a diffusers folder, written once into the cache and reused.
+
+    The folder name carries a fingerprint of the components' configs, so a cache written by an
+    older definition of the model is never picked up by mistake.
+    """
+    target = cache_root() / _builtin_name(family, prediction_type)
     if not (target / "model_index.json").exists():
         save_pipeline_atomically(tiny_pipeline(family, prediction_type), target)
     return target
