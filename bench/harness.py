@@ -23,6 +23,7 @@ speed or in other load on the machine hits every variant alike.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -183,6 +184,24 @@ def build_variants(cfg: BenchConfig, preset, device: torch.device, resolution: i
     return variants, (peft_unet, engine_unet)
 
 
+@contextmanager
+def checkpointing_paused(unets):
+    """diffusers' gradient checkpointing off inside the block (its checkpoint functions kept)."""
+    flags = [
+        (m, m.gradient_checkpointing)
+        for u in unets
+        for m in u.modules()
+        if hasattr(m, "gradient_checkpointing")
+    ]
+    for m, _ in flags:
+        m.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.gradient_checkpointing = flag
+
+
 def count_variant_flops(cfg: BenchConfig, preset, resolution: int) -> tuple[dict, list[str]]:
     """FLOPs per step of each variant (forward + backward; no optimizer), counted on meta tensors."""
     flops, warnings = {}, []
@@ -217,7 +236,7 @@ class VariantResult:
     steps_per_s: float | None = None
     images_per_s: float | None = None
     flops_per_step: int | None = None
-    flops_source: str | None = None  # "meta" or "device"
+    flops_source: str | None = None  # "meta", or "device" (checkpoint recompute paused: model work either way)
     achieved_flops_per_s: float | None = None
     mfu: float | None = None  # against the bf16 matmul rate measured in the same run (GPU only)
     saved_bytes: int | None = None  # saved for backward, parameters excluded, deduplicated by storage
@@ -297,8 +316,10 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             step(variants[name])
 
     flops_source = {k: ("meta" if v is not None else None) for k, v in flops.items()}
-    for name in names:
-        if flops[name] is None:
+    with checkpointing_paused(unets):  # count the model's work, not the recompute (as on meta)
+        for name in names:
+            if flops[name] is not None:
+                continue
             v = variants[name]
             try:
                 if v.trainer is None:
