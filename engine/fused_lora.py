@@ -25,6 +25,7 @@ from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
 from cat_engine.engine.split_batch import SplitBatchState
 from cat_engine.kernels import lora_linear
+from cat_engine.kernels.lora_linear import autocast_dtype
 
 STATE_ATTR = "_cat_split_state"
 
@@ -48,7 +49,7 @@ class FusedLoraLinear(PeftLoraLinear):
         if not isinstance(dropout, (torch.nn.Dropout, torch.nn.Identity)):
             return False
         # Outside autocast, a dtype mismatch is peft's (and F.linear's) to report.
-        return x.dtype == base.weight.dtype or torch.is_autocast_enabled(x.device.type)
+        return x.dtype == base.weight.dtype or autocast_dtype(x.device.type) is not None
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if not self._cat_fusable(x, args, kwargs):

@@ -31,7 +31,6 @@ import functools
 import importlib.util
 import math
 import os
-from typing import Optional
 
 import torch
 
@@ -187,7 +186,7 @@ def _lora_weight_grad_kernel(
 _JITTED: dict = {}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -382,10 +381,15 @@ def _none_if_empty(t: torch.Tensor, want: bool) -> torch.Tensor:
     return t if want else t.new_empty(0)
 
 
-@torch.library.custom_op("cat_engine::lora_linear_fwd", mutates_args=())
-def _lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                     lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float, adapter_rows: int,
-                     lora_x: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+# Schemas spelled out: inference from annotations differs across torch versions (and these are
+# postponed, string annotations).
+@torch.library.custom_op(
+    "cat_engine::lora_linear_fwd", mutates_args=(),
+    schema="(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scale, "
+           "int adapter_rows, Tensor? lora_x) -> (Tensor, Tensor)",
+)
+def _lora_linear_fwd(x, weight, bias, lora_A, lora_B, scale, adapter_rows, lora_x):
+    """``(y [M, N], t [adapter_rows, r] float32)``; see the module docstring."""
     impl = _triton_forward if _use_triton(x) else reference.lora_linear_forward
     return impl(x, weight, bias, lora_A, lora_B, scale, adapter_rows, lora_x)
 
@@ -396,11 +400,13 @@ def _(x, weight, bias, lora_A, lora_B, scale, adapter_rows, lora_x):
             x.new_empty((adapter_rows, lora_A.shape[0]), dtype=torch.float32))
 
 
-@torch.library.custom_op("cat_engine::lora_linear_bwd", mutates_args=())
-def _lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
-                     lora_B: torch.Tensor, t: torch.Tensor, scale: float, adapter_rows: int,
-                     lora_x: Optional[torch.Tensor], need_dx: bool
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+@torch.library.custom_op(
+    "cat_engine::lora_linear_bwd", mutates_args=(),
+    schema="(Tensor dy, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor t, float scale, "
+           "int adapter_rows, Tensor? lora_x, bool need_dx) -> (Tensor, Tensor, Tensor, Tensor)",
+)
+def _lora_linear_bwd(dy, x, weight, lora_A, lora_B, t, scale, adapter_rows, lora_x, need_dx):
+    """``(dx or [0], dA, dB, d lora_x or [0])``; see the module docstring."""
     impl = _triton_backward if _use_triton(dy) else reference.lora_linear_backward
     dx, d_a, d_b, d_lx = impl(dy, x, weight, lora_A, lora_B, t, scale, adapter_rows, lora_x, need_dx)
     return (dx if need_dx else dy.new_empty(0), d_a, d_b,
@@ -415,7 +421,7 @@ def _(dy, x, weight, lora_A, lora_B, t, scale, adapter_rows, lora_x, need_dx):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, scale, rows, lora_x = inputs
+    x, weight, _bias, lora_A, lora_B, scale, rows, lora_x = inputs
     ctx.scale, ctx.rows = scale, rows
     ctx.has_lora_x = lora_x is not None
     ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], lora_x)
@@ -467,7 +473,7 @@ _register_flop_formulas()
 # ----------------------------------------------------------------------------------------------
 
 
-def _autocast_dtype(device_type: str):
+def autocast_dtype(device_type: str):
     """The autocast dtype active for ``device_type``, or None (feature-checked: torch 2.4+ API)."""
     try:
         if torch.is_autocast_enabled(device_type):
@@ -475,6 +481,8 @@ def _autocast_dtype(device_type: str):
     except (TypeError, AttributeError):  # older signatures: only CUDA autocast is queryable
         if device_type == "cuda" and torch.is_autocast_enabled():
             return torch.get_autocast_gpu_dtype()
+    except RuntimeError:  # a device type autocast does not know (meta): no autocast there
+        pass
     return None
 
 
@@ -509,8 +517,8 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, scale, adapter_rows):
         raise ValueError(f"lora_linear: scale must be finite, got {scale}")
 
 
-def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
-                lora_B: torch.Tensor, scale: float, adapter_rows: Optional[int] = None, *,
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
+                lora_B: torch.Tensor, scale: float, adapter_rows: int | None = None, *,
                 dropout_p: float = 0.0, training: bool = True) -> torch.Tensor:
     """Frozen linear on every row plus a LoRA delta on the leading ``adapter_rows`` rows.
 
@@ -535,7 +543,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         ``[batch, ..., N]`` in ``x``'s dtype. Products accumulate in float32. Under autocast,
         ``x``, ``weight``, ``bias`` are first cast to the autocast dtype, as ``F.linear`` would be.
     """
-    amp = _autocast_dtype(x.device.type)
+    amp = autocast_dtype(x.device.type)
     if amp is not None:
         x, weight = x.to(amp), weight.to(amp)
         bias = bias.to(amp) if bias is not None else None

@@ -10,7 +10,13 @@ from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
 from cat_engine.engine import adapter_rows, add_lora, fuse_lora, lora_parameters, unfuse_lora
 from cat_engine.engine.fused_lora import FusedLoraLinear, fused_layers
-from cat_engine.engine.lora import FEED_FORWARD_TARGETS, DEFAULT_TARGETS, adapters_disabled, lora_state_dict, save_lora
+from cat_engine.engine.lora import (
+    DEFAULT_TARGETS,
+    FEED_FORWARD_TARGETS,
+    adapters_disabled,
+    lora_state_dict,
+    save_lora,
+)
 
 REL = 1e-4  # float32: max error over max |reference|; the fused op only reorders sums
 

@@ -195,25 +195,25 @@ def test_forcing_triton_on_cpu_without_interpreter_says_why(monkeypatch):
 
 def _bad(**over):
     x, W, b, A, B = (t.float() for t in _make((2, 3), 16, 24, 4))
-    args = dict(x=x, weight=W, bias=b, lora_A=A, lora_B=B, scale=1.0, adapter_rows=None)
+    args = {"x": x, "weight": W, "bias": b, "lora_A": A, "lora_B": B, "scale": 1.0, "adapter_rows": None}
     args.update(over)
     return args
 
 
 @pytest.mark.parametrize("over, match", [
-    (dict(lora_A=torch.randn(4, 15)), "lora_A must be"),
-    (dict(lora_B=torch.randn(24, 5)), "lora_B must be"),
-    (dict(lora_A=torch.randn(129, 16), lora_B=torch.randn(24, 129)), "1 <= r <= 128"),
-    (dict(weight=torch.randn(24, 17)), "weight must be"),
-    (dict(bias=torch.randn(23)), "bias must be"),
-    (dict(adapter_rows=3), "adapter_rows must be in 0..2"),
-    (dict(adapter_rows=-1), "adapter_rows must be in 0..2"),
-    (dict(x=torch.randn(16)), r"x must be \[batch"),
-    (dict(x=torch.ones(2, 3, 16, dtype=torch.int32)), "share a dtype"),
-    (dict(weight=torch.randn(24, 16, dtype=torch.float64)), "share a dtype"),
-    (dict(lora_B=torch.randn(24, 4, dtype=torch.float16)), "lora_A and lora_B"),
-    (dict(weight=torch.randn(24, 16, requires_grad=True)), "frozen"),
-    (dict(scale=math.inf), "scale must be finite"),
+    ({"lora_A": torch.randn(4, 15)}, "lora_A must be"),
+    ({"lora_B": torch.randn(24, 5)}, "lora_B must be"),
+    ({"lora_A": torch.randn(129, 16), "lora_B": torch.randn(24, 129)}, "1 <= r <= 128"),
+    ({"weight": torch.randn(24, 17)}, "weight must be"),
+    ({"bias": torch.randn(23)}, "bias must be"),
+    ({"adapter_rows": 3}, "adapter_rows must be in 0..2"),
+    ({"adapter_rows": -1}, "adapter_rows must be in 0..2"),
+    ({"x": torch.randn(16)}, r"x must be \[batch"),
+    ({"x": torch.ones(2, 3, 16, dtype=torch.int32)}, "share a dtype"),
+    ({"weight": torch.randn(24, 16, dtype=torch.float64)}, "share a dtype"),
+    ({"lora_B": torch.randn(24, 4, dtype=torch.float16)}, "lora_A and lora_B"),
+    ({"weight": torch.randn(24, 16, requires_grad=True)}, "frozen"),
+    ({"scale": math.inf}, "scale must be finite"),
 ])
 def test_input_errors(over, match):
     with pytest.raises(ValueError, match=match):
@@ -265,3 +265,13 @@ def test_flop_counter_counts_forward_and_backward():
     fwd = 2 * M * K * N + 2 * Ma * K * r + 2 * Ma * r * N
     bwd = 2 * M * N * K + 2 * Ma * r * K + 2 * Ma * N * r * 2 + 2 * Ma * r * K
     assert counts == {"cat_engine.lora_linear_fwd": fwd, "cat_engine.lora_linear_bwd": bwd}
+
+
+def test_meta_tensors_give_shapes_without_compute():
+    """FLOP counting of full-size configs runs on the meta device (DESIGN §7)."""
+    meta = lambda *s, grad=False: torch.empty(*s, device="meta", requires_grad=grad)  # noqa: E731
+    x, A, B = meta(2, 9, 16, grad=True), meta(4, 16, grad=True), meta(24, 4, grad=True)
+    y = lora_linear(x, meta(24, 16), meta(24), A, B, 0.5, 1)
+    assert y.shape == (2, 9, 24) and y.device.type == "meta"
+    y.backward(torch.empty_like(y))
+    assert x.grad.shape == x.shape and A.grad.shape == A.shape and B.grad.shape == B.shape
