@@ -85,9 +85,8 @@ if [[ -f "$REPO/bench/lora_microbench.py" ]]; then
     if [[ $DRY == 1 ]]; then
         step lora_microbench 30 "$PY" -c "import cat_engine.bench.lora_microbench"
     else
-        step lora_microbench 45 "$PY" -m cat_engine.bench.lora_microbench
+        step lora_microbench 50 "$PY" -m cat_engine.bench.lora_microbench --out "$OUT/lora_microbench.jsonl"
     fi
-    [[ -f "$REPO/bench/results/lora_microbench.jsonl" ]] && cp "$REPO/bench/results/lora_microbench.jsonl" "$OUT/"
 else
     echo "== lora_microbench: not in this checkout"
 fi

@@ -23,6 +23,7 @@ speed or in other load on the machine hits every variant alike.
 
 from __future__ import annotations
 
+import traceback
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
@@ -64,7 +65,7 @@ class BenchConfig:
     checkpointing: bool = False
     compile: bool = False
     steps: int = 5  # timed steps per variant
-    warmup: int = 2  # untimed steps per variant first
+    warmup: int = 2  # untimed steps per variant first (at least one is always run)
     cat_weight: float = 1.0
     lr: float = 1e-4
     seed: int = 0
@@ -184,6 +185,11 @@ def build_variants(cfg: BenchConfig, preset, device: torch.device, resolution: i
     return variants, (peft_unet, engine_unet)
 
 
+def _short(exc: BaseException) -> str:
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first[:160]}"
+
+
 @contextmanager
 def checkpointing_paused(unets):
     """diffusers' gradient checkpointing off inside the block (its checkpoint functions kept)."""
@@ -215,9 +221,7 @@ def count_variant_flops(cfg: BenchConfig, preset, resolution: int) -> tuple[dict
                 flops[name] = measure.count_flops(lambda v=v: v.loss().backward())
         except Exception as exc:  # e.g. an op without a meta kernel: count on the device later
             flops[name] = None
-            warnings.append(
-                f"{name}: FLOPs not countable on meta ({type(exc).__name__}: {exc}); counted on device"
-            )
+            warnings.append(f"{name}: FLOPs not countable on meta ({_short(exc)}); counted on device")
     return flops, warnings
 
 
@@ -236,13 +240,16 @@ class VariantResult:
     steps_per_s: float | None = None
     images_per_s: float | None = None
     flops_per_step: int | None = None
-    flops_source: str | None = None  # "meta", or "device" (checkpoint recompute paused: model work either way)
+    flops_source: str | None = (
+        None  # "meta", or "device" (checkpoint recompute paused: model work either way)
+    )
     achieved_flops_per_s: float | None = None
     mfu: float | None = None  # against the bf16 matmul rate measured in the same run (GPU only)
     saved_bytes: int | None = None  # saved for backward, parameters excluded, deduplicated by storage
     cuda_peak_bytes: int | None = None  # torch.cuda.max_memory_allocated over a step, both UNets resident
     cuda_step_bytes: int | None = None  # the same, minus what was allocated when the step began
     nvml_used_bytes: int | None = None  # NVML device memory in use right after the step
+    error: str | None = None  # the variant failed its first step: no numbers, the others still run
 
 
 def _ratio(a, b):
@@ -266,9 +273,14 @@ def ratios(results: dict[str, VariantResult]) -> dict:
             results["engine_cat"].cuda_step_bytes, results["naive_cat"].cuda_step_bytes
         ),
     }
-    if t["base_forward"]:
-        out["cat_overhead_engine_fwd"] = (t["engine_cat"] - t["engine_lora_2b"]) / t["base_forward"]
-        out["cat_overhead_naive_fwd"] = (t["naive_cat"] - t["peft_lora_2b"]) / t["base_forward"]
+    for who, cat, lora in (
+        ("engine", "engine_cat", "engine_lora_2b"),
+        ("naive", "naive_cat", "peft_lora_2b"),
+    ):
+        if None in (t[cat], t[lora], t["base_forward"]):
+            out[f"cat_overhead_{who}_fwd"] = None
+        else:
+            out[f"cat_overhead_{who}_fwd"] = (t[cat] - t[lora]) / t["base_forward"]
     return out
 
 
@@ -309,9 +321,22 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         f"bench: {cfg.preset} at {resolution} px, batch {cfg.batch}, rank {cfg.rank}, {cfg.precision}, "
         f"{cfg.attention}, checkpointing {'on' if cfg.checkpointing else 'off'}, "
         f"compile {'on' if cfg.compile else 'off'}, on {device}; "
-        f"{cfg.warmup} warm-up + {cfg.steps} timed steps per variant, interleaved"
+        f"{max(cfg.warmup, 1)} warm-up + {cfg.steps} timed steps per variant, interleaved"
     )
-    for _ in range(cfg.warmup):
+    errors = {}
+    for name in list(names):  # the first warm-up step; a variant that fails it is reported, not run
+        try:
+            step(variants[name])
+        except Exception as exc:
+            errors[name] = _short(exc)
+            names.remove(name)
+            warnings.append(f"{name} failed: {errors[name]}")
+            log(f"warning: {name} failed: {errors[name]}")
+            traceback.print_exc()  # the whole story on stderr; the record keeps one line
+            for v in variants.values():
+                if v.trainer is not None:
+                    v.trainer.optimizer.zero_grad(set_to_none=True)
+    for _ in range(cfg.warmup - 1):
         for name in names:
             step(variants[name])
 
@@ -329,7 +354,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
                     flops[name] = measure.count_flops(lambda v=v: v.trainer.step(v.loss, autocast))
                 flops_source[name] = "device"
             except Exception as exc:
-                warnings.append(f"{name}: FLOPs not countable ({type(exc).__name__}: {exc})")
+                warnings.append(f"{name}: FLOPs not countable ({_short(exc)})")
 
     saved = {}
     for name in names:
@@ -344,16 +369,18 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             del loss
         except Exception as exc:  # e.g. hooks under torch.compile
             saved[name] = None
-            warnings.append(f"{name}: saved bytes not measurable ({type(exc).__name__}: {exc})")
+            warnings.append(f"{name}: saved bytes not measurable ({_short(exc)})")
 
     memory = measure.CudaMemory(device) if device.type == "cuda" else None
     if memory is not None and memory._nvml is None:
         warnings.append(f"NVML unavailable: {memory.nvml_error}")
     results = {
-        name: VariantResult(name, LABELS[name], v.rows, v.rows if name.endswith("_2b") else cfg.batch)
+        name: VariantResult(
+            name, LABELS[name], v.rows, v.rows if name.endswith("_2b") else cfg.batch, error=errors.get(name)
+        )
         for name, v in variants.items()
     }
-    for r in range(cfg.steps):
+    for r in range(cfg.steps if names else 0):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             res = results[name]
             if memory is not None:
@@ -371,7 +398,8 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     matmul_rate = None
     if device.type == "cuda":
         matmul_rate = measure.matmul_flops_per_s(device, torch.bfloat16)
-    for name, res in results.items():
+    for name in names:
+        res = results[name]
         spread = measure.Spread.of(res.times_s)
         res.median_s, res.q1_s, res.q3_s, res.min_s, res.max_s = (
             spread.median,
@@ -391,7 +419,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
 
     return {
         "config": {**asdict(cfg), "resolution": resolution, "device": str(device)},
-        "variants": [asdict(results[n]) for n in names],
+        "variants": [asdict(r) for r in results.values()],
         "ratios": ratios(results),
         "matmul_bf16_flops_per_s": matmul_rate,
         "warnings": warnings,

@@ -134,6 +134,9 @@ def table(record: dict) -> str:
     )
     lines = [head, "-" * len(head)]
     for v in record["variants"]:
+        if v.get("error"):
+            lines.append(f"{v['label']:<26}{v['rows']:>5}  failed: {v['error']}")
+            continue
         iqr = f"{v['q1_s'] * 1e3:.1f}-{v['q3_s'] * 1e3:.1f}"
         lines.append(
             f"{v['label']:<26}{v['rows']:>5}{v['median_s'] * 1e3:>11.1f}{iqr:>15}{v['steps_per_s']:>9.2f}"
@@ -189,7 +192,7 @@ def write_chart(record: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    variants = record["variants"]
+    variants = [v for v in record["variants"] if not v.get("error")]
     labels = [v["label"] for v in variants]
     y = list(range(len(variants)))
     colors = [
@@ -256,8 +259,8 @@ def summary(records: list[dict]) -> str:
         peak = v["engine_cat"]["cuda_peak_bytes"]
         lines.append(
             f"{Path(c['preset']).name:<8}{c['resolution']:>6}{c['batch']:>3} {c['precision']:<5}"
-            f"{('on' if c['checkpointing'] else 'off'):<5}{v['naive_cat']['median_s'] * 1e3:>10.1f}"
-            f"{v['engine_cat']['median_s'] * 1e3:>10.1f}{_fmt(r['engine_cat_over_naive_cat_time'], digits=3):>10}"
+            f"{('on' if c['checkpointing'] else 'off'):<5}{_fmt(v['naive_cat']['median_s'], 1e-3):>10}"
+            f"{_fmt(v['engine_cat']['median_s'], 1e-3):>10}{_fmt(r['engine_cat_over_naive_cat_time'], digits=3):>10}"
             f"{_fmt(r.get('cat_overhead_engine_fwd'), digits=2):>8}{_fmt(r.get('cat_overhead_naive_fwd'), digits=2):>10}"
             f"{_fmt(peak, 2**30, 2):>9}"
         )

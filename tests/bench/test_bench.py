@@ -134,3 +134,31 @@ def test_naive_peer_matches_the_reference_cat_loss(preset_name):
 
 def test_main_variants_listed_first():
     assert VARIANTS[: len(MAIN_VARIANTS)] == MAIN_VARIANTS
+
+
+def test_a_failed_variant_is_reported_not_fatal(bench_run, tmp_path):
+    _, rec = bench_run
+    rec = json.loads(json.dumps(rec))
+    for v in rec["variants"]:
+        if v["name"] == "engine_cat":
+            v.update(error="RuntimeError: boom", median_s=None, q1_s=None, q3_s=None, times_s=[])
+    rec["ratios"]["engine_cat_over_naive_cat_time"] = None
+    rec["ratios"]["cat_overhead_engine_fwd"] = None
+    text = report.table(rec)
+    assert "failed: RuntimeError: boom" in text
+    assert "engine -" in text
+    assert report.summary([rec]).splitlines()[1].split()[6] == "-"  # engine ms
+    report.write_chart(rec, tmp_path / "c.png")
+
+
+def test_models_share_frozen_weights_and_keep_lora_in_fp32():
+    preset = resolve_preset("tiny")
+    peft_unet, engine_unet = build_models(BenchConfig(precision="bf16"), preset, torch.device("cpu"))
+    assert peft_unet.conv_in.weight.dtype == torch.bfloat16
+    assert peft_unet.conv_in.weight.data_ptr() == engine_unet.conv_in.weight.data_ptr()
+    a, b = lora_parameters(peft_unet), lora_parameters(engine_unet)
+    assert len(a) == len(b) > 0
+    for p, q in zip(a, b):
+        assert p.dtype == q.dtype == torch.float32 and p.requires_grad
+        assert p.data_ptr() != q.data_ptr()
+        torch.testing.assert_close(p, q)  # the same initial adapter
