@@ -93,7 +93,9 @@ def plan(wheels: list[Wheel], installed: dict[str, Version]) -> tuple[list[Wheel
         for req in by_name[name].requires:
             dep = canonicalize_name(req.name)
             version = by_name[dep].version if dep in chosen else installed.get(dep, "missing")
-            if version == "missing" or (version is not None and not req.specifier.contains(version, prereleases=True)):
+            if version == "missing" or (
+                version is not None and not req.specifier.contains(version, prereleases=True)
+            ):
                 unmet.append(f"{req} (needed by {name}; have {version})")
     return [by_name[n] for n in sorted(chosen)], unmet
 
@@ -101,7 +103,17 @@ def plan(wheels: list[Wheel], installed: dict[str, Version]) -> tuple[list[Wheel
 def install(wheels: list[Wheel], target: Path) -> None:
     target.mkdir(parents=True, exist_ok=True)
     paths = [str(w.path) for w in wheels]
-    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--upgrade"]
+    pip = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-index",
+        "--no-deps",
+        "--no-compile",
+        "--upgrade",
+    ]
     try:
         subprocess.run([*pip, "--target", str(target), *paths], check=True)
     except (OSError, subprocess.CalledProcessError):
@@ -115,14 +127,18 @@ def install(wheels: list[Wheel], target: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("wheel_dir", type=Path)
-    parser.add_argument("--target", type=Path, required=True, help="folder to install into (put it on PYTHONPATH)")
+    parser.add_argument(
+        "--target", type=Path, required=True, help="folder to install into (put it on PYTHONPATH)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the plan, install nothing")
     args = parser.parse_args(argv)
     wheels = [read_wheel(p) for p in sorted(args.wheel_dir.glob("*.whl"))]
     chosen, unmet = plan(wheels, installed_versions())
     skipped = sorted({w.name for w in wheels} - {w.name for w in chosen})
-    print(f"wheelhouse: {len(wheels)} wheels in {args.wheel_dir}; installing {len(chosen)}: "
-          f"{' '.join(f'{w.name}=={w.version}' for w in chosen) or '-'}")
+    print(
+        f"wheelhouse: {len(wheels)} wheels in {args.wheel_dir}; installing {len(chosen)}: "
+        f"{' '.join(f'{w.name}=={w.version}' for w in chosen) or '-'}"
+    )
     print(f"wheelhouse: already satisfied here: {' '.join(skipped) or '-'}")
     for line in unmet:
         print(f"wheelhouse: unmet requirement: {line}")

@@ -17,8 +17,12 @@ def fake_wheel(folder, name, version, requires=()):
 
 def test_plan_installs_the_missing_and_the_too_old_only(tmp_path):
     wheels = [
-        fake_wheel(tmp_path, "diffusers", "0.42.1",
-                   ["huggingface-hub>=1.32", "numpy", "importlib_metadata", "pytest; extra == 'test'"]),
+        fake_wheel(
+            tmp_path,
+            "diffusers",
+            "0.42.1",
+            ["huggingface-hub>=1.32", "numpy", "importlib_metadata", "pytest; extra == 'test'"],
+        ),
         fake_wheel(tmp_path, "huggingface_hub", "2.4.0", ["httpx2>=2"]),
         fake_wheel(tmp_path, "importlib_metadata", "10.2.0", ["zipp>=3.20"]),
         fake_wheel(tmp_path, "zipp", "4.1.2"),
