@@ -34,6 +34,7 @@ cat); one SD1.5 estimate takes a few seconds on a CPU (the meta build is ~2 s th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 import weakref
@@ -165,11 +166,12 @@ def _meta_lora_unet(spec: ModelSpec, rank: int):
     if key not in _META_UNETS:
         from diffusers import UNet2DConditionModel
 
-        from cat_engine.engine.lora import add_lora
+        from cat_engine.engine.lora import add_lora, fuse_lora
 
         with torch.device("meta"):
             unet = UNet2DConditionModel.from_config(spec.config)
-        _META_UNETS[key] = add_lora(unet, rank=rank)
+        # fused LoRA layers, as training runs them: cat_loss then takes the split-batch path
+        _META_UNETS[key] = fuse_lora(add_lora(unet, rank=rank))
     return _META_UNETS[key]
 
 
@@ -267,6 +269,18 @@ class _MetaCuda(TorchFunctionMode):
                 args, kwargs = _cast((args, kwargs), torch.float32)
         if func is F.scaled_dot_product_attention and self.flash_sdpa:
             return _flash_sdpa(*args, **kwargs)
+        if func is torch.equal and any(isinstance(a, torch.Tensor) and a.is_meta for a in args):
+            # Meta tensors have no values. The split-batch executor compares small tensors (the
+            # time embedding) to share rows between CAT groups; "different" is the answer that
+            # never underestimates (shared rows only save memory), except for a view compared with
+            # itself, which is equal whatever the values.
+            a, b = args[0], args[1]
+            return (
+                a.untyped_storage()._cdata == b.untyped_storage()._cdata
+                and a.storage_offset() == b.storage_offset()
+                and a.shape == b.shape
+                and a.stride() == b.stride()
+            )
         return func(*args, **kwargs)
 
 
@@ -277,6 +291,39 @@ def _flash_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fals
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale
     )[0]
+
+
+@contextlib.contextmanager
+def _autocast_query_reports(dtype: torch.dtype | None):
+    """Make the fused LoRA op see the emulated autocast on meta tensors.
+
+    ``cat_engine.kernels.lora_linear`` asks ``autocast_dtype(x.device.type)`` whether to cast its
+    inputs (as ``F.linear`` under autocast would); for ``meta`` the answer is always "no autocast",
+    which would send every layer down peft's unfused path. For the measurement only, the query
+    answers ``dtype`` for ``meta`` (module attributes that do not exist are left alone).
+    """
+    import importlib
+
+    patched = []
+    for module_name in ("cat_engine.kernels.lora_linear", "cat_engine.engine.fused_lora"):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        original = getattr(module, "autocast_dtype", None)
+        if original is None:
+            continue
+
+        def query(device_type, _original=original):
+            return dtype if device_type == "meta" else _original(device_type)
+
+        module.autocast_dtype = query
+        patched.append((module, original))
+    try:
+        yield
+    finally:
+        for module, original in patched:
+            module.autocast_dtype = original
 
 
 def _step_inputs(spec: ModelSpec, resolution: int, batch: int, device):
@@ -326,7 +373,13 @@ def measure_step(unet, spec: ModelSpec, resolution: int, batch: int, plan: Memor
         else torch.autocast("cpu", enabled=False)
     )
     try:
-        with tracker, _MetaCuda(half if is_meta else None, device_type, flash_sdpa=is_meta), real_autocast:
+        emulated = half if is_meta else None
+        with (
+            tracker,
+            _MetaCuda(emulated, device_type, flash_sdpa=is_meta),
+            _autocast_query_reports(emulated),
+            real_autocast,
+        ):
             latents, timesteps, token, plain, added = _step_inputs(spec, resolution, batch, device)
             target = torch.zeros_like(latents)
             out = cat_loss(
@@ -366,14 +419,24 @@ def _measure_cached(spec: ModelSpec, resolution: int, batch: int, plan: MemoryPl
         except Exception as exc:  # noqa: BLE001 - an op without a meta kernel in some torch/diffusers combination
             small = _small_resolution(spec)
             warnings.warn(
-                f"meta run of the full step failed ({type(exc).__name__}: {exc}); measuring at {small} px "
-                f"and scaling activations by pixel count (attention scores grow faster: less exact)",
+                f"meta run of the full step failed ({type(exc).__name__}: {exc}); measuring at {small} and "
+                f"{2 * small} px and scaling activations by pixel count (affine fit; math attention's "
+                f"scores grow faster, so less exact)",
                 stacklevel=3,
             )
-            at_backward, peak = measure_step(unet, spec, small, batch, plan, cat)
-            ratio = (resolution / small) ** 2
-            at_backward, peak = int(at_backward * ratio), int(peak * ratio)
-            method = f"meta@{small}px x{ratio:g}"
+            # Memory is affine in the pixel count (text-side tensors are fixed), so two small
+            # measurements fix both terms; one measurement times the pixel ratio would also scale
+            # the fixed part.
+            m1 = measure_step(unet, spec, small, batch, plan, cat)
+            m2 = measure_step(unet, spec, 2 * small, batch, plan, cat)
+            ratio = (resolution / small) ** 2  # pixels relative to the first measurement
+
+            def extrapolate(a: int, b: int) -> int:
+                per_unit = (b - a) / 3  # (2 small)^2 - small^2 = 3 units of small^2 pixels
+                return int(a + per_unit * (ratio - 1))
+
+            at_backward, peak = extrapolate(m1[0], m2[0]), extrapolate(m1[1], m2[1])
+            method = f"meta@{small}+{2 * small}px, scaled by pixel count"
         _MEASURED[key] = (at_backward, peak, method)
     return _MEASURED[key]
 
@@ -472,10 +535,12 @@ def best_plan(model, resolution: int, batch: int, budget_bytes: int, rank: int =
     Returns ``(MemoryPlan, VramEstimate)``; raises :class:`NoPlanFits` naming the smallest plan's
     need when none fits. ``half="fp16"`` on GPUs without bf16.
     """
-    candidates = plan_candidates(model, resolution, batch, rank, cat=cat, half=half, attention=attention)
-    for plan, est in candidates:
+    candidates = []
+    for plan in candidate_plans(half, attention):  # lazily: stop at the first that fits
+        est = estimate_peak(model, resolution, batch, plan, rank, cat)
         if est.fits(budget_bytes, reserve):
             return plan, est
+        candidates.append((plan, est))
     smallest_plan, smallest = min(candidates, key=lambda c: c[1].total)
     raise NoPlanFits(
         f"no plan fits {format_bytes(budget_bytes)} for {smallest.model} at {resolution} px, batch {batch}, "
