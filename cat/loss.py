@@ -11,12 +11,15 @@ reference that faster paths are tested against.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from cat_engine.engine.lora import adapters_disabled
+from cat_engine.engine.split_batch import adapter_rows
+from cat_engine.engine.split_unet import row_unaware_layers, split_batch_call
 
 
 @dataclass
@@ -90,15 +93,58 @@ def cat_loss(
 
     Returns:
         :class:`CatLossOutput` with ``loss`` (differentiable), ``ldm`` and ``cat`` (detached).
+
+    One UNet call over the split batch ``[token rows, plain rows | base rows]`` (DESIGN.md §4,
+    ``engine/split_unet.py``): the base rows are the frozen model on the plain captions and never
+    enter autograd. Equals :func:`cat_loss_reference` (tests/cat/test_cat_loss.py). Call
+    ``loss.backward()`` (not ``torch.autograd.grad``). A UNet whose LoRA layers are not fused runs
+    the reference, with a warning.
     """
-    return cat_loss_reference(
-        unet,
-        noisy_latents,
-        timesteps,
-        token_embeds,
-        plain_embeds,
-        target,
-        cat_weight=cat_weight,
-        added_cond_kwargs=added_cond_kwargs,
-        plain_added_cond_kwargs=plain_added_cond_kwargs,
-    )
+    if cat_weight == 0:
+        # Plain LoRA training: one call on the token rows, every row an adapter row.
+        with adapter_rows(unet, None):
+            pred = _unet_call(unet, noisy_latents, timesteps, token_embeds, added_cond_kwargs)
+        ldm = mse(pred, target)
+        return CatLossOutput(ldm, ldm.detach(), torch.zeros((), device=ldm.device))
+    if row_unaware_layers(unet):
+        # peft layers that are not fused would put the delta on the base rows: the reference is the
+        # only correct path for them (fuse_lora(unet) makes this fast).
+        _warn_unfused()
+        return cat_loss_reference(
+            unet,
+            noisy_latents,
+            timesteps,
+            token_embeds,
+            plain_embeds,
+            target,
+            cat_weight=cat_weight,
+            added_cond_kwargs=added_cond_kwargs,
+            plain_added_cond_kwargs=plain_added_cond_kwargs,
+        )
+    b = noisy_latents.shape[0]
+    plain_cond = plain_added_cond_kwargs if plain_added_cond_kwargs is not None else added_cond_kwargs
+    # One split batch (DESIGN.md §4): token rows, plain rows (adapter), plain rows again (base).
+    embeds = torch.cat([token_embeds, plain_embeds, plain_embeds])
+    added = None
+    if added_cond_kwargs is not None:
+        added = {
+            k: torch.cat([added_cond_kwargs[k], plain_cond[k], plain_cond[k]]) for k in added_cond_kwargs
+        }
+    pred = split_batch_call(unet, noisy_latents, timesteps, embeds, 2 * b, added)
+    ldm = mse(pred[:b], target)
+    cat = mse(pred[b : 2 * b], pred[2 * b :].detach())
+    return CatLossOutput(ldm + cat_weight * cat, ldm.detach(), cat.detach())
+
+
+_warned_unfused = False
+
+
+def _warn_unfused():
+    global _warned_unfused
+    if not _warned_unfused:
+        _warned_unfused = True
+        warnings.warn(
+            "cat_loss: the UNet's LoRA layers are not fused; running the three-call reference. "
+            "Call cat_engine.engine.fuse_lora(unet) for the split-batch path.",
+            stacklevel=3,
+        )

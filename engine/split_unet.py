@@ -53,13 +53,13 @@ Without checkpointing:
 
 from __future__ import annotations
 
+import functools
 import weakref
 from contextlib import contextmanager
 
 import torch
 
 from cat_engine.engine.split_batch import adapter_rows as _adapter_rows_ctx
-from cat_engine.engine.split_batch import split_state
 
 # Row-equality checks by value are done only for tensors this small per row (elements): the time
 # embedding (1280 on SD1.5) and SDXL's added embedding input (2816) qualify, hidden states do not.
@@ -107,7 +107,9 @@ class _Rows:
     __slots__ = ("arg_idx", "kw_keys")
 
     def __init__(self, args, kwargs, n_rows):
-        self.arg_idx = [i for i, a in enumerate(args) if torch.is_tensor(a) and a.dim() and a.shape[0] == n_rows]
+        self.arg_idx = [
+            i for i, a in enumerate(args) if torch.is_tensor(a) and a.dim() and a.shape[0] == n_rows
+        ]
         self.kw_keys = [
             k for k, v in kwargs.items() if torch.is_tensor(v) and v.dim() and v.shape[0] == n_rows
         ]
@@ -165,6 +167,97 @@ def _pad_rows(grad, rows):
     return torch.cat([grad, grad.new_zeros((rows - grad.shape[0],) + tuple(grad.shape[1:]))])
 
 
+# unit module -> {input shapes: (tensors its recompute saves for backward, its tail modules)}
+_TAILS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _frozen_matmul_leaves(module):
+    return [
+        m
+        for m in module.modules()
+        if type(m) in (torch.nn.Linear, torch.nn.Conv2d) and not any(p.requires_grad for p in m.parameters())
+    ]
+
+
+class _ValuelessFrozen(torch.autograd.Function):
+    """A frozen Linear/Conv2d whose output values nobody reads: right shape, gradient, no compute.
+
+    Backward needs only the weight: ``dx = dy W`` (linear), the transposed convolution (conv).
+    """
+
+    @staticmethod
+    def forward(ctx, x, module):
+        ctx.module, ctx.shape = module, x.shape
+        if isinstance(module, torch.nn.Linear):
+            shape = (*x.shape[:-1], module.out_features)
+        else:
+            shape = module._conv_forward(x.to("meta"), module.weight.to("meta"), None).shape
+        device = x.device.type
+        # Under autocast the real op would have produced the autocast dtype; match it.
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        return x.new_empty(shape, dtype=dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        m = ctx.module
+        if isinstance(m, torch.nn.Linear):
+            return grad @ m.weight.to(grad.dtype), None
+        dx = torch.nn.grad.conv2d_input(
+            ctx.shape, m.weight.to(grad.dtype), grad, m.stride, m.padding, m.dilation, m.groups
+        )
+        return dx, None
+
+
+@contextmanager
+def _skip_tail(module, args):
+    """Recompute a unit without the frozen Linear/Conv2d calls that come after its last saved tensor.
+
+    The recompute exists only to rebuild the unit's autograd graph for backward. A frozen
+    Linear/Conv2d after which nothing more is saved (``ff.net.2`` ending a transformer block,
+    ``conv2`` or the shortcut ending a resnet) produces values that nothing in backward reads, and
+    its own backward needs only its weight; so it runs as :class:`_ValuelessFrozen`. torch's
+    non-reentrant checkpoint skips the same tail (early stop), which a recompute that must return
+    the unit's outputs cannot do by stopping. The first recompute of a unit (per input shapes) runs
+    in full and finds the tail: the frozen Linear/Conv2d calls with no tensor saved after them.
+    """
+    key = tuple(tuple(a.shape) for a in args if torch.is_tensor(a))
+    known = _TAILS.setdefault(module, {})
+    if key in known:
+        tail = known[key]
+        for m in tail:
+            m.forward = functools.partial(_ValuelessFrozen.apply, module=m)
+        try:
+            yield
+        finally:
+            for m in tail:
+                del m.forward
+        return
+
+    seen = 0
+    after = []  # (leaf, tensors saved so far) after each frozen Linear/Conv2d call
+
+    def pack(t):
+        nonlocal seen
+        seen += 1
+        return t
+
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: after.append((m, seen)))
+        for m in _frozen_matmul_leaves(module)
+    ]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield
+    finally:
+        for h in hooks:
+            h.remove()
+    # A module called twice in one unit is left alone (its instance forward would serve both calls).
+    calls = {}
+    for m, _ in after:
+        calls[m] = calls.get(m, 0) + 1
+    known[key] = tuple(m for m, n in after if n == seen and calls[m] == 1 and "forward" not in m.__dict__)
+
+
 class _AdapterRowCheckpoint(torch.autograd.Function):
     """One checkpointed unit: no-grad forward over all rows, recompute and backward on adapter rows.
 
@@ -192,6 +285,9 @@ class _AdapterRowCheckpoint(torch.autograd.Function):
                 spec.append(("obj", a))
         ctx.save_for_backward(*saved)
         ctx.spec, ctx.call, ctx.module, ctx.kwargs, ctx.n = spec, call, module, kwargs, n
+        device = next((a.device.type for a in args if torch.is_tensor(a)), "cpu")
+        # The recompute runs in backward, outside the caller's autocast: record it to restore it.
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         return out
 
     @staticmethod
@@ -206,11 +302,19 @@ class _AdapterRowCheckpoint(torch.autograd.Function):
             args.append(t)
             leaves.append(t if value else None)
         n = ctx.n
-        with torch.enable_grad(), _adapter_rows_ctx(ctx.call.unet, None):
+        device, autocast, dtype = ctx.autocast
+        with (
+            torch.enable_grad(),
+            torch.autocast(device, dtype=dtype, enabled=autocast),
+            _adapter_rows_ctx(ctx.call.unet, None),
+            _skip_tail(ctx.module, args),
+        ):
             out = ctx.module(*args, **ctx.kwargs)
         outs = out if isinstance(out, tuple) else (out,)
         pairs = [
-            (o, g[:n]) for o, g in zip(outs, grad_outputs) if torch.is_tensor(o) and o.requires_grad and g is not None
+            (o, g[:n])
+            for o, g in zip(outs, grad_outputs)
+            if torch.is_tensor(o) and o.requires_grad and g is not None
         ]
         if pairs:
             # Like reentrant checkpointing: the recomputed inputs are leaves, so one backward both
@@ -397,7 +501,13 @@ class _SplitCall:
         try:
             for m in self.unet.modules():
                 if hasattr(m, "gradient_checkpointing"):
-                    flagged.append((m, m.gradient_checkpointing, m.__dict__.get("_gradient_checkpointing_func", _MISSING)))
+                    flagged.append(
+                        (
+                            m,
+                            m.gradient_checkpointing,
+                            m.__dict__.get("_gradient_checkpointing_func", _MISSING),
+                        )
+                    )
                     if force_units:
                         m.gradient_checkpointing = True
                     if m.gradient_checkpointing:
@@ -484,26 +594,43 @@ def split_batch_call(
         timesteps = timesteps.repeat(n_groups)
     checkpointing = unet.is_gradient_checkpointing
 
-    if not checkpointing and no_checkpoint == "two_calls" and torch.is_grad_enabled() and 0 < adapter_rows < n_rows:
+    if (
+        not checkpointing
+        and no_checkpoint == "two_calls"
+        and torch.is_grad_enabled()
+        and 0 < adapter_rows < n_rows
+    ):
         full = latents.repeat(n_groups, 1, 1, 1) if n_groups > 1 else latents
         per_row = torch.is_tensor(timesteps) and timesteps.dim() == 1 and timesteps.shape[0] == n_rows
         ada, base = slice(0, adapter_rows), slice(adapter_rows, n_rows)
         with _adapter_rows_ctx(unet, None):
             pred_adapter = _unet_forward(
-                unet, full[ada], timesteps[ada] if per_row else timesteps, embeds[ada], _take(added_cond_kwargs, ada)
+                unet,
+                full[ada],
+                timesteps[ada] if per_row else timesteps,
+                embeds[ada],
+                _take(added_cond_kwargs, ada),
             )
         with torch.no_grad(), _adapter_rows_ctx(unet, 0):
             pred_base = _unet_forward(
-                unet, full[base], timesteps[base] if per_row else timesteps, embeds[base], _take(added_cond_kwargs, base)
+                unet,
+                full[base],
+                timesteps[base] if per_row else timesteps,
+                embeds[base],
+                _take(added_cond_kwargs, base),
             )
         return torch.cat([pred_adapter, pred_base])
 
-    call = _SplitCall(unet, n_rows, adapter_rows, n_groups, checkpoint=checkpointing or no_checkpoint == "checkpoint")
+    call = _SplitCall(
+        unet, n_rows, adapter_rows, n_groups, checkpoint=checkpointing or no_checkpoint == "checkpoint"
+    )
     if n_groups > 1:
         latents = call.mark(latents.repeat(n_groups, 1, 1, 1), (0,) * n_groups)
     # No adapter rows: nothing may enter autograd at all.
     grad = torch.is_grad_enabled() and adapter_rows > 0
-    with torch.set_grad_enabled(grad), _adapter_rows_ctx(unet, adapter_rows), call.installed(
-        force_units=not checkpointing
+    with (
+        torch.set_grad_enabled(grad),
+        _adapter_rows_ctx(unet, adapter_rows),
+        call.installed(force_units=not checkpointing),
     ):
         return _unet_forward(unet, latents, timesteps, embeds, added_cond_kwargs)
