@@ -14,6 +14,7 @@ import torch
 from cat_engine.bench import report
 from cat_engine.bench.harness import ATTENTION, PRECISIONS, BenchConfig, run_bench
 from cat_engine.bench.presets import PRESETS
+from cat_engine.engine.builtin import cache_root
 
 QUICK = dict(preset="tiny", steps=5, warmup=1)
 DEFAULTS = dict(preset="tiny", steps=10, warmup=2)
@@ -60,6 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"where {report.RESULTS_FILE} and the chart go (default: bench/results in a checkout)",
     )
     parser.add_argument("--no-chart", action="store_true", help="skip the PNG chart")
+    parser.add_argument(
+        "--no-flops-cache",
+        action="store_true",
+        help="count FLOPs again even if this model, shape and source were counted before",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -95,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--device cuda: no CUDA device visible to torch")
     try:
         cfg.validate()
-        result = run_bench(cfg)
+        cache = None if args.no_flops_cache else cache_root() / "bench-flops.json"
+        result = run_bench(cfg, flops_cache=cache)
     except ValueError as exc:  # bad preset, resolution or knob: one line, no traceback
         raise UserError(str(exc)) from None
     record = report.make_record(result, torch.device(result["config"]["device"]))

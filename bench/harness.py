@@ -23,14 +23,25 @@ speed or in other load on the machine hits every variant alike.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import traceback
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
 from cat_engine.bench import measure, peers
-from cat_engine.bench.presets import Batch, build_unet, make_batch, resolve_preset, shared_weights_copy
+from cat_engine.bench.presets import (
+    Batch,
+    build_unet,
+    make_batch,
+    resolve_preset,
+    shared_weights_copy,
+    unet_config,
+)
 from cat_engine.cat import cat_loss
 from cat_engine.engine.lora import add_lora, fuse_lora, lora_parameters
 
@@ -225,6 +236,54 @@ def count_variant_flops(cfg: BenchConfig, preset, resolution: int) -> tuple[dict
     return flops, warnings
 
 
+def flops_cache_key(cfg: BenchConfig, preset, resolution: int) -> str:
+    """What the meta counts depend on: model, shapes, LoRA, attention, library versions, and the
+    engine's own source (any edit to cat_engine's Python files counts again)."""
+    import diffusers
+    import peft
+
+    source = hashlib.sha256()
+    package_root = Path(measure.__file__).resolve().parent.parent
+    for folder in ("kernels", "engine", "cat", "bench"):
+        for f in sorted((package_root / folder).rglob("*.py")):
+            source.update(str(f.relative_to(package_root)).encode() + f.read_bytes())
+    key = {
+        "unet": unet_config(preset),
+        "resolution": resolution,
+        "batch": cfg.batch,
+        "rank": cfg.rank,
+        "attention": cfg.attention,
+        "cat_weight": cfg.cat_weight,
+        "versions": [torch.__version__, diffusers.__version__, peft.__version__],
+        "source": source.hexdigest(),
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def cached_variant_flops(cfg: BenchConfig, preset, resolution: int, cache: Path | None):
+    """(flops, warnings, from the cache?) of :func:`count_variant_flops`, through a JSON file: counting SDXL on meta takes tens of seconds
+    of CPU, and a checkpointing on/off pair of runs counts the same thing."""
+    if cache is None:
+        return (*count_variant_flops(cfg, preset, resolution), False)
+    key = flops_cache_key(cfg, preset, resolution)
+    try:
+        entries = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        entries = {}
+    if key in entries:
+        return entries[key]["flops"], entries[key]["warnings"], True
+    flops, warnings = count_variant_flops(cfg, preset, resolution)
+    entries[key] = {"flops": flops, "warnings": warnings}
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(entries))
+        os.replace(tmp, cache)
+    except OSError:  # a read-only home: counting again next time is the only cost
+        pass
+    return flops, warnings, False
+
+
 @dataclass
 class VariantResult:
     name: str
@@ -284,8 +343,11 @@ def ratios(results: dict[str, VariantResult]) -> dict:
     return out
 
 
-def run_bench(cfg: BenchConfig, log=print) -> dict:
-    """Run every variant interleaved; return the results record (see report.py for its use)."""
+def run_bench(cfg: BenchConfig, log=print, flops_cache: Path | None = None) -> dict:
+    """Run every variant interleaved; return the results record (see report.py for its use).
+
+    ``flops_cache``: a JSON file keeping the meta-device FLOP counts between runs (None: count).
+    """
     cfg.validate()
     device = torch.device(cfg.device)
     if device.type == "cuda" and device.index is None:
@@ -297,7 +359,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         warnings.append(CPU_COMPILE_WARNING)
         log(f"warning: {CPU_COMPILE_WARNING}")
 
-    flops, flop_warnings = count_variant_flops(cfg, preset, resolution)
+    flops, flop_warnings, flops_cached = cached_variant_flops(cfg, preset, resolution, flops_cache)
     warnings += flop_warnings
 
     meter = measure.SavedTensorsMeter()
@@ -422,5 +484,6 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         "variants": [asdict(r) for r in results.values()],
         "ratios": ratios(results),
         "matmul_bf16_flops_per_s": matmul_rate,
+        "flops_cached": flops_cached,
         "warnings": warnings,
     }

@@ -126,6 +126,20 @@ class SavedTensorsMeter:
         return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
 
 
+def _nvml_handle(pynvml, device: torch.device):
+    """NVML's handle of torch's device, matched by PCI location (torch's index differs from NVML's
+    under CUDA_VISIBLE_DEVICES); by index where torch does not expose the PCI location."""
+    props = torch.cuda.get_device_properties(device)
+    where = tuple(getattr(props, f"pci_{k}_id", None) for k in ("domain", "bus", "device"))
+    if None not in where:
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            pci = pynvml.nvmlDeviceGetPciInfo(handle)
+            if (pci.domain, pci.bus, pci.device) == where:
+                return handle
+    return pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+
+
 class CudaMemory:
     """Peak ``torch.cuda.max_memory_allocated`` per step and NVML's used memory of the device."""
 
@@ -136,11 +150,7 @@ class CudaMemory:
             import pynvml
 
             pynvml.nvmlInit()
-            bus_id = getattr(torch.cuda.get_device_properties(device), "pci_bus_id", None)
-            if bus_id:
-                self._handle = pynvml.nvmlDeviceGetHandleByPciBusId(bus_id)
-            else:
-                self._handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+            self._handle = _nvml_handle(pynvml, device)
             self._nvml = pynvml
         except Exception as exc:  # NVML missing or not permitted: report None, keep measuring
             self.nvml_error = f"{type(exc).__name__}: {exc}"

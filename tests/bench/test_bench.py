@@ -19,10 +19,12 @@ CUDA_FIELDS = ("cuda_peak_bytes", "cuda_step_bytes", "nvml_used_bytes", "mfu")
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    rc = main(
-        ["bench", "--quick", "--steps", "1", "--warmup", "0", "--device", "cpu", "--results-dir", str(out)]
-    )
+    args = ["bench", "--quick", "--steps", "1", "--warmup", "0", "--device", "cpu", "--results-dir", str(out)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CAT_ENGINE_CACHE", str(out / "cache"))  # the FLOPs cache, away from the user's
+        rc = main(args)
     assert rc == 0
+    assert (out / "cache" / "bench-flops.json").exists()
     records = report.read_jsonl(out / report.RESULTS_FILE)
     assert len(records) == 1
     return out, records[0]
@@ -162,3 +164,18 @@ def test_models_share_frozen_weights_and_keep_lora_in_fp32():
         assert p.dtype == q.dtype == torch.float32 and p.requires_grad
         assert p.data_ptr() != q.data_ptr()
         torch.testing.assert_close(p, q)  # the same initial adapter
+
+
+def test_flop_counts_are_cached_per_model_and_shape(tmp_path):
+    from cat_engine.bench.harness import cached_variant_flops
+
+    cache = tmp_path / "flops.json"
+    preset = resolve_preset("tiny")
+    cfg = BenchConfig(rank=4)
+    first = cached_variant_flops(cfg, preset, 64, cache)
+    again = cached_variant_flops(cfg, preset, 64, cache)
+    assert first[2] is False and again[2] is True
+    assert again[:2] == (first[0], first[1])
+    bigger = cached_variant_flops(cfg, preset, 96, cache)
+    assert bigger[2] is False
+    assert bigger[0]["peft_lora"] > first[0]["peft_lora"]
