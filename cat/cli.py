@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser()
         if argv and argv[0] not in ("-h", "--help"):
             parser.print_usage(sys.stderr)
-            print(f"cat-engine: unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+            print(
+                f"cat-engine: unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr
+            )
             return 2
         parser.print_help()
         return 0
@@ -48,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.startswith("cat_engine"):
-            print(f"cat-engine {name}: not available in this version ({exc.name} is missing)", file=sys.stderr)
+            print(
+                f"cat-engine {name}: not available in this version ({exc.name} is missing)", file=sys.stderr
+            )
             return 2
         raise
     parser = argparse.ArgumentParser(prog=f"cat-engine {name}", description=help_text)

@@ -73,8 +73,10 @@ class TrainConfig:
             (self.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1"),
             (bool(self.token.strip()), "--token must not be empty"),
             (bool(self.targets), "--targets must name at least one module"),
-            (self.resolution is None or (self.resolution >= 8 and self.resolution % 8 == 0),
-             "--resolution must be a multiple of 8"),
+            (
+                self.resolution is None or (self.resolution >= 8 and self.resolution % 8 == 0),
+                "--resolution must be a multiple of 8",
+            ),
         ]
         for ok, message in checks:
             if not ok:

@@ -10,6 +10,7 @@ Also runnable as ``python -m cat_engine.cat.train`` (and under torchrun, later).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -19,11 +20,19 @@ from pathlib import Path
 
 import torch
 
-from cat_engine.cat.config import FIELDS, ConfigError, TrainConfig, build_config, config_differences, load_yaml
+from cat_engine.cat.config import (
+    FIELDS,
+    ConfigError,
+    TrainConfig,
+    build_config,
+    config_differences,
+    load_yaml,
+)
 from cat_engine.cat.loss import cat_loss
 from cat_engine.engine import checkpoint as ckpt
 from cat_engine.engine.cache import CaptionCache, LatentCache, encode_captions, encode_latents
 from cat_engine.engine.lora import add_lora, fuse_lora, lora_parameters, save_lora
+from cat_engine.engine.memory_plan import MemoryPlan, MemoryPlanError, apply_memory_plan, make_optimizer
 from cat_engine.engine.models import ModelLoadError, load_base
 
 log = logging.getLogger("cat_engine")
@@ -84,7 +93,9 @@ def prepare_data(config: TrainConfig, model, resolution: int, device) -> CachedD
 
 
 # ------------------------------------------------------------------------------------ one step
-def training_step(unet, noise_scheduler, data: CachedData, step: int, config: TrainConfig, generator, resolution):
+def training_step(
+    unet, noise_scheduler, data: CachedData, step: int, config: TrainConfig, generator, resolution
+):
     """Draw z_t for the step's samples and return the :class:`CatLossOutput`."""
     from cat_engine.engine.text import sdxl_time_ids
 
@@ -94,7 +105,9 @@ def training_step(unet, noise_scheduler, data: CachedData, step: int, config: Tr
     # All randomness from one CPU generator: identical draws on any device, and resumable.
     latents = mean + std * torch.randn(mean.shape, generator=generator).to(device)
     noise = torch.randn(mean.shape, generator=generator).to(device)
-    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=generator).to(device)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=generator).to(
+        device
+    )
     noisy = noise_scheduler.add_noise(latents, noise, t)
     prediction = noise_scheduler.config.prediction_type
     if prediction == "epsilon":
@@ -110,9 +123,65 @@ def training_step(unet, noise_scheduler, data: CachedData, step: int, config: Tr
         added = {"text_embeds": token.pooled, "time_ids": time_ids}
         plain_added = {"text_embeds": plain.pooled, "time_ids": time_ids}
     return cat_loss(
-        unet, noisy, t, token.embeds, plain.embeds, target,
-        cat_weight=config.cat_weight, added_cond_kwargs=added, plain_added_cond_kwargs=plain_added,
+        unet,
+        noisy,
+        t,
+        token.embeds,
+        plain.embeds,
+        target,
+        cat_weight=config.cat_weight,
+        added_cond_kwargs=added,
+        plain_added_cond_kwargs=plain_added,
     )
+
+
+# ---------------------------------------------------------------------------------- memory plan
+def memory_plan_for(config: TrainConfig, model, resolution: int, device) -> MemoryPlan:
+    """The plan the flags ask for, or with ``--vram-budget`` the fastest one predicted to fit."""
+    if config.vram_budget is None:
+        return MemoryPlan(
+            attention=config.attention,
+            gradient_checkpointing=config.gradient_checkpointing,
+            precision=config.precision,
+            compile=config.compile,
+            channels_last=config.channels_last,
+        )
+    from cat_engine.cat.plan import parse_bytes
+    from cat_engine.engine import vram
+
+    try:
+        budget = parse_bytes(config.vram_budget)
+    except ValueError as exc:
+        raise ConfigError(f"--vram-budget: {exc}") from None
+    half = "bf16" if device.type != "cuda" or torch.cuda.is_bf16_supported() else "fp16"
+    spec = vram.resolve_model(str(model.path))
+    try:
+        plan, estimate = vram.best_plan(
+            spec,
+            resolution,
+            config.batch_size,
+            budget,
+            config.rank,
+            cat=config.cat_weight != 0,
+            half=half,
+            attention=config.attention,
+        )
+    except vram.NoPlanFits as exc:
+        raise ConfigError(f"--vram-budget {config.vram_budget}: {exc}") from None
+    log.info("--vram-budget %s: predicted peak %s", config.vram_budget, vram.format_bytes(estimate.total))
+    return dataclasses.replace(plan, compile=config.compile, channels_last=config.channels_last)
+
+
+def _check_inputs(data: CachedData, resolution: int):
+    """One real sample, for the compiled-vs-eager gradient check of ``--compile``."""
+    from cat_engine.engine.text import sdxl_time_ids
+
+    token = data.texts.token([0])
+    added = None
+    if token.pooled is not None:
+        added = {"text_embeds": token.pooled, "time_ids": sdxl_time_ids(resolution, 1, token.pooled.device)}
+    t = torch.tensor([500], device=data.latents.mean.device)
+    return data.latents.mean[:1], t, token.embeds, added
 
 
 # ---------------------------------------------------------------------------------------- train
@@ -143,61 +212,99 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
     model = load_base(config.base)
     resolution = config.resolution or model.native_resolution
     if resolution % model.vae_scale_factor:
-        raise ConfigError(f"--resolution {resolution} must be a multiple of {model.vae_scale_factor} for this model")
+        raise ConfigError(
+            f"--resolution {resolution} must be a multiple of {model.vae_scale_factor} for this model"
+        )
     data = prepare_data(config, model, resolution, device)
     model.release_encoders()  # the VAE and text encoders are not needed again
 
-    unet = model.unet.to(device)
+    unet = model.unet
     add_lora(unet, config.rank, config.alpha, config.targets, seed=config.seed)
     if not lora_parameters(unet):
         raise ConfigError(f"--targets {','.join(config.targets)}: matched no module of the UNet")
-    if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+    fuse_lora(unet)  # the engine's LoRA layers: split-batch aware, fused kernels on CUDA
+    plan = memory_plan_for(config, model, resolution, device)
+    ctx = apply_memory_plan(
+        unet, plan, device, check_inputs=_check_inputs(data, resolution) if plan.compile else None
+    )
+    log.info("memory plan: %s", ctx.plan.describe())
     unet.train()
-    fuse_lora(unet)
     named = _lora_named(unet)
-    optimizer = torch.optim.AdamW(list(named.values()), lr=config.lr, weight_decay=1e-2)
+    optimizer = make_optimizer(list(named.values()), config.lr, ctx.plan, device, weight_decay=1e-2)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.lr_warmup_steps))
     generator = torch.Generator().manual_seed(config.seed)
 
     start = 0
     if resume_from is not None:
-        start = _restore(resume_from, config, named, optimizer, lr_schedule, generator)
+        start = _restore(resume_from, config, named, optimizer, lr_schedule, generator, ctx.scaler)
     output.mkdir(parents=True, exist_ok=True)
     (output / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=1))
     info = {
-        "token": config.token, "class_word": config.class_word, "cat_weight": config.cat_weight,
-        "plain_mode": config.plain_mode, "base": str(model.path), "resolution": resolution,
+        "token": config.token,
+        "class_word": config.class_word,
+        "cat_weight": config.cat_weight,
+        "plain_mode": config.plain_mode,
+        "base": str(model.path),
+        "resolution": resolution,
     }
 
     def save_state(step: int) -> Path:
-        state = {"config": config.to_dict(), "data_position": step * config.batch_size,
-                 "lr_schedule": lr_schedule.state_dict()}
-        return ckpt.save_checkpoint(output, step, {n: p for n, p in named.items()}, optimizer, generator,
-                                    state, keep=config.keep_checkpoints)
+        state = {
+            "config": config.to_dict(),
+            "data_position": step * config.batch_size,
+            "lr_schedule": lr_schedule.state_dict(),
+            "grad_scaler": ctx.scaler.state_dict() if ctx.scaler is not None else None,
+        }
+        return ckpt.save_checkpoint(
+            output,
+            step,
+            {n: p for n, p in named.items()},
+            optimizer,
+            generator,
+            state,
+            keep=config.keep_checkpoints,
+        )
 
     # -- train --------------------------------------------------------------------------------
-    bar = tqdm(total=config.steps, initial=start, disable=not progress, desc="train", unit="step",
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=config.steps, initial=start, disable=not progress, desc="train", unit="step", dynamic_ncols=True
+    )
     step = start
     with open(output / LOG_FILE, "a") as log_file:
         try:
             t0 = time.perf_counter()
             while step < config.steps:
-                out = training_step(unet, model.noise_scheduler, data, step, config, generator, resolution)
+                with ctx.autocast():
+                    out = training_step(
+                        ctx.unet, model.noise_scheduler, data, step, config, generator, resolution
+                    )
                 if not torch.isfinite(out.loss):
                     _stop_non_finite(f"loss is {out.loss.item()}", step + 1, output, save_state, step)
                 optimizer.zero_grad(set_to_none=True)
-                out.loss.backward()
-                norm = torch.nn.utils.clip_grad_norm_(list(named.values()), config.max_grad_norm)
-                if not torch.isfinite(norm):
-                    _stop_non_finite("gradient norm is not finite", step + 1, output, save_state, step)
-                optimizer.step()
+                params = list(named.values())
+                if ctx.scaler is None:
+                    out.loss.backward()
+                    norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                    if not torch.isfinite(norm):
+                        _stop_non_finite("gradient norm is not finite", step + 1, output, save_state, step)
+                    optimizer.step()
+                else:  # fp16: scaled loss; the scaler skips steps whose gradients overflowed
+                    ctx.scaler.scale(out.loss).backward()
+                    ctx.scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                    ctx.scaler.step(optimizer)
+                    ctx.scaler.update()
                 lr_schedule.step()
                 step += 1
                 rate = (step - start) / max(time.perf_counter() - t0, 1e-9)
-                record = {"step": step, "loss": out.loss.item(), "ldm": out.ldm.item(), "cat": out.cat.item(),
-                          "lr": lr_schedule.get_last_lr()[0], "it_s": round(rate, 3)}
+                record = {
+                    "step": step,
+                    "loss": out.loss.item(),
+                    "ldm": out.ldm.item(),
+                    "cat": out.cat.item(),
+                    "lr": lr_schedule.get_last_lr()[0],
+                    "it_s": round(rate, 3),
+                }
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
                 bar.set_postfix(ldm=f"{record['ldm']:.4f}", cat=f"{record['cat']:.2e}", refresh=False)
@@ -207,7 +314,9 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
         except KeyboardInterrupt:
             bar.close()
             path = save_state(step)
-            log.warning("interrupted at step %d: checkpoint written to %s; continue with --resume latest", step, path)
+            log.warning(
+                "interrupted at step %d: checkpoint written to %s; continue with --resume latest", step, path
+            )
             raise
         finally:
             bar.close()
@@ -230,7 +339,7 @@ def _stop_non_finite(what: str, step: int, output: Path, save_state, good_step: 
     )
 
 
-def _restore(path: Path, config: TrainConfig, named, optimizer, lr_schedule, generator) -> int:
+def _restore(path: Path, config: TrainConfig, named, optimizer, lr_schedule, generator, scaler=None) -> int:
     loaded = ckpt.load_checkpoint(path)
     state = loaded["state"]
     for line in config_differences(state.get("config", {}), config):
@@ -245,12 +354,16 @@ def _restore(path: Path, config: TrainConfig, named, optimizer, lr_schedule, gen
         for name, param in named.items():
             saved = loaded["lora"][name]
             if saved.shape != param.shape:
-                raise ckpt.CheckpointError(f"--resume {path}: {name} has shape {tuple(saved.shape)}, "
-                                           f"this model {tuple(param.shape)} (different --rank?)")
+                raise ckpt.CheckpointError(
+                    f"--resume {path}: {name} has shape {tuple(saved.shape)}, "
+                    f"this model {tuple(param.shape)} (different --rank?)"
+                )
             param.copy_(saved)
     optimizer.load_state_dict(loaded["optimizer"])
     lr_schedule.load_state_dict(dict(state["lr_schedule"]))  # lr_lambdas: [None], the lambda is rebuilt
     ckpt.restore_rng(loaded["rng"], generator)
+    if scaler is not None and state.get("grad_scaler"):
+        scaler.load_state_dict(state["grad_scaler"])
     log.info("resumed from %s at step %d", path, state["step"])
     return int(state["step"])
 
@@ -294,7 +407,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         kind = f.type
         if kind == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text[name])
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=help_text[name]
+            )
             continue
         caster = {"int": int, "float": float, "int | None": int, "float | None": float}.get(kind, str)
         parser.add_argument(flag, type=caster, default=None, help=help_text[name])
@@ -313,7 +428,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
         path = train(config, progress=True)
-    except (ConfigError, DataError, ModelLoadError, ckpt.CheckpointError, TrainingError) as exc:
+    except (
+        ConfigError,
+        DataError,
+        ModelLoadError,
+        MemoryPlanError,
+        ckpt.CheckpointError,
+        TrainingError,
+    ) as exc:
         raise UserError(str(exc)) from None
     except KeyboardInterrupt:
         return 130

@@ -147,7 +147,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         state = json.loads((path / STATE_FILE).read_text())
         return {
             "lora": _load_tensors(path / LORA_FILE),
-            "optimizer": optimizer_from_files(state.pop("optimizer"), _load_tensors(path / OPTIMIZER_TENSORS)),
+            "optimizer": optimizer_from_files(
+                state.pop("optimizer"), _load_tensors(path / OPTIMIZER_TENSORS)
+            ),
             "rng": _load_tensors(path / RNG_FILE),
             "state": state,
         }

@@ -59,7 +59,9 @@ def resolve_base(base: str | Path | None) -> Path:
     if not path.exists():
         raise ModelLoadError(f"--base {path}: no such folder")
     if not path.is_dir():
-        raise ModelLoadError(f"--base {path}: is a file; give a diffusers model folder (with model_index.json)")
+        raise ModelLoadError(
+            f"--base {path}: is a file; give a diffusers model folder (with model_index.json)"
+        )
     if not (path / "model_index.json").exists():
         raise ModelLoadError(
             f"--base {path}: not a diffusers model folder (no model_index.json); "
@@ -89,7 +91,9 @@ def load_base(base: str | Path | None = None, *, load_encoders: bool = True) -> 
         if load_encoders:
             vae = AutoencoderKL.from_pretrained(path, subfolder="vae", use_safetensors=True, **common)
             tokenizers.append(CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **common))
-            encoders.append(CLIPTextModel.from_pretrained(path, subfolder="text_encoder", use_safetensors=True, **common))
+            encoders.append(
+                CLIPTextModel.from_pretrained(path, subfolder="text_encoder", use_safetensors=True, **common)
+            )
             if family == "sdxl":
                 tokenizers.append(CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **common))
                 encoders.append(

@@ -20,7 +20,11 @@ class PromptEmbeds:
 
 def _tokenize(tokenizer, prompts: list[str], device) -> torch.Tensor:
     ids = tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
     ).input_ids
     return ids.to(device)
 

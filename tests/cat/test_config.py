@@ -32,8 +32,14 @@ def test_invalid_yaml_and_missing_file(tmp_path):
 
 @pytest.mark.parametrize(
     "values, message",
-    [({"plain_mode": "x"}, "--plain-mode"), ({"rank": 0}, "--rank"), ({"steps": 0}, "--steps"),
-     ({"cat_weight": -1.0}, "--cat-weight"), ({"resolution": 100}, "multiple of 8"), ({"rank": "abc"}, "rank")],
+    [
+        ({"plain_mode": "x"}, "--plain-mode"),
+        ({"rank": 0}, "--rank"),
+        ({"steps": 0}, "--steps"),
+        ({"cat_weight": -1.0}, "--cat-weight"),
+        ({"resolution": 100}, "multiple of 8"),
+        ({"rank": "abc"}, "rank"),
+    ],
 )
 def test_validation_messages(values, message):
     with pytest.raises(ConfigError, match=message):

@@ -78,7 +78,12 @@ def test_cat_weight_zero_is_plain_lora_and_metadata_is_written(tmp_path):
     log = [json.loads(line) for line in (tmp_path / "lora" / train_mod.LOG_FILE).read_text().splitlines()]
     assert all(r["cat"] == 0.0 and r["loss"] == r["ldm"] for r in log)
     meta = read_lora_metadata(path)
-    assert meta["cat_weight"] == 0.0 and meta["token"] == "sks" and meta["r"] == 4 and meta["plain_mode"] == "class"
+    assert (
+        meta["cat_weight"] == 0.0
+        and meta["token"] == "sks"
+        and meta["r"] == 4
+        and meta["plain_mode"] == "class"
+    )
 
 
 def test_sdxl_v_prediction_model_trains(tmp_path):
@@ -90,8 +95,13 @@ def test_sdxl_v_prediction_model_trains(tmp_path):
 
 
 def _cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "cat_engine.cat.cli", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "cat_engine.cat.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_cli_end_to_end_on_builtin_default(tmp_path):

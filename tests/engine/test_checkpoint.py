@@ -8,7 +8,10 @@ from cat_engine.engine import checkpoint as ckpt
 
 def _setup():
     torch.manual_seed(0)
-    params = {"a.lora_A.weight": torch.nn.Parameter(torch.randn(3, 5)), "a.lora_B.weight": torch.nn.Parameter(torch.randn(5, 3))}
+    params = {
+        "a.lora_A.weight": torch.nn.Parameter(torch.randn(3, 5)),
+        "a.lora_B.weight": torch.nn.Parameter(torch.randn(5, 3)),
+    }
     opt = torch.optim.AdamW(params.values(), lr=1e-2)
     for _ in range(2):
         opt.zero_grad()

@@ -3,7 +3,14 @@
 import torch
 
 from cat_engine.engine.builtin import builtin_model_dir
-from cat_engine.engine.lora import LORA_WEIGHT_NAME, add_lora, fuse_lora, lora_parameters, read_lora_metadata, save_lora
+from cat_engine.engine.lora import (
+    LORA_WEIGHT_NAME,
+    add_lora,
+    fuse_lora,
+    lora_parameters,
+    read_lora_metadata,
+    save_lora,
+)
 from cat_engine.engine.models import load_base
 
 
@@ -40,7 +47,9 @@ def _roundtrip(tmp_path, family, pipeline_cls, alpha):
     base = _outputs(pipe.unet, added)
     pipe.load_lora_weights(tmp_path)
     loaded = _outputs(pipe.unet, added)
-    assert not torch.allclose(base, expected, atol=1e-3), "the LoRA must change the outputs for this test to mean anything"
+    assert not torch.allclose(base, expected, atol=1e-3), (
+        "the LoRA must change the outputs for this test to mean anything"
+    )
     torch.testing.assert_close(loaded, expected, rtol=1e-5, atol=1e-5)
     meta = read_lora_metadata(tmp_path)
     assert meta["r"] == 4 and meta["lora_alpha"] == float(alpha) and meta["token"] == "sks"
