@@ -37,6 +37,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 GRID_MAX_PROMPTS, GRID_MAX_SEEDS = 4, 8
 SCHEDULER_NAME = "DDIM"
 PROMPT_KEYS = ("template", "token_prompt", "plain_prompt")
+RANDOM_CLIP_NAME = "builtin-tiny-clip-random"
 
 
 def add_arguments(parser) -> None:
@@ -57,7 +58,9 @@ def add_arguments(parser) -> None:
         "--prompts", default=None, help="prompt templates, one a line, '{}' marks the subject"
     )
     parser.add_argument("--seeds", type=int, default=4, help="seeds 0..N-1 per prompt (default 4)")
-    parser.add_argument("--clip", default=None, help="CLIP model folder (default: built-in tiny random CLIP)")
+    parser.add_argument(
+        "--clip", default=None, help=f"CLIP model folder, or {RANDOM_CLIP_NAME} (default: the built-in CLIP)"
+    )
     parser.add_argument(
         "--resolution", type=int, default=None, help="image size (default: the model's native)"
     )
@@ -216,13 +219,10 @@ def _move(module, device, dtype) -> None:
 class ClipEmbedder:
     """CLIP image and text embeddings, in batches, from a local transformers folder."""
 
-    def __init__(self, folder: str | None, device: torch.device, batch: int = 64):
+    def __init__(self, clip: str | None, device: torch.device, batch: int = 64):
         from transformers import CLIPModel, CLIPTokenizer
 
-        from cat_engine.engine.builtin_clip import BUILTIN_CLIP_NAME, builtin_clip_dir
-
-        path = builtin_clip_dir() if folder is None else Path(folder).expanduser()
-        self.id = BUILTIN_CLIP_NAME if folder is None else str(path)
+        path, self.id = resolve_clip(clip)
         if not (path / "config.json").is_file():
             raise UserError(f"--clip {path}: not a transformers CLIP folder (no config.json)")
         try:
@@ -253,6 +253,25 @@ class ClipEmbedder:
         return torch.cat(out)
 
 
+def resolve_clip(clip: str | None) -> tuple[Path, str]:
+    """The CLIP folder and its id for reports.
+
+    ``None``: the built-in default; ``builtin-tiny-clip-random``: the random tiny CLIP; else a folder.
+    """
+    from cat_engine.engine import builtin_clip
+
+    # getattr: the toy-world CLIP (a pretrained default) is optional in this version of the engine.
+    random_name = getattr(builtin_clip, "RANDOM_CLIP_NAME", RANDOM_CLIP_NAME)
+    if clip == random_name:
+        return builtin_clip.builtin_clip_dir(0), random_name
+    if clip is None:
+        path = builtin_clip.builtin_clip_dir()
+        pretrained = getattr(builtin_clip, "TOYWORLD_CLIP_DIR", None)
+        return path, (builtin_clip.BUILTIN_CLIP_NAME if path == pretrained else random_name)
+    path = Path(clip).expanduser()
+    return path, str(path)
+
+
 def _image_processor_class():
     # torchvision is not a dependency: take transformers' PIL implementation by name where it exists.
     try:
@@ -272,10 +291,15 @@ def _features(output) -> torch.Tensor:
 
 
 def base_id(base: str, model) -> str:
-    from cat_engine.engine.builtin import BUILTIN_NAME
+    """The base model's id for reports: the built-in's name, else its folder."""
+    from cat_engine.engine import builtin
     from cat_engine.engine.models import BUILTIN
 
-    return BUILTIN_NAME if str(base) == BUILTIN else str(model.path)
+    if str(base) != BUILTIN:
+        return str(model.path)
+    if model.path == getattr(builtin, "TOYWORLD_DIR", None):  # the pretrained toy world, where shipped
+        return builtin.BUILTIN_NAME
+    return model.path.name  # the random tiny pipeline's cache folder: its name and fingerprint
 
 
 # ---------------------------------------------------------------- gather and score
@@ -429,7 +453,7 @@ def run(args) -> int:
         token=token,
         class_word=class_word,
         model={"id": base_id(args.base, model), "family": model.family, "lora": str(lora_file(args.lora))},
-        embedding={"id": embedder.id, "random_weights": embedder.id.startswith("builtin")},
+        embedding={"id": embedder.id, "random_weights": embedder.id == RANDOM_CLIP_NAME},
         references={"folder": str(refs_dir), "count": len(ref_images)},
         sampling={
             "scheduler": SCHEDULER_NAME,
@@ -455,7 +479,7 @@ def run(args) -> int:
         f"{n_images} images in {emb['seconds']:.1f} s: {report['images_per_second']:.2f} images/s; "
         f"wrote {args.output}/kps.json and grid.png"
     )
-    if embedder.id.startswith("builtin"):
+    if embedder.id == RANDOM_CLIP_NAME:
         print(
             "note: the built-in CLIP has random weights; pass --clip with a real CLIP folder for meaningful scores"
         )

@@ -67,7 +67,11 @@ def split_batch_native(unet) -> bool:
 
     A peft-only UNet ignores ``adapter_rows``; then :func:`split_unet_call` falls back to two calls.
     """
-    return any(type(m).__module__.startswith("cat_engine.engine.fused_lora") for m in unet.modules())
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    # Every LoRA layer must be a fused one: fuse_lora leaves LoRA on convolutions to peft.
+    layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+    return bool(layers) and all(type(m).__module__ == "cat_engine.engine.fused_lora" for m in layers)
 
 
 def _unet(unet, x, t, embeds: PromptEmbeds, resolution: int) -> torch.Tensor:
