@@ -134,3 +134,16 @@ def test_fallback_matches_separate_adapter_and_base_calls(tmp_path):
         unet.enable_adapters()
     torch.testing.assert_close(got, torch.cat([ada, base]), atol=1e-5, rtol=0)
     assert (ada[1] - unet(x[1:2], t, encoder_hidden_states=embeds.embeds[1:2]).sample[0]).abs().max() < 1e-5
+
+
+def test_one_unet_call_per_step_once_the_layers_are_fused(tmp_path):
+    """sample_jobs fuses the LoRA layers, so adapter and base rows share one UNet call per step."""
+    model = engine_model("sd", random_lora_dir(tmp_path, "sd"))
+    rows = []
+    model.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: rows.append(args[0].shape[0]), with_kwargs=True
+    )
+    settings = SampleSettings(resolution=64, steps=2, guidance=7.5, batch_jobs=2)
+    sample_jobs(model, JOBS[:2], settings, progress=False)
+    assert sampling.split_batch_native(model.unet)
+    assert rows == [12, 12]  # 2 jobs x 6 rows, one call per step
