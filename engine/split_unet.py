@@ -190,8 +190,16 @@ class _ValuelessFrozen(torch.autograd.Function):
         ctx.module, ctx.shape = module, x.shape
         if isinstance(module, torch.nn.Linear):
             shape = (*x.shape[:-1], module.out_features)
-        else:
+        elif isinstance(module.padding, str):  # "same"/"valid": let the meta device work it out
             shape = module._conv_forward(x.to("meta"), module.weight.to("meta"), None).shape
+        else:  # the output-size formula; a meta convolution would be counted by FLOP counters
+            spatial = [
+                (n + 2 * p - d * (k - 1) - 1) // s + 1
+                for n, p, d, k, s in zip(
+                    x.shape[2:], module.padding, module.dilation, module.kernel_size, module.stride
+                )
+            ]
+            shape = (x.shape[0], module.out_channels, *spatial)
         device = x.device.type
         # Under autocast the real op would have produced the autocast dtype; match it.
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
@@ -322,7 +330,7 @@ class _AdapterRowCheckpoint(torch.autograd.Function):
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         result = []
         leaf = iter(leaves)
-        for kind, value in ctx.spec:
+        for kind, _value in ctx.spec:
             if kind == "obj":
                 result.append(None)
                 continue
