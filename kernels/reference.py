@@ -11,8 +11,29 @@ Two kinds of function live here:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
+
+
+def _without_autocast(fn):
+    """Run an op body with autocast off: it casts explicitly, as the Triton launchers do.
+
+    Under CPU/CUDA autocast the ``F.linear`` calls inside would otherwise be re-cast to the
+    autocast dtype, so the "float32" low-rank product ``t`` would come out in bf16 and the
+    backward would mix dtypes.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        device_type = args[0].device.type
+        if device_type not in ("cpu", "cuda"):
+            return fn(*args, **kwargs)
+        with torch.autocast(device_type=device_type, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def lora_linear_reference(x, weight, bias, lora_A, lora_B, scale, adapter_rows=None, lora_x=None):
@@ -33,6 +54,7 @@ def lora_linear_reference(x, weight, bias, lora_A, lora_B, scale, adapter_rows=N
     return torch.cat([head, y[rows:]], dim=0)
 
 
+@_without_autocast
 def lora_linear_forward(x, weight, bias, lora_A, lora_B, scale, rows, lora_x):
     """Op forward on 2-D ``x [M, K]``: returns ``y [M, N]`` (x's dtype) and ``t = xa A^T [rows, r]`` (float32)."""
     y = F.linear(x, weight, bias)
@@ -43,6 +65,7 @@ def lora_linear_forward(x, weight, bias, lora_A, lora_B, scale, rows, lora_x):
     return y, t
 
 
+@_without_autocast
 def lora_linear_backward(dy, x, weight, lora_A, lora_B, t, scale, rows, lora_x, need_dx):
     """Op backward on 2-D tensors: ``(dx or None, dA, dB, d lora_x or None)``.
 
