@@ -66,7 +66,9 @@ class Case:
         return unet(latents, timesteps, encoder_hidden_states=embeds, return_dict=False, **kwargs)[0]
 
     def _two_b(self):
-        cat2 = lambda a, b: torch.cat([a, b])
+        def cat2(a, b):
+            return torch.cat([a, b])
+
         added = None
         if self.added is not None:
             added = {k: cat2(self.added[k], self.plain_added[k]) for k in self.added}

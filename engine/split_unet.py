@@ -284,7 +284,7 @@ class _AdapterRowCheckpoint(torch.autograd.Function):
         for a in args:
             if torch.is_tensor(a):
                 if a.dim() and a.shape[0] == rows:
-                    saved.append(call.adapter_copy(a))
+                    saved.append(call.adapter_part(a, grad=False))
                     spec.append(("row", a.requires_grad))
                 else:
                     saved.append(a)
@@ -417,14 +417,23 @@ class _SplitCall:
         self.mark(t, pattern)
         return pattern
 
-    def adapter_copy(self, x):
-        """Detached copy of ``x``'s adapter rows, shared by every unit that saves the same ``x``."""
+    def adapter_part(self, x, grad: bool):
+        """``x``'s adapter rows as a fresh tensor, made once per ``x`` and shared by every module of
+        the call that takes them (the text embeddings feed every transformer block: one copy, not
+        one per block). ``grad``: connected to ``x`` in autograd when ``x`` requires grad.
+
+        A fresh tensor rather than the view ``x[:n]``: a saved view keeps all rows' storage alive.
+        The memo holds weak references only, so a copy nobody saved is freed as usual.
+        """
         entry = self._copies.get(id(x))
         if entry is not None and entry[0]() is x:
             copy = entry[1]()
-            if copy is not None:
-                return copy
-        copy = x[: self.n_adapter].detach().clone()
+            if copy is not None and (copy.requires_grad or not (grad and x.requires_grad)):
+                return copy if grad else copy.detach()
+        if grad and x.requires_grad:
+            copy = _TakeRows.apply(x, self.n_adapter)
+        else:
+            copy = x[: self.n_adapter].detach().clone()
         self._copies[id(x)] = (weakref.ref(x), weakref.ref(copy))
         return copy
 
@@ -460,8 +469,7 @@ class _SplitCall:
         with torch.no_grad(), _adapter_rows_ctx(self.unet, 0), self.inside():
             a, k = rows.map(args, kwargs, lambda t: t[n:].detach())  # a no_grad view still says requires_grad
             base = fn(*a, **k)
-        # Fresh copies, not views: a saved view would keep the base rows' storage alive.
-        a, k = rows.map(args, kwargs, lambda t: _TakeRows.apply(t, n))
+        a, k = rows.map(args, kwargs, lambda t: self.adapter_part(t, grad=True))
         with _adapter_rows_ctx(self.unet, None), self.inside():
             adapter = fn(*a, **k)
         return _cat_out(adapter, base)
