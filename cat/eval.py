@@ -42,7 +42,7 @@ RANDOM_CLIP_NAME = "builtin-tiny-clip-random"
 
 def add_arguments(parser) -> None:
     parser.add_argument(
-        "--base", default="builtin", help="diffusers model folder (default: built-in tiny model)"
+        "--base", default="builtin", help="diffusers model folder (default: the built-in model)"
     )
     parser.add_argument(
         "--lora", required=True, help="adapter folder from cat-engine train (or its .safetensors)"
@@ -50,9 +50,13 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--refs", default=None, help="reference images of the concept (default: the built-in set)"
     )
-    parser.add_argument("--token", default=None, help="trigger token (default: from the adapter, else sks)")
     parser.add_argument(
-        "--class-word", default=None, help="class word (default: from the adapter, else star)"
+        "--token", default=None, help="trigger token (default: from the adapter, else the built-in concept's)"
+    )
+    parser.add_argument(
+        "--class-word",
+        default=None,
+        help="class word (default: from the adapter, else the built-in concept's)",
     )
     parser.add_argument(
         "--prompts", default=None, help="prompt templates, one a line, '{}' marks the subject"
