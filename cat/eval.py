@@ -76,6 +76,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto")
     parser.add_argument("--output", required=True, help="folder for kps.json and grid.png")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--concepts",
+        default=None,
+        metavar="FILE.yaml",
+        help="several concepts (token, class_word, refs each): per-concept KPS and the cross-concept "
+        "bleed matrix (cat/bleed.py) instead of the one-concept report",
+    )
 
 
 # ---------------------------------------------------------------- settings
@@ -395,8 +402,13 @@ def in_grid(job_index: int, n_seeds: int) -> bool:
 # ---------------------------------------------------------------- run
 
 
-def run(args) -> int:
-    dist = setup_distributed()
+def run(args, dist: Dist | None = None) -> int:
+    """``dist``: the ranks to shard over; default: torchrun's, when launched by it (else one process)."""
+    dist = dist or setup_distributed()
+    if getattr(args, "concepts", None):
+        from cat_engine.cat.bleed import run_bleed
+
+        return run_bleed(args, dist)
     if args.seeds < 1 or args.steps < 1 or args.batch_size < 1:
         raise UserError("--seeds, --steps and --batch-size must be at least 1")
     builtin_refs, default_token, default_class = concept_defaults()
