@@ -170,8 +170,9 @@ def build_models(cfg: BenchConfig, preset, device: torch.device, checkpoint_func
         for p in lora_parameters(unet):
             p.data = p.data.float()  # LoRA weights (and so their AdamW state) stay float32
         set_attention(unet, cfg.attention)
+        if not meta:
+            unet.train()  # as in training (diffusers also checkpoints only in training mode)
         if cfg.checkpointing and not meta:
-            unet.train()  # diffusers checkpoints only in training mode
             unet.enable_gradient_checkpointing(checkpoint_func)
     fuse_lora(twin)
     if cfg.compile and not meta:
@@ -355,6 +356,8 @@ def run_bench(cfg: BenchConfig, log=print, flops_cache: Path | None = None) -> d
     preset = resolve_preset(cfg.preset)
     resolution = cfg.resolution or preset.resolution
     warnings: list[str] = []
+    if cfg.steps < 5:
+        warnings.append(f"{cfg.steps} timed steps: DESIGN.md §7 asks for at least 5; medians are rough")
     if cfg.compile and device.type == "cpu":
         warnings.append(CPU_COMPILE_WARNING)
         log(f"warning: {CPU_COMPILE_WARNING}")
@@ -367,9 +370,9 @@ def run_bench(cfg: BenchConfig, log=print, flops_cache: Path | None = None) -> d
     variants, unets = build_variants(cfg, preset, device, resolution, checkpoint_func=meter.checkpoint_func)
     meter.exclude(p for unet in unets for p in unet.parameters())
     meter.exclude(b for unet in unets for b in unet.buffers())
-    autocast = lambda: torch.autocast(
-        device.type, dtype=PRECISIONS[cfg.precision], enabled=cfg.precision != "fp32"
-    )
+
+    def autocast():
+        return torch.autocast(device.type, dtype=PRECISIONS[cfg.precision], enabled=cfg.precision != "fp32")
 
     def step(v: Variant) -> None:
         if v.trainer is None:

@@ -179,3 +179,18 @@ def test_flop_counts_are_cached_per_model_and_shape(tmp_path):
     bigger = cached_variant_flops(cfg, preset, 96, cache)
     assert bigger[2] is False
     assert bigger[0]["peft_lora"] > first[0]["peft_lora"]
+
+
+def test_a_local_model_folder_is_a_preset(tmp_path):
+    from cat_engine.bench.presets import build_unet
+    from cat_engine.engine.builtin import tiny_unet
+
+    tiny_unet("sdxl").save_pretrained(tmp_path / "model" / "unet")
+    preset = resolve_preset(str(tmp_path / "model"))
+    assert preset.folder is not None and preset.config is None
+    assert preset.vae_scale == 8  # no vae/config.json: the SD default
+    unet = build_unet(preset, "cpu")
+    assert not any(p.requires_grad for p in unet.parameters())
+    b = make_batch(dict(unet.config), 1, 64, preset.vae_scale, "cpu")
+    assert b.added_cond_kwargs["text_embeds"].shape == (1, 32)
+    assert build_unet(preset, "meta").conv_in.weight.is_meta

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from peft import LoraConfig, inject_adapter_in_model
 
 from cat_engine.bench.measure import SavedTensorsMeter, Spread, count_flops
-from peft import LoraConfig, inject_adapter_in_model
 
 M, K, N, R = 6, 40, 24, 4
 
