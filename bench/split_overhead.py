@@ -1,7 +1,8 @@
 """What CAT's third group of rows costs: the split batch against LoRA alone and naive three-pass CAT.
 
     OMP_NUM_THREADS=1 python -m cat_engine.bench.split_overhead [--model tiny|tiny-xl|small]
-        [--batch 1] [--checkpointing both|on|off] [--repeats 7] [--clock cpu|wall] [--no-record]
+        [--batch 1] [--checkpointing both|on|off] [--repeats 7] [--clock cpu|wall]
+        [--no-checkpoint-strategies split two_calls checkpoint] [--no-record]
 
 Side by side in one run, on the same weights and inputs (DESIGN.md §7), interleaved round-robin so
 that load from other processes hits every candidate alike; median of ``--repeats`` timed steps
@@ -35,10 +36,11 @@ import torch
 
 from cat_engine.cat.loss import cat_loss, mse
 from cat_engine.engine.lora import add_lora, fuse_lora, lora_parameters
+from cat_engine.engine.split_unet import split_batch_call
 from cat_engine.engine.step_accounting import counting_checkpoint, saved_bytes, step_flops
 
 RESULTS = Path(__file__).parent / "results" / "split_overhead.jsonl"
-MODELS = ("tiny", "tiny-xl", "small")
+MODELS = ("tiny", "tiny-xl", "small", "sd15")
 TEXT_TOKENS = 77
 
 
@@ -86,6 +88,11 @@ class Case:
         z2, t2, e2, target2, added2 = self._two_b()
         return mse(self._call(unet, z2, t2, e2, added2), target2)
 
+    def engine_lora_loss(self):
+        """The same LoRA step through the engine's checkpoint Function (every row an adapter row)."""
+        z2, t2, e2, target2, added2 = self._two_b()
+        return mse(split_batch_call(self.engine, z2, t2, e2, 2 * self.batch, added2), target2)
+
     def forward_b(self, unet):
         with torch.no_grad():
             return self._call(unet, self.latents, self.timesteps, self.plain, self.plain_added)
@@ -102,6 +109,20 @@ class Case:
             plain_added_cond_kwargs=self.plain_added,
         ).loss
 
+    def split_loss(self, no_checkpoint: str):
+        """The engine CAT loss with a chosen no-checkpointing strategy (``split_batch_call``)."""
+        b = self.batch
+        embeds = torch.cat([self.token, self.plain, self.plain])
+        added = None
+        if self.added is not None:
+            added = {
+                k: torch.cat([self.added[k], self.plain_added[k], self.plain_added[k]]) for k in self.added
+            }
+        pred = split_batch_call(
+            self.engine, self.latents, self.timesteps, embeds, 2 * b, added, no_checkpoint=no_checkpoint
+        )
+        return mse(pred[:b], self.target) + mse(pred[b : 2 * b], pred[2 * b :].detach())
+
     def naive_loss(self):
         """Three UNet calls with peft, as "output preservation" features of other trainers do."""
         unet = self.peft
@@ -115,8 +136,11 @@ class Case:
                 unet.enable_adapters()
         return mse(pred_token, self.target) + mse(pred_plain, pred_base)
 
-    def steps(self) -> dict:
-        """name -> zero-argument callable running that step (forward, and backward for training)."""
+    def steps(self, strategies: tuple[str, ...] = ()) -> dict:
+        """name -> zero-argument callable running that step (forward, and backward for training).
+
+        ``strategies``: extra engine CAT candidates ``cat[<no_checkpoint strategy>]``.
+        """
 
         def train(loss_fn, unet):
             def step():
@@ -126,7 +150,12 @@ class Case:
 
             return step
 
-        return {
+        extra = {
+            f"cat[{name}]": train(lambda name=name: self.split_loss(name), self.engine) for name in strategies
+        }
+        if self.checkpointing:  # the LoRA step with the engine's checkpoint instead of torch's
+            extra["lora[engine]"] = train(self.engine_lora_loss, self.engine)
+        return extra | {
             "lora": train(lambda: self.lora_loss(self.engine), self.engine),
             "fwd_b": lambda: self.forward_b(self.engine),
             "cat": train(self.cat_loss, self.engine),
@@ -148,6 +177,12 @@ def build_unet(model: str):
         from diffusers import UNet2DConditionModel
 
         return UNet2DConditionModel(**SMALL_CONFIG), SMALL_CONFIG["sample_size"]
+    if model == "sd15":  # full size, random weights: for GPU runs
+        from diffusers import UNet2DConditionModel
+
+        from cat_engine.engine.unet_configs import UNET_CONFIGS
+
+        return UNet2DConditionModel(**UNET_CONFIGS["sd15"]), UNET_CONFIGS["sd15"]["sample_size"]
     raise ValueError(f"model must be one of {MODELS}, got {model!r}")
 
 
@@ -158,6 +193,7 @@ def make_case(
     rank: int = 8,
     latent_size: int | None = None,
     seed: int = 0,
+    device: str = "cpu",
 ) -> Case:
     """Build the engine UNet (fused) and its peft twin, with non-zero ``lora_B`` so the adapter acts."""
     with torch.random.fork_rng(devices=[]):
@@ -170,25 +206,26 @@ def make_case(
             for p in lora_parameters(peft):
                 if p.dim() == 2 and not p.abs().sum():  # lora_B starts at zero: give it weight
                     p.normal_(0.0, 0.02)
+        peft.to(device)
         engine = fuse_lora(copy.deepcopy(peft))
         for unet in (engine, peft):
             if checkpointing:
                 unet.enable_gradient_checkpointing(gradient_checkpointing_func=counting_checkpoint)
         cfg = peft.config
         width = cfg.cross_attention_dim
-        latents = torch.randn(batch, cfg.in_channels, side, side)
-        timesteps = torch.randint(0, 1000, (batch,))
-        token = torch.randn(batch, TEXT_TOKENS, width)
-        plain = torch.randn(batch, TEXT_TOKENS, width)
+        latents = torch.randn(batch, cfg.in_channels, side, side, device=device)
+        timesteps = torch.randint(0, 1000, (batch,), device=device)
+        token = torch.randn(batch, TEXT_TOKENS, width, device=device)
+        plain = torch.randn(batch, TEXT_TOKENS, width, device=device)
         target = torch.randn_like(latents)
         added = plain_added = None
         if cfg.addition_embed_type == "text_time":
             pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-            time_ids = torch.tensor([[side * 4.0, side * 4.0, 0.0, 0.0, side * 4.0, side * 4.0]]).repeat(
-                batch, 1
-            )
-            added = {"text_embeds": torch.randn(batch, pooled), "time_ids": time_ids}
-            plain_added = {"text_embeds": torch.randn(batch, pooled), "time_ids": time_ids}
+            time_ids = torch.tensor(
+                [[side * 4.0, side * 4.0, 0.0, 0.0, side * 4.0, side * 4.0]], device=device
+            ).repeat(batch, 1)
+            added = {"text_embeds": torch.randn(batch, pooled, device=device), "time_ids": time_ids}
+            plain_added = {"text_embeds": torch.randn(batch, pooled, device=device), "time_ids": time_ids}
     return Case(
         model,
         batch,
@@ -234,18 +271,35 @@ def time_steps(steps: dict, repeats: int, clock: str = "cpu") -> dict:
 
     ``clock="cpu"`` times process CPU time: with one thread per process (``OMP_NUM_THREADS=1``) it
     is what the step costs, and far less sensitive than wall time to other processes sharing the
-    cores. ``"wall"`` is ``perf_counter``.
+    cores. ``"wall"`` is ``perf_counter``; ``"cuda"`` is wall time with the device synchronized.
     """
     timer = time.process_time if clock == "cpu" else time.perf_counter
+    sync = torch.cuda.synchronize if clock == "cuda" else (lambda: None)
     for step in steps.values():
         step()
     times = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
+            sync()
             start = timer()
             step()
+            sync()
             times[name].append(timer() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def gradient_check(case: Case) -> dict:
+    """Engine CAT step against the naive three-pass peft step: loss and LoRA-gradient relative errors."""
+    steps = case.steps()
+    steps["cat"]()
+    steps["cat"]()  # the second step runs the recompute with the frozen tails skipped
+    loss = case.cat_loss().item()
+    engine = [p.grad.clone() for p in lora_parameters(case.engine)]
+    steps["naive"]()
+    naive_loss = case.naive_loss().item()
+    naive = [p.grad for p in lora_parameters(case.peft)]
+    errors = [((a - b).norm() / b.norm()).item() for a, b in zip(engine, naive)]
+    return {"loss_rel_err": abs(loss - naive_loss) / abs(naive_loss), "max_grad_rel_err": max(errors)}
 
 
 def _commit() -> str:
@@ -262,10 +316,21 @@ def _commit() -> str:
         return "unknown"
 
 
-def run(model: str, batch: int, checkpointing: bool, repeats: int, rank: int, clock: str = "cpu") -> dict:
-    case = make_case(model, batch, checkpointing, rank)
-    acct = accounting(case)
-    t = time_steps(case.steps(), repeats, clock)
+def run(
+    model: str,
+    batch: int,
+    checkpointing: bool,
+    repeats: int,
+    rank: int,
+    clock: str = "cpu",
+    strategies=(),
+    device: str = "cpu",
+    count: bool = True,
+) -> dict:
+    case = make_case(model, batch, checkpointing, rank, device=device)
+    check = gradient_check(case)
+    acct = accounting(case) if count else {}
+    t = time_steps(case.steps(() if checkpointing else tuple(strategies)), repeats, clock)
     record = {
         "bench": "split_overhead",
         "model": model,
@@ -273,7 +338,8 @@ def run(model: str, batch: int, checkpointing: bool, repeats: int, rank: int, cl
         "rank": rank,
         "checkpointing": checkpointing,
         "dtype": "float32",
-        "device": "cpu",
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        **check,
         "threads": torch.get_num_threads(),
         "repeats": repeats,
         "clock": clock,
@@ -281,6 +347,12 @@ def run(model: str, batch: int, checkpointing: bool, repeats: int, rank: int, cl
         "cat_overhead_fwd_b": (t["cat"] - t["lora"]) / t["fwd_b"],
         "naive_overhead_fwd_b": (t["naive"] - t["peft_lora"]) / t["peft_fwd"],
         "cat_over_naive": t["cat"] / t["naive"],
+        "cat_overhead_vs_engine_lora_fwd_b": (t["cat"] - t["lora[engine]"]) / t["fwd_b"]
+        if "lora[engine]" in t
+        else None,
+        "strategies_overhead_fwd_b": {
+            name: (t[name] - t["lora"]) / t["fwd_b"] for name in t if name.startswith("cat[")
+        },
         **acct,
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -300,8 +372,20 @@ def main(argv=None):
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--checkpointing", choices=("both", "on", "off"), default="both")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument(
-        "--clock", choices=("cpu", "wall"), default="cpu", help="process CPU time or wall time"
+        "--clock",
+        choices=("cpu", "wall", "cuda"),
+        default=None,
+        help="process CPU time (CPU default), wall, cuda",
+    )
+    parser.add_argument("--no-count", action="store_true", help="skip the FLOP and saved-bytes counts")
+    parser.add_argument(
+        "--no-checkpoint-strategies",
+        nargs="*",
+        default=(),
+        choices=("split", "two_calls", "checkpoint"),
+        help="also time these split_batch_call strategies (runs without checkpointing only)",
     )
     parser.add_argument(
         "--no-record", action="store_true", help="print only; do not append to the results file"
@@ -313,13 +397,33 @@ def main(argv=None):
         f"{'cat ovh':>8} {'naive ovh':>9} {'cat/naive':>9} {'FLOPs':>6} {'saved':>6}"
     )
     for ckpt in modes:
-        r = run(args.model, args.batch, ckpt, args.repeats, args.rank, args.clock)
+        r = run(
+            args.model,
+            args.batch,
+            ckpt,
+            args.repeats,
+            args.rank,
+            args.clock or ("cuda" if args.device == "cuda" else "cpu"),
+            args.no_checkpoint_strategies,
+            args.device,
+            not args.no_count,
+        )
         t = r["times_s"]
         print(
             f"{args.model:8} {ckpt!s:5} {t['lora']:8.4f} {t['fwd_b']:8.4f} {t['cat']:8.4f} {t['naive']:8.4f} "
             f"{r['cat_overhead_fwd_b']:8.2f} {r['naive_overhead_fwd_b']:9.2f} {r['cat_over_naive']:9.3f} "
-            f"{r['flops_ratio']:6.3f} {r['saved_ratio']:6.3f}"
+            f"{r.get('flops_ratio', float('nan')):6.3f} {r.get('saved_ratio', float('nan')):6.3f}"
         )
+        print(
+            f"  engine vs naive: loss rel err {r['loss_rel_err']:.1e}, max LoRA grad rel err {r['max_grad_rel_err']:.1e}"
+        )
+        if r["cat_overhead_vs_engine_lora_fwd_b"] is not None:
+            print(
+                f"  lora[engine] (LoRA step through the engine's checkpoint): {t['lora[engine]']:.4f} s; "
+                f"cat overhead against it {r['cat_overhead_vs_engine_lora_fwd_b']:.2f} no-grad forwards of B rows"
+            )
+        for name, overhead in r["strategies_overhead_fwd_b"].items():
+            print(f"  {name}: {t[name]:.4f} s, overhead {overhead:.2f} no-grad forwards of B rows")
         if not args.no_record:
             RESULTS.parent.mkdir(parents=True, exist_ok=True)
             with RESULTS.open("a") as f:
