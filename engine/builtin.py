@@ -188,7 +188,12 @@ def _fingerprint(pipe) -> str:
             described[name] = dict(config)
         elif module is not None:
             described[name] = [type(module).__name__, len(getattr(module, "encoder", {}) or {})]
-    blob = json.dumps(described, sort_keys=True, default=str)
+    def stable(value):  # sets (diffusers' _use_default_values) print in hash order: sort them
+        return sorted(map(str, value)) if isinstance(value, (set, frozenset)) else str(value)
+
+    described = {k: {n: v for n, v in d.items() if not str(n).startswith("_")} if isinstance(d, dict) else d
+                 for k, d in described.items()}  # fmt: skip
+    blob = json.dumps(described, sort_keys=True, default=stable)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
