@@ -32,6 +32,9 @@ class TrainConfig:
     caption_template: str = DEFAULT_CAPTION_TEMPLATE
     plain_mode: str = "class"
     cat_weight: float = 1.0
+    # several concepts in one adapter: [{data, token, class_word, caption_template?}, ...];
+    # None: the one concept of data/token/class_word above
+    concepts: list[dict] | None = None
     # the adapter
     rank: int = 16
     alpha: float | None = None  # None: alpha = rank (scale 1)
@@ -81,10 +84,53 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        if self.concepts is not None:
+            self.concepts = normalize_concepts(self.concepts, self.caption_template)
+            if self.data is not None:
+                raise ConfigError("give the data either as --data or as concepts, not both")
         return self
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+CONCEPT_KEYS = ("data", "token", "class_word", "caption_template")
+
+
+def normalize_concepts(concepts, default_template: str) -> list[dict]:
+    """Check a ``concepts`` list; return it with every key present (``caption_template`` filled in).
+
+    Each entry needs ``data``, ``token`` and ``class_word``; tokens must differ, since the token is
+    what tells the concepts apart in the captions.
+    """
+    if not isinstance(concepts, list) or not concepts:
+        raise ConfigError("concepts: expected a non-empty list of {data, token, class_word} entries")
+    out = []
+    for i, entry in enumerate(concepts):
+        if not isinstance(entry, dict):
+            raise ConfigError(
+                f"concepts[{i}]: expected a mapping with data, token, class_word; got {entry!r}"
+            )
+        entry = {str(k).replace("-", "_"): v for k, v in entry.items()}
+        unknown = sorted(set(entry) - set(CONCEPT_KEYS))
+        missing = [k for k in CONCEPT_KEYS[:3] if not str(entry.get(k) or "").strip()]
+        if unknown:
+            raise ConfigError(f"concepts[{i}]: unknown key {unknown[0]!r} (known: {', '.join(CONCEPT_KEYS)})")
+        if missing:
+            raise ConfigError(f"concepts[{i}]: missing {', '.join(missing)}")
+        out.append(
+            {
+                **{k: str(entry[k]) for k in CONCEPT_KEYS[:3]},
+                "caption_template": str(entry.get("caption_template") or default_template),
+            }
+        )
+    tokens = [c["token"] for c in out]
+    repeated = sorted({t for t in tokens if tokens.count(t) > 1})
+    if repeated:
+        raise ConfigError(
+            f"concepts: token {repeated[0]!r} is used by more than one concept; give each its own"
+        )
+    return out
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

@@ -1,0 +1,207 @@
+"""Data-parallel training on ``torch.distributed``: the process group, rank helpers, the DDP step.
+
+Launched by ``torchrun`` (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK`` in the environment), a process
+joins the group with gloo on the CPU and nccl on a GPU; launched plainly, it runs alone and every
+helper here is a no-op, so the recipe has one code path for one process and for many.
+
+The split-batch step (``cat_loss``) needs the raw UNet: it reads the UNet's split state, walks its
+modules and installs its own checkpoint function for the call. So DDP does not wrap the UNet; it
+wraps :class:`CatStep`, a module whose only parameters are the LoRA tensors and whose forward calls
+``cat_loss`` on the UNet it holds. DDP then synchronises exactly those tensors: the frozen weights
+are neither broadcast at start-up nor looked at by the reducer.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+# Environment variables torchrun sets in every process it starts.
+WORLD_ENV, RANK_ENV, LOCAL_RANK_ENV = "WORLD_SIZE", "RANK", "LOCAL_RANK"
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands: ``rank`` of ``world``; ``world == 1`` is a plain single process."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one process that writes outputs."""
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+SINGLE = DistContext()
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get(WORLD_ENV, "1")) > 1
+
+
+def init_distributed(device: str = "auto") -> DistContext:
+    """Join torchrun's process group (no-op when not launched by torchrun).
+
+    ``device`` is the user's ``--device``: ``auto`` and ``cuda`` use nccl on ``cuda:LOCAL_RANK``,
+    ``cpu`` uses gloo. Returns the rank context; :func:`device_for` gives this rank's device.
+    """
+    if not launched_by_torchrun():
+        return SINGLE
+    import torch.distributed as dist
+
+    local = int(os.environ.get(LOCAL_RANK_ENV, "0"))
+    cuda = _wants_cuda(device)
+    if cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return DistContext(dist.get_rank(), dist.get_world_size(), local)
+
+
+def _wants_cuda(device: str) -> bool:
+    if device == "auto":
+        return torch.cuda.is_available()
+    return torch.device(device).type == "cuda"
+
+
+def device_for(device: str, ctx: DistContext) -> torch.device:
+    """This rank's device: under torchrun a GPU per local rank, whatever index ``--device`` named."""
+    cuda = _wants_cuda(device)
+    if not ctx.enabled:
+        if device == "auto":
+            return torch.device("cuda" if cuda else "cpu")
+        return torch.device(device)
+    return torch.device("cuda", ctx.local_rank) if cuda else torch.device("cpu")
+
+
+def shutdown(ctx: DistContext) -> None:
+    if ctx.enabled:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def all_mean(ctx: DistContext, values: torch.Tensor) -> torch.Tensor:
+    """The mean of ``values`` over the ranks (a copy; the input unchanged). One rank: ``values``."""
+    if not ctx.enabled:
+        return values
+    import torch.distributed as dist
+
+    out = values.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out / ctx.world
+
+
+def gather_objects(ctx: DistContext, obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+    if not ctx.enabled:
+        return [obj]
+    import torch.distributed as dist
+
+    parts = [None] * ctx.world
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
+def broadcast_object(ctx: DistContext, obj):
+    """Rank 0's ``obj`` on every rank (an error found on rank 0 reaches all, so all stop alike)."""
+    if not ctx.enabled:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def local_rows(global_batch: int, ctx: DistContext) -> slice:
+    """This rank's rows of a global batch: equal, contiguous slices in rank order.
+
+    Equal slices make DDP's mean of the per-rank mean losses equal the mean over the global batch.
+    Raises ``ValueError`` when the batch does not divide by the number of ranks.
+    """
+    if global_batch % ctx.world:
+        raise ValueError(
+            f"--batch-size {global_batch} is the global batch and must divide by the {ctx.world} ranks "
+            f"(e.g. {-(-global_batch // ctx.world) * ctx.world})"
+        )
+    per_rank = global_batch // ctx.world
+    return slice(ctx.rank * per_rank, (ctx.rank + 1) * per_rank)
+
+
+class CatStep(torch.nn.Module):
+    """``forward(...)`` = ``cat_loss(unet, ...)`` as ``(loss, ldm, cat)``; parameters: the LoRA tensors only.
+
+    The UNet is held outside the module tree (so DDP neither broadcasts nor inspects its frozen
+    weights); the LoRA tensors are registered here as the very ``Parameter`` objects of the UNet,
+    so gradients DDP reduces are the ones the optimizer steps.
+    """
+
+    def __init__(self, unet: torch.nn.Module, lora: list[torch.nn.Parameter], cat_weight: float):
+        super().__init__()
+        object.__setattr__(self, "unet", unet)  # not a submodule, on purpose (see the class doc)
+        self.lora = torch.nn.ParameterList(lora)
+        self.cat_weight = cat_weight
+
+    def forward(self, noisy, timesteps, token_embeds, plain_embeds, target, added=None, plain_added=None):
+        from cat_engine.cat.loss import cat_loss
+
+        out = cat_loss(
+            self.unet,
+            noisy,
+            timesteps,
+            token_embeds,
+            plain_embeds,
+            target,
+            cat_weight=self.cat_weight,
+            added_cond_kwargs=added,
+            plain_added_cond_kwargs=plain_added,
+        )
+        return out.loss, out.ldm, out.cat
+
+
+def data_parallel(step: CatStep, ctx: DistContext, device: torch.device):
+    """``step`` wrapped in DDP when running on several ranks, else ``step`` itself.
+
+    No ``static_graph`` even with gradient checkpointing: the engine's checkpoint Function
+    recomputes each unit once, in a nested backward pass, and every LoRA tensor is used once per
+    step, so each gradient hook fires exactly once and the reducer's end-of-backward callback is
+    queued after the last bucket. tests/cat/test_distributed_train.py checks both ways against one
+    process.
+    """
+    if not ctx.enabled:
+        return step
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def torchrun_command(nproc: int, module: str, args: list[str]) -> list[str]:
+    """The command line that runs ``python -m module args`` on ``nproc`` local ranks."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        module,
+        *args,
+    ]

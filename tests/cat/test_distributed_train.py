@@ -1,0 +1,165 @@
+"""Data-parallel training under torchrun (2 CPU ranks, gloo) equals one process on the same global batch.
+
+Each torchrun launch starts two Python processes that load the tiny random model: a few tens of
+seconds on a 2-core CPU, so the tests share launches where they can.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+import cat_engine.cat.train as train_mod
+from cat_engine.cat.config import TrainConfig
+from cat_engine.engine import checkpoint as ckpt
+from cat_engine.engine.lora import LORA_WEIGHT_NAME
+
+FAST = dict(rank=4, batch_size=2, lr=1e-3, device="cpu", seed=3)
+# Measured: 1.6e-6 to 6.5e-6 max abs difference after 2-4 steps (fp32; the two rows' gradients are
+# summed in another order, and Adam's g / sqrt(v) amplifies that on small gradients). lora_B starts
+# at zero and moves ~1e-3 per step at lr 1e-3, so a rank that trained on the wrong rows or missed the
+# all-reduce is far outside the tolerance (checked by lora_b_moved).
+TOL = 5e-5
+
+
+def random_base() -> str:
+    """The tiny random-weight model: code paths only, no dependence on a pretrained default."""
+    from cat_engine.engine import builtin
+
+    try:
+        return str(builtin.builtin_model_dir(pretrained=False))
+    except TypeError:  # a version without the pretrained toy world
+        return str(builtin.builtin_model_dir())
+
+
+def _flags(options: dict) -> list[str]:
+    out = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            out.append(flag)
+        elif value is not False:
+            out += [flag, str(value)]
+    return out
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(tmp_path, nproc: int = 2, **options):
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "cat_engine.cat.train",
+        *_flags({"base": random_base(), **FAST, **options}),
+    ]
+    result = subprocess.run(command, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def single(**options):
+    config = TrainConfig(base=random_base(), **{**FAST, **options}).validate()
+    return train_mod.train(config, progress=False)
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def lora_b_moved(weights: dict) -> float:
+    """The largest lora_B entry: how far training moved the adapter from its zero-initialised B."""
+    return max(v.abs().max().item() for k, v in weights.items() if "lora_B" in k)
+
+
+def step_lora(output, step):
+    return load_file(str(output / ckpt.CHECKPOINTS / f"step-{step}" / ckpt.LORA_FILE))
+
+
+def test_two_ranks_equal_one_process_and_resume_on_another_rank_count(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    # One process: 4 steps of global batch 2, a checkpoint at step 2.
+    single(output=str(one), steps=4, save_every=2)
+    # Two ranks, one row each: the first 2 steps.
+    torchrun(tmp_path, output=two, steps=2, save_every=0)
+    diff = max_diff(step_lora(two, 2), step_lora(one, 2))
+    moved = lora_b_moved(step_lora(one, 2))
+    print(f"2 ranks vs 1 process after 2 steps: max abs diff {diff:.3g} (lora_B moved {moved:.3g})")
+    assert diff < TOL < moved / 20
+    # Only rank 0 wrote: one log line per step, not one per rank.
+    assert len((two / train_mod.LOG_FILE).read_text().splitlines()) == 2
+
+    # The 2-rank checkpoint resumed by one process continues the same run.
+    single(output=str(two), steps=4, save_every=2, resume="latest")
+    a, b = load_file(str(two / LORA_WEIGHT_NAME)), load_file(str(one / LORA_WEIGHT_NAME))
+    diff = max_diff(a, b)
+    print(f"2 ranks (2 steps) + 1 process (2 steps) vs 1 process (4 steps): max abs diff {diff:.3g}")
+    assert diff < TOL
+
+
+def test_two_ranks_with_gradient_checkpointing_equal_one_process(tmp_path):
+    # The checkpoint Function recomputes inside backward (a nested backward pass): DDP's gradient
+    # hooks must still fire once per LoRA tensor and the all-reduce see every gradient.
+    torchrun(tmp_path, output=tmp_path / "two", steps=3, save_every=0, gradient_checkpointing=True)
+    single(output=str(tmp_path / "one"), steps=3, save_every=0, gradient_checkpointing=True)
+    a = load_file(str(tmp_path / "two" / LORA_WEIGHT_NAME))
+    b = load_file(str(tmp_path / "one" / LORA_WEIGHT_NAME))
+    diff = max_diff(a, b)
+    print(f"2 ranks vs 1 process, gradient checkpointing, 3 steps: max abs diff {diff:.3g}")
+    assert diff < TOL < lora_b_moved(b) / 20
+
+
+def test_global_batch_must_divide_by_the_ranks(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "cat_engine.cat.cli", "train", "--nproc", "2", "--batch-size", "3"],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert "--batch-size 3 is the global batch and must divide by the 2 ranks" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_nproc_relaunches_the_same_options_under_torchrun(monkeypatch):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    train_mod.add_arguments(parser)
+    args = parser.parse_args(
+        ["--nproc", "2", "--batch-size", "4", "--concept", "a/b:sks:dog", "--flip", "--no-compile"]
+        + ["--targets", "to_q,to_v"]
+    )
+    seen = {}
+
+    def fake_run(command, **kwargs):
+        seen["command"] = command
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    assert train_mod.launch(args) == 0
+    command = seen["command"]
+    assert command[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    rest = command[command.index("cat_engine.cat.train") + 1 :]
+    assert "--nproc" not in rest
+    reparsed = parser.parse_args(rest)
+    for name in ("concepts", "flip", "compile", "batch_size", "targets"):
+        assert getattr(reparsed, name) == getattr(args, name), name
+
+
+@pytest.mark.parametrize("world, batch", [(2, 4), (4, 4)])
+def test_rank_slices_tile_the_global_batch(world, batch):
+    from cat_engine.engine.distributed import DistContext, local_rows
+
+    rows = [local_rows(batch, DistContext(r, world)) for r in range(world)]
+    assert [i for s in rows for i in range(batch)[s]] == list(range(batch))
