@@ -233,7 +233,7 @@ def write_chart(record: dict, path: Path) -> Path:
         )
     if len(series) > 1:
         ax_m.legend(fontsize=8)
-    ax_m.set_xlabel("memory, MiB")
+    ax_m.set_xlabel("memory, MiB" if len(series) > 1 else f"{series[0][1]}, MiB")
     cfg = record["config"]
     fig.suptitle(
         f"{cfg['preset']} {cfg['resolution']} px, batch {cfg['batch']}, rank {cfg['rank']}, {cfg['precision']}, "
