@@ -216,6 +216,10 @@ class _ValuelessFrozen(torch.autograd.Function):
         return dx, None
 
 
+def _valueless_forward(module, x):
+    return _ValuelessFrozen.apply(x, module)
+
+
 @contextmanager
 def _skip_tail(module, args):
     """Recompute a unit without the frozen Linear/Conv2d calls that come after its last saved tensor.
@@ -233,7 +237,8 @@ def _skip_tail(module, args):
     if key in known:
         tail = known[key]
         for m in tail:
-            m.forward = functools.partial(_ValuelessFrozen.apply, module=m)
+            # Function.apply takes positional arguments only (torch 2.11 refuses keywords).
+            m.forward = functools.partial(_valueless_forward, m)
         try:
             yield
         finally:
