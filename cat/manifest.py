@@ -1,0 +1,215 @@
+"""``cat-engine train --manifest concepts.yaml``: a LoRA farm, one adapter per concept listed.
+
+The manifest (YAML)::
+
+    output: runs/farm             # the farm's folder; each concept trains into output/NAME
+    defaults: {steps: 400}        # options for every concept (any cat-engine train option)
+    kps: {seeds: 2, steps: 20}    # the KPS run after each adapter (eval options), or false
+    concepts:
+      - name: bug                 # default: TOKEN-CLASS_WORD
+        data: photos/bug          # relative folders are read from the manifest's own folder
+        token: zwx
+        class_word: bug
+        rank: 8                   # any option, for this concept only
+
+Precedence, lowest first: built-in defaults, ``--config``, the manifest's ``defaults``, the concept's
+entry, then the flags on the command line (``--steps 10`` shortens every concept's run). Under
+torchrun concept ``i`` trains on rank ``i % world`` (each rank on its own device, one process per
+adapter, no DDP); rank 0 prints a summary table at the end and writes it to ``output/summary.json``.
+A concept that fails (a bad data folder...) is reported in the table and the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+from cat_engine.cat.config import FIELDS, ConfigError, TrainConfig, build_config, load_yaml
+from cat_engine.engine import distributed as dist
+
+log = logging.getLogger("cat_engine")
+SUMMARY_FILE = "summary.json"
+KPS_FOLDER = "kps"
+MANIFEST_KEYS = ("output", "defaults", "kps", "concepts")
+# The KPS run of a farm is a quick look, not a benchmark: few seeds and sampling steps by default.
+KPS_DEFAULTS = {"seeds": 2, "steps": 20}
+KPS_OPTIONS = ("seeds", "steps", "guidance", "clip", "resolution", "prompts", "batch_size", "dtype")
+# Flags that name one concept's data: meaningless for a farm of many.
+PER_CONCEPT_FLAGS = ("data", "token", "class_word", "concepts", "resume")
+
+
+def _options(raw: dict, where: str) -> dict:
+    values = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in FIELDS:
+            raise ConfigError(f"{where}: unknown option {key!r}")
+        values[name] = value
+    return values
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The manifest as ``{output, defaults, kps, concepts: [(name, options)]}``; data folders made absolute."""
+    import yaml
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"--manifest {path}: no such file")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--manifest {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if isinstance(raw, list):  # a bare list of concepts
+        raw = {"concepts": raw}
+    if not isinstance(raw, dict) or not raw.get("concepts"):
+        raise ConfigError(f"--manifest {path}: expected 'concepts:' with a list of concepts")
+    unknown = sorted(set(raw) - set(MANIFEST_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"--manifest {path}: unknown key {unknown[0]!r} (known: {', '.join(MANIFEST_KEYS)})"
+        )
+    kps = raw.get("kps", {})
+    if kps is not False:
+        kps = {str(k).replace("-", "_"): v for k, v in (kps or {}).items()}
+        bad = sorted(set(kps) - set(KPS_OPTIONS))
+        if bad:
+            raise ConfigError(
+                f"--manifest {path}: kps: unknown option {bad[0]!r} (known: {', '.join(KPS_OPTIONS)})"
+            )
+        kps = {**KPS_DEFAULTS, **kps}
+    defaults = _options(raw.get("defaults") or {}, f"--manifest {path}: defaults")
+    concepts, names = [], set()
+    for i, entry in enumerate(raw["concepts"]):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"--manifest {path}: concepts[{i}] must be a mapping of options")
+        entry = dict(entry)
+        name = str(entry.pop("name", "") or f"{entry.get('token', 'sks')}-{entry.get('class_word', 'star')}")
+        if name in names or "/" in name:
+            raise ConfigError(f"--manifest {path}: concept name {name!r} repeated or not a folder name")
+        names.add(name)
+        options = _options(entry, f"--manifest {path}: concepts[{i}] ({name})")
+        if options.get("data"):
+            data = Path(str(options["data"])).expanduser()
+            options["data"] = str(data if data.is_absolute() else path.parent / data)
+        for concept in options.get("concepts") or []:  # a multi-concept adapter in the farm
+            if isinstance(concept, dict) and concept.get("data") and not Path(concept["data"]).is_absolute():
+                concept["data"] = str(path.parent / concept["data"])
+        concepts.append((name, options))
+    return {"output": raw.get("output"), "defaults": defaults, "kps": kps, "concepts": concepts}
+
+
+def farm_configs(args: argparse.Namespace, manifest: dict) -> tuple[Path, list[tuple[str, TrainConfig]]]:
+    """The farm folder and every concept's validated config (all checked before any training)."""
+    given = {k: getattr(args, k) for k in FIELDS if getattr(args, k, None) is not None}
+    clash = [k for k in PER_CONCEPT_FLAGS if k in given]
+    if clash:
+        flag = "--" + clash[0].replace("_", "-")
+        raise ConfigError(f"{flag} cannot be combined with --manifest: set it per concept in the manifest")
+    root = Path(given.pop("output", None) or manifest["output"] or TrainConfig.output)
+    base = load_yaml(args.config) if args.config else {}
+    configs = []
+    for name, options in manifest["concepts"]:
+        try:
+            config = build_config({**base, **manifest["defaults"], **options}, given)
+        except ConfigError as exc:
+            raise ConfigError(f"--manifest concept {name}: {exc}") from None
+        config.output = str(root / name)
+        configs.append((name, config))
+    return root, configs
+
+
+def kps_args(config: TrainConfig, kps: dict, lora: Path, out: Path, farm: Path) -> argparse.Namespace:
+    """``cat-engine eval`` arguments for one concept's adapter."""
+    from cat_engine.cat import eval as ev
+    from cat_engine.cat.train import concept_list
+
+    concept = concept_list(config)[0]
+    argv = ["--base", config.base, "--lora", str(lora), "--output", str(out), "--no-progress"]
+    argv += ["--refs", concept["data"], "--token", concept["token"], "--class-word", concept["class_word"]]
+    for key, value in kps.items():
+        if key == "prompts" and isinstance(value, list):  # templates listed inline: eval reads a file
+            prompts = farm / "kps_prompts.txt"
+            prompts.write_text("".join(f"{t}\n" for t in value), encoding="utf-8")
+            value = prompts
+        argv += ["--" + key.replace("_", "-"), str(value)]
+    parser = argparse.ArgumentParser()
+    ev.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def _final_losses(output: Path) -> dict:
+    from cat_engine.cat.train import LOG_FILE
+
+    lines = (output / LOG_FILE).read_text().splitlines() if (output / LOG_FILE).is_file() else []
+    last = json.loads(lines[-1]) if lines else {}
+    return {"steps": last.get("step"), "ldm": last.get("ldm"), "cat": last.get("cat")}
+
+
+def train_concept(
+    name: str, config: TrainConfig, kps, farm: Path, ranks: dist.DistContext, progress: bool
+) -> dict:
+    """Train one adapter (this process alone) and score it; a row of the summary table."""
+    from cat_engine.cat import eval as ev
+    from cat_engine.cat.cli import UserError
+    from cat_engine.cat.train import train
+
+    row = {"concept": name, "rank": ranks.rank, "output": config.output}
+    device = dist.device_for(config.device, ranks)
+    if device.type == "cuda":  # this rank's own GPU: the farm runs one adapter per device
+        config.device = str(device)
+    start = time.perf_counter()
+    try:
+        lora = train(config, progress=progress)
+        row.update(_final_losses(Path(config.output)), train_seconds=round(time.perf_counter() - start, 1))
+        if kps is not False and config.concepts is None:
+            out = Path(config.output) / KPS_FOLDER
+            ev.run(kps_args(config, kps, lora, out, farm), dist=ev.Dist(0, 1, device))
+            report = json.loads((out / "kps.json").read_text())
+            row.update({k: report[k] for k in ("kps", "identity", "preservation")})
+    except (UserError, ValueError, RuntimeError) as exc:  # the engine's errors are ValueErrors
+        log.error("concept %s failed: %s", name, exc)
+        row["error"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return row
+
+
+def format_table(rows: list[dict]) -> str:
+    columns = ("concept", "rank", "steps", "ldm", "cat", "kps", "identity", "preservation", "output")
+
+    def cell(row, key):
+        value = row.get(key)
+        if key == "output" and "error" in row:
+            return "FAILED: " + row["error"]
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return "-" if value is None else str(value)
+
+    table = [columns] + [tuple(cell(r, k) for k in columns) for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in table)
+
+
+def run_manifest(args: argparse.Namespace) -> int:
+    """Train every concept of ``--manifest`` (sharded over the ranks); rank 0 writes the summary."""
+    manifest = read_manifest(args.manifest)
+    farm, configs = farm_configs(args, manifest)
+    ranks = dist.init_distributed(configs[0][1].device)
+    try:
+        farm.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for i, (name, config) in enumerate(configs):
+            if i % ranks.world == ranks.rank:
+                rows.append(train_concept(name, config, manifest["kps"], farm, ranks, progress=ranks.main))
+        rows = [r for part in dist.gather_objects(ranks, rows) for r in part]
+    finally:
+        dist.shutdown(ranks)
+    if not ranks.main:
+        return 0
+    order = {str(config.output): i for i, (_, config) in enumerate(configs)}
+    rows.sort(key=lambda r: order[r["output"]])
+    (farm / SUMMARY_FILE).write_text(json.dumps({"concepts": rows, "ranks": ranks.world}, indent=1) + "\n")
+    print(format_table(rows))
+    print(f"wrote {farm / SUMMARY_FILE}")
+    return 1 if any("error" in r for r in rows) else 0
