@@ -18,7 +18,7 @@ generated image per row and a reference image per column). Sharded over torchrun
 
 The concepts file is YAML: a list (or ``concepts:`` holding one) of ``{token, class_word, refs}``;
 ``data`` is accepted for ``refs``, so a training config's ``concepts`` list serves as is. Relative
-folders are read from the file's own folder.
+folders are read from the working folder, as ``cat-engine train --config`` reads them.
 """
 
 from __future__ import annotations
@@ -62,14 +62,8 @@ def read_concepts(path: str | Path) -> list[dict]:
         refs = entry.get("refs") or entry.get("data")
         if not (entry.get("token") and entry.get("class_word") and refs):
             raise UserError(f"--concepts {path}: entry {i} needs token, class_word and refs (or data)")
-        folder = Path(str(refs)).expanduser()
-        concepts.append(
-            {
-                "token": str(entry["token"]),
-                "class_word": str(entry["class_word"]),
-                "refs": folder if folder.is_absolute() else path.parent / folder,
-            }
-        )
+        refs = Path(str(refs)).expanduser()
+        concepts.append({"token": str(entry["token"]), "class_word": str(entry["class_word"]), "refs": refs})
     tokens = [c["token"] for c in concepts]
     if len(set(tokens)) != len(tokens):
         raise UserError(f"--concepts {path}: every concept needs its own token")

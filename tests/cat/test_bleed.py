@@ -35,12 +35,12 @@ def test_identity_matrix_rows_are_prompts_and_columns_are_references():
     assert "0.5000" in text.splitlines()[-2] and text.splitlines()[-2].startswith("bb")
 
 
-def test_concepts_file_accepts_training_configs_and_relative_folders(tmp_path):
+def test_concepts_file_accepts_training_configs(tmp_path):
     (tmp_path / "c.yaml").write_text(
         "concepts:\n  - {data: bug, token: zwx, class_word: bug}\n  - {refs: /abs/fish, token: qlp, class-word: fish}\n"
     )
     concepts = bleed.read_concepts(tmp_path / "c.yaml")
-    assert concepts[0]["refs"] == tmp_path / "bug" and str(concepts[1]["refs"]) == "/abs/fish"
+    assert str(concepts[0]["refs"]) == "bug" and str(concepts[1]["refs"]) == "/abs/fish"
     assert [c["class_word"] for c in concepts] == ["bug", "fish"]
     (tmp_path / "one.yaml").write_text("- {refs: a, token: zwx, class_word: bug}\n")
     with pytest.raises(UserError, match="at least two"):
@@ -73,7 +73,8 @@ def test_eval_concepts_writes_matrix_per_concept_kps_and_grids(tmp_path, capsys)
     _refs(tmp_path / "bug", (200, 30, 30))
     _refs(tmp_path / "fish", (30, 30, 200))
     (tmp_path / "concepts.yaml").write_text(
-        "- {refs: bug, token: zwx, class_word: bug}\n- {refs: fish, token: qlp, class_word: fish}\n"
+        f"- {{refs: {tmp_path / 'bug'}, token: zwx, class_word: bug}}\n"
+        f"- {{refs: {tmp_path / 'fish'}, token: qlp, class_word: fish}}\n"
     )
     (tmp_path / "prompts.txt").write_text("a photo of {}\n")
     code = main(
