@@ -5,7 +5,7 @@ rest (the frozen base model's rows) are computed but never enter autograd: no ac
 row is saved for backward and no backward op runs on one. Every frozen op that needs no gradient
 runs all rows together.
 
-How (one call, three kinds of module call):
+How (one call, three kinds of module call; with checkpointing, or ``no_checkpoint="split"``):
 
 * **Units** are the modules diffusers hands to its gradient-checkpointing function
   (``ResnetBlock2D`` and ``BasicTransformerBlock`` in diffusers 0.42; ``Transformer2DModel`` itself is
@@ -14,9 +14,12 @@ How (one call, three kinds of module call):
   - with gradient checkpointing enabled, :class:`_AdapterRowCheckpoint`: forward under ``no_grad``
     over *all* rows, keep only the adapter rows' inputs, and in backward recompute the unit on the
     adapter rows alone and backprop. The base rows ride along in a forward that runs anyway.
-  - without checkpointing (diffusers' flag is switched on for the duration of the call only so that
-    the units pass through our function), a row split: base rows under ``no_grad``, adapter rows
-    with grad, outputs concatenated.
+    The recompute skips the frozen Linear/Conv2d calls after a unit's last saved tensor
+    (:func:`_skip_tail`), as torch's own checkpoint does, so its FLOPs equal a LoRA step's.
+  - without checkpointing and ``no_checkpoint="split"`` (diffusers' flag is switched on for the
+    duration of the call only so that the units pass through our function), a row split: base rows
+    under ``no_grad``, adapter rows with grad, outputs concatenated. The default without
+    checkpointing is two plain calls instead (measured below).
 
 * **Glue**: the leaf modules that run between units (the norm, ``proj_in``/``proj_out`` of
   ``Transformer2DModel``, down/up-sampling convs, ``conv_norm_out``/``conv_out``; a LoRA layer that
@@ -39,16 +42,26 @@ The LoRA layers must honour ``split_state(unet).adapter_rows``: the fused layers
 ``engine/fused_lora.py`` do; a UNet with plain peft LoRA layers is refused, since its base rows would
 silently carry the adapter.
 
-Measured (``python -m cat_engine.bench.split_overhead``; see ``bench/results/split_overhead.jsonl``):
-see the section "Without checkpointing" at the bottom of this docstring for the choice made there.
+Without checkpointing (``no_checkpoint``), measured with ``OMP_NUM_THREADS=1 python -m
+cat_engine.bench.split_overhead --model small --checkpointing off --no-checkpoint-strategies split
+two_calls checkpoint`` (CPU, process time, fp32, B=1, rank 8) and ``--device cuda`` on an H200
+(fp32, B=1; small and full-size SD1.5 at 512 px). Overhead = (CAT step - LoRA step on 2B rows) in
+no-grad forwards of B rows:
 
-Without checkpointing:
-    Options measured on CPU, fp32, the "small" SD-shaped UNet (see the bench), B=1:
-    (a) this module's one-call row split, (b) two calls (adapter rows with grad, base rows under
-    ``no_grad``), (c) checkpointing everything (the unit Function forced on). FLOPs: (a) and (b)
-    both equal a LoRA step on 2B rows plus one no-grad forward of B rows (a slightly less, shared
-    rows); (c) adds a recompute of 2B rows. Saved bytes: (a) = (b) = the LoRA step's; (c) far less.
-    Time: filled in below by the measurement.
+    strategy     FLOPs / (LoRA 2B + fwd B)   saved / LoRA 2B   CPU small   H200 small   H200 sd15
+    two_calls    1.00                        1.00              0.96        1.27         1.41
+    split        0.985 (shared rows)         1.00              0.99        1.9-2.1      1.3-1.7
+    checkpoint   ~1.25 (recompute 2B)        ~0.2              2.40        -            -
+
+``two_calls`` is the default: the same FLOPs and bytes, as fast on a CPU, and fewer, larger
+kernel launches on a GPU (``split`` runs every module twice plus a concatenation). It does not
+share the pre-LoRA work between plain and base rows (about 2% of SD1.5's FLOPs: ``conv_in`` and the
+first resnet); ``split`` does. ``checkpoint`` is checkpointing under another name.
+
+With checkpointing the one-call design above is the only one: CPU small ``0.72`` no-grad forwards
+of overhead (naive three-pass: 1.80), H200 SD1.5 ``-0.01`` against a LoRA step through the same
+checkpoint Function (the third group rides in a forward that runs anyway), engine / naive 0.69.
+Every figure, with its command, is in ``bench/results/split_overhead.jsonl``.
 """
 
 from __future__ import annotations
@@ -572,7 +585,7 @@ def split_batch_call(
     adapter_rows: int,
     added_cond_kwargs: dict | None = None,
     *,
-    no_checkpoint: str = "split",
+    no_checkpoint: str = "two_calls",
 ) -> torch.Tensor:
     """One UNet call over a split batch; returns the prediction for all ``N`` rows.
 
@@ -587,9 +600,10 @@ def split_batch_call(
             the frozen model's, computed without autograd (their outputs have no gradient path).
         added_cond_kwargs: SDXL's ``{"text_embeds": [N, P], "time_ids": [N, 6]}``.
         no_checkpoint: how to keep base rows out of autograd when the UNet has no gradient
-            checkpointing: ``"split"`` (row-split every unit and glue module in one call, default),
-            ``"two_calls"`` (adapter rows with grad, then base rows under no_grad), or
-            ``"checkpoint"`` (the checkpoint Function on every unit: least memory, one more forward).
+            checkpointing: ``"two_calls"`` (default: adapter rows with grad, then base rows under
+            no_grad), ``"split"`` (one call, every unit and glue module row-split; shares the
+            pre-LoRA work but launches more, slower on a GPU), or ``"checkpoint"`` (the checkpoint
+            Function on every unit: least memory, one more forward of the adapter rows).
 
     Gradients reach the LoRA weights through ``loss.backward()`` (units recompute reentrantly and
     accumulate into ``.grad``; ``torch.autograd.grad`` w.r.t. LoRA weights is not supported).
@@ -629,7 +643,7 @@ def split_batch_call(
                 unet,
                 full[ada],
                 timesteps[ada] if per_row else timesteps,
-                embeds[ada],
+                embeds[ada].clone(),  # a saved view would keep the base rows' embeddings alive
                 _take(added_cond_kwargs, ada),
             )
         with torch.no_grad(), _adapter_rows_ctx(unet, 0):

@@ -128,8 +128,10 @@ def test_base_rows_give_no_gradient():
 
 
 @pytest.mark.parametrize("same_pooled", [False, True])
-def test_work_before_the_first_lora_layer_runs_once_per_distinct_group(same_pooled):
-    unet = _unet("sdxl")
+@pytest.mark.parametrize("strategy", ["ckpt", "split"])
+def test_work_before_the_first_lora_layer_runs_once_per_distinct_group(same_pooled, strategy):
+    """One-call modes (checkpointing, or the "split" strategy without it) share the pre-LoRA work."""
+    unet = _unet("sdxl", checkpointing=strategy == "ckpt")
     z, t, embeds, added = _batch(unet, "sdxl", same_pooled)
     rows = {}
 
@@ -154,7 +156,7 @@ def test_work_before_the_first_lora_layer_runs_once_per_distinct_group(same_pool
         .register_forward_hook(record("first_lora_block")),
     ]
     try:
-        split_batch_call(unet, z, t, embeds, 2 * B, added)
+        split_batch_call(unet, z, t, embeds, 2 * B, added, no_checkpoint="split")
     finally:
         for h in handles:
             h.remove()
@@ -162,8 +164,9 @@ def test_work_before_the_first_lora_layer_runs_once_per_distinct_group(same_pool
     assert rows["conv_in"] == [B]  # same z_t for token, plain and base rows
     # The time embedding carries the pooled text: token rows differ from plain ones unless equal.
     assert rows["resnet0"] == [B if same_pooled else 2 * B]
-    # From the first LoRA layer on, every row is its own (here row-split: base rows, adapter rows).
-    assert rows["first_lora_block"] == [B, 2 * B]
+    # From the first LoRA layer on, every row is its own: all rows in the checkpointed no-grad
+    # forward, or row-split (base rows, then adapter rows).
+    assert rows["first_lora_block"] == ([3 * B] if strategy == "ckpt" else [B, 2 * B])
 
 
 def test_unet_is_left_as_found():
