@@ -49,8 +49,8 @@ two_calls checkpoint`` (CPU, process time, fp32, B=1, rank 8) and ``--device cud
 no-grad forwards of B rows:
 
     strategy     FLOPs / (LoRA 2B + fwd B)   saved / LoRA 2B   CPU small   H200 small   H200 sd15
-    two_calls    1.00                        1.00              0.96        1.27         1.41
-    split        0.985 (shared rows)         1.00              0.99        1.9-2.1      1.3-1.7
+    two_calls    1.00                        1.00              0.96-1.00   1.27         1.41
+    split        0.985 (shared rows)         1.00              0.99-1.19   1.9-2.1      1.3-1.7
     checkpoint   ~1.25 (recompute 2B)        ~0.2              2.40        -            -
 
 ``two_calls`` is the default: the same FLOPs and bytes, as fast on a CPU, and fewer, larger
@@ -58,8 +58,8 @@ kernel launches on a GPU (``split`` runs every module twice plus a concatenation
 share the pre-LoRA work between plain and base rows (about 2% of SD1.5's FLOPs: ``conv_in`` and the
 first resnet); ``split`` does. ``checkpoint`` is checkpointing under another name.
 
-With checkpointing the one-call design above is the only one: CPU small ``0.72`` no-grad forwards
-of overhead (naive three-pass: 1.80), H200 SD1.5 ``-0.01`` against a LoRA step through the same
+With checkpointing the one-call design above is the only one: CPU small ``0.67-0.72`` no-grad
+forwards of overhead (naive three-pass: 1.62-1.80), H200 SD1.5 ``-0.01`` against a LoRA step through the same
 checkpoint Function (the third group rides in a forward that runs anyway), engine / naive 0.69.
 Every figure, with its command, is in ``bench/results/split_overhead.jsonl``.
 """
