@@ -478,7 +478,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "data": "folder of concept images (+ optional same-name .txt captions); default: built-in set",
         "token": "trigger token (default: sks)",
         "class_word": "class word of the concept (default: star)",
-        "concepts": "DATA:TOKEN:CLASS, repeatable: several concepts in one adapter (instead of --data)",
+        "concepts": "repeatable: several concepts in one adapter (instead of --data/--token/--class-word)",
         "caption_template": "caption for images without a .txt (default: 'a photo of {token} {class_word}')",
         "plain_mode": "plain caption for the CAT term: class (token -> class word), strip, empty",
         "cat_weight": "lambda of the CAT term (default 1.0; 0 = plain LoRA)",
@@ -529,6 +529,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 action="append",
                 type=_concept_flag,
                 default=None,
+                metavar="DATA:TOKEN:CLASS",
                 help=help_text[name],
             )
             continue
