@@ -87,6 +87,7 @@ def step_lora(output, step):
     return load_file(str(output / ckpt.CHECKPOINTS / f"step-{step}" / ckpt.LORA_FILE))
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_process_and_resume_on_another_rank_count(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     # One process: 4 steps of global batch 2, a checkpoint at step 2.
@@ -108,6 +109,7 @@ def test_two_ranks_equal_one_process_and_resume_on_another_rank_count(tmp_path):
     assert diff < TOL
 
 
+@pytest.mark.slow
 def test_two_ranks_with_gradient_checkpointing_equal_one_process(tmp_path):
     # The checkpoint Function recomputes inside backward (a nested backward pass): DDP's gradient
     # hooks must still fire once per LoRA tensor and the all-reduce see every gradient.

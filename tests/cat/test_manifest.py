@@ -87,6 +87,7 @@ def test_bad_manifest_is_one_clear_error(tmp_path, text, argv, message):
         farm.farm_configs(_args(*argv), farm.read_manifest(path))
 
 
+@pytest.mark.slow
 def test_manifest_on_two_ranks_trains_each_concept_once_with_kps_and_summary(manifest_file, tmp_path):
     from cat_engine.cat.eval import resolve_clip
 
