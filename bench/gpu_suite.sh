@@ -77,7 +77,7 @@ PYTEST=("$PY" -m pytest "$REPO/tests/kernels" -q -p no:cacheprovider --rootdir "
 if [[ $DRY == 1 ]]; then
     step kernel_tests 60 "${PYTEST[@]}" --collect-only
 else
-    step kernel_tests 120 "${PYTEST[@]}"
+    step kernel_tests "${CAT_SUITE_KERNEL_LIMIT:-120}" "${PYTEST[@]}"
 fi
 
 # 3. The LoRA microbenchmark (bench/lora_microbench.py), when this checkout has it.
@@ -85,7 +85,9 @@ if [[ -f "$REPO/bench/lora_microbench.py" ]]; then
     if [[ $DRY == 1 ]]; then
         step lora_microbench 30 "$PY" -c "import cat_engine.bench.lora_microbench"
     else
-        step lora_microbench 50 "$PY" -m cat_engine.bench.lora_microbench --out "$OUT/lora_microbench.jsonl"
+        # CAT_SUITE_MICROBENCH_ARGS: e.g. --quick, when the device time is short.
+        step lora_microbench "${CAT_SUITE_MICROBENCH_LIMIT:-50}" "$PY" -m cat_engine.bench.lora_microbench \
+            --out "$OUT/lora_microbench.jsonl" ${CAT_SUITE_MICROBENCH_ARGS:-}
     fi
 else
     echo "== lora_microbench: not in this checkout"
@@ -100,14 +102,20 @@ if [[ $DRY == 1 ]]; then
     BENCH_ARGS=(--device cpu --precision fp32 --steps 1 --warmup 0)
 else
     RUNS=("sd15 512 60 45" "sdxl 1024 110 80")
+    # CAT_SUITE_RUNS overrides: "preset px limit_off limit_on;..." (a limit of 0 skips that run).
+    if [[ -n "${CAT_SUITE_RUNS:-}" ]]; then IFS=';' read -r -a RUNS <<< "$CAT_SUITE_RUNS"; fi
     BENCH_ARGS=(--device cuda --precision bf16 --steps 5 --warmup 2)
 fi
 for run in "${RUNS[@]}"; do
     read -r preset px limit_off limit_on <<< "$run"
-    step "bench_${preset}_${px}_ckpt_off" "$limit_off" "$PY" -m cat_engine.bench --preset "$preset" \
-        --resolution "$px" --batch 1 "${BENCH_ARGS[@]}" --results-dir "$OUT"
-    step "bench_${preset}_${px}_ckpt_on" "$limit_on" "$PY" -m cat_engine.bench --preset "$preset" \
-        --resolution "$px" --batch 1 "${BENCH_ARGS[@]}" --checkpointing --results-dir "$OUT"
+    if ((limit_off > 0)); then
+        step "bench_${preset}_${px}_ckpt_off" "$limit_off" "$PY" -m cat_engine.bench --preset "$preset" \
+            --resolution "$px" --batch 1 "${BENCH_ARGS[@]}" --results-dir "$OUT"
+    fi
+    if ((limit_on > 0)); then
+        step "bench_${preset}_${px}_ckpt_on" "$limit_on" "$PY" -m cat_engine.bench --preset "$preset" \
+            --resolution "$px" --batch 1 "${BENCH_ARGS[@]}" --checkpointing --results-dir "$OUT"
+    fi
 done
 
 # 5. Last: what ran, and the bench's numbers.
