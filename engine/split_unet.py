@@ -67,12 +67,17 @@ Every figure, with its command, is in ``bench/results/split_overhead.jsonl``.
 from __future__ import annotations
 
 import functools
+import importlib
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
 from cat_engine.engine.split_batch import adapter_rows as _adapter_rows_ctx
+
+# The kernels module (not its ``lora_linear`` function, which the package re-exports under the same
+# name); looked up per call because the VRAM estimator patches ``autocast_dtype`` on it.
+_lora_kernels = importlib.import_module("cat_engine.kernels.lora_linear")
 
 # Row-equality checks by value are done only for tensors this small per row (elements): the time
 # embedding (1280 on SD1.5) and SDXL's added embedding input (2816) qualify, hidden states do not.
@@ -215,7 +220,7 @@ class _ValuelessFrozen(torch.autograd.Function):
             shape = (x.shape[0], module.out_channels, *spatial)
         device = x.device.type
         # Under autocast the real op would have produced the autocast dtype; match it.
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        dtype = _lora_kernels.autocast_dtype(device) or x.dtype
         return x.new_empty(shape, dtype=dtype)
 
     @staticmethod
@@ -313,7 +318,8 @@ class _AdapterRowCheckpoint(torch.autograd.Function):
         ctx.spec, ctx.call, ctx.module, ctx.kwargs, ctx.n = spec, call, module, kwargs, n
         device = next((a.device.type for a in args if torch.is_tensor(a)), "cpu")
         # The recompute runs in backward, outside the caller's autocast: record it to restore it.
-        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        # (autocast_dtype is meta-safe: the VRAM estimator runs this step on the meta device.)
+        ctx.autocast = (device, _lora_kernels.autocast_dtype(device))
         return out
 
     @staticmethod
@@ -328,10 +334,13 @@ class _AdapterRowCheckpoint(torch.autograd.Function):
             args.append(t)
             leaves.append(t if value else None)
         n = ctx.n
-        device, autocast, dtype = ctx.autocast
+        device, dtype = ctx.autocast
+        restore_autocast = (
+            torch.autocast(device, dtype=dtype) if dtype is not None and device in ("cpu", "cuda") else nullcontext()
+        )
         with (
             torch.enable_grad(),
-            torch.autocast(device, dtype=dtype, enabled=autocast),
+            restore_autocast,
             _adapter_rows_ctx(ctx.call.unet, None),
             _skip_tail(ctx.module, args),
         ):

@@ -71,17 +71,12 @@ def test_math_attention_costs_more_than_sdpa():
 
 # engine/split_unet.py's checkpoint Function asks torch.is_autocast_enabled("meta"), which raises;
 # estimate_peak then measures the three-call reference instead (see _measure_cached).
-_SPLIT_CKPT_NOT_META_SAFE = pytest.mark.xfail(
-    strict=True, raises=RuntimeError, reason="split-batch checkpoint Function queries autocast on meta"
-)
-
-
 @pytest.mark.parametrize(
     "plan",
     [
         MemoryPlan(),
         MemoryPlan(precision="bf16"),
-        pytest.param(BF16_CKPT, marks=_SPLIT_CKPT_NOT_META_SAFE),
+        BF16_CKPT,
         MemoryPlan(precision="bf16", attention="math"),
     ],
 )
