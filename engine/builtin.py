@@ -1,13 +1,19 @@
-"""The built-in default model: a tiny Stable-Diffusion-shaped pipeline, made deterministically.
+"""The built-in default model: the pretrained toy world, and a tiny random pipeline for tests.
 
-It is **random-initialised**: it exists so that ``cat-engine train`` and the tests run with no
-download, on a CPU, in seconds. It produces noise-like images; it is for trying the engine, not
-for judging the method (a pretrained toy world replaces it later).
+``builtin_model_dir()`` (the default of ``cat-engine train`` and ``eval``) is the **toy world**:
+a small Stable-Diffusion-shaped pipeline pretrained by ``tools/pretrain_toyworld.py`` on the
+procedural world of :mod:`cat_engine.cat.toyworld` (8 classes of shapes and creatures, colours,
+patterns, backgrounds), shipped as a normal diffusers folder in ``engine/assets/toyworld``. It
+knows its world, so CAT's effect on the plain prompt can be seen and measured.
+
+The **random-initialised** tiny pipeline (``tiny_pipeline``, ``builtin_model_dir(pretrained=False)``
+and every non-default family/prediction type) still exists so that tests of code paths run with no
+download, on a CPU, in seconds; it produces noise-like images.
 
 Every component is a real diffusers/transformers class (``UNet2DConditionModel``,
 ``AutoencoderKL``, ``CLIPTextModel`` with the real CLIP BPE tokenizer, ``DDPMScheduler``), so
-the code paths are the ones a full SD1.5/SDXL model takes. ``builtin_model_dir()`` writes the
-pipeline once as a normal diffusers folder (safetensors) into a cache folder and reuses it.
+the code paths are the ones a full SD1.5/SDXL model takes. The random pipeline is written once as
+a diffusers folder (safetensors) into a cache folder and reused.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ from pathlib import Path
 
 import torch
 
-BUILTIN_NAME = "builtin-tiny-sd-v1"
+BUILTIN_NAME = "toyworld-v1"  # the id of the default model in reports
+RANDOM_NAME = "builtin-tiny-sd-v1"  # cache folder prefix of the random tiny pipeline
+TOYWORLD_DIR = Path(__file__).parent / "assets" / "toyworld"
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "clip_tokenizer"
 NATIVE_RESOLUTION = 64  # pixels; latents are 16x16 (the tiny VAE downsamples by 4)
 FAMILIES = ("sd", "sdxl")
@@ -199,15 +207,30 @@ def _fingerprint(pipe) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _builtin_name(family: str, prediction_type: str) -> str:
-    return f"{BUILTIN_NAME}-{family}-{prediction_type}-{_fingerprint(tiny_pipeline(family, prediction_type))}"
+    return f"{RANDOM_NAME}-{family}-{prediction_type}-{_fingerprint(tiny_pipeline(family, prediction_type))}"
 
 
-def builtin_model_dir(family: str = "sd", prediction_type: str = "epsilon") -> Path:
-    """The built-in model as a diffusers folder, written once into the cache and reused.
+def toyworld_dir() -> Path:
+    """The pretrained toy-world pipeline shipped with the engine (a diffusers folder)."""
+    return TOYWORLD_DIR
 
-    The folder name carries a fingerprint of the components' configs, so a cache written by an
+
+def builtin_model_dir(
+    family: str = "sd", prediction_type: str = "epsilon", *, pretrained: bool = True
+) -> Path:
+    """The built-in model as a diffusers folder.
+
+    SD-family epsilon-prediction (the default) with ``pretrained``: the toy world
+    (:func:`toyworld_dir`). Otherwise the random tiny pipeline, written once into the cache and
+    reused. Its folder name carries a fingerprint of the components' configs, so a cache written by an
     older definition of the model is never picked up by mistake.
     """
+    if (
+        pretrained
+        and (family, prediction_type) == ("sd", "epsilon")
+        and (TOYWORLD_DIR / "model_index.json").is_file()
+    ):
+        return TOYWORLD_DIR
     target = cache_root() / _builtin_name(family, prediction_type)
     if not (target / "model_index.json").exists():
         save_pipeline_atomically(tiny_pipeline(family, prediction_type), target)

@@ -1,13 +1,16 @@
-"""The built-in embedding model for KPS: a tiny CLIP with random weights, made deterministically.
+"""The built-in embedding model for KPS: the pretrained toy-world CLIP, or a tiny random CLIP.
 
 No CLIP image weights can be fetched or shipped (DESIGN.md §8), so the evaluator's default
-embedding is a **random** ``CLIPModel`` with small vision and text towers and the real CLIP
-tokenizer. Its scores exercise every code path and are stable from run to run, but they say
-nothing about image content; pass ``--clip`` with a real CLIP folder for meaningful numbers.
-Outputs name it ``builtin-tiny-clip-random`` so nobody mistakes one for the other.
+embedding is the **toy-world CLIP**: a small ``CLIPModel`` (ViT on 64 px, the real CLIP BPE
+tokenizer) trained contrastively by ``tools/pretrain_toyworld.py`` on the procedural world of
+:mod:`cat_engine.cat.toyworld`. It knows that world's classes, colours, patterns and backgrounds
+(and nothing else): scores of toy-world models are meaningful with it; for real photographs pass
+``--clip`` with a real CLIP folder. Outputs name it ``toyworld-clip-v1``.
 
-``builtin_clip_dir()`` writes it once as a normal transformers folder (safetensors,
-``preprocessor_config.json``, tokenizer files) so the built-in and a user's CLIP load the same way.
+The **random** tiny CLIP (``tiny_clip``, ``builtin_clip_dir(seed)``, named
+``builtin-tiny-clip-random``) remains for tests of code paths: its scores are stable from run to
+run but say nothing about image content. ``builtin_clip_dir(seed)`` writes it once as a normal
+transformers folder (safetensors, ``preprocessor_config.json``, tokenizer files).
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import torch
 
 from cat_engine.engine.builtin import cache_root, clip_tokenizer
 
-BUILTIN_CLIP_NAME = "builtin-tiny-clip-random"
+BUILTIN_CLIP_NAME = "toyworld-clip-v1"  # the default embedding model
+RANDOM_CLIP_NAME = "builtin-tiny-clip-random"
+TOYWORLD_CLIP_DIR = Path(__file__).parent / "assets" / "toyworld_clip"
 IMAGE_SIZE = 32  # pixels the vision tower sees; generated and reference images are resized to it
 # OpenAI CLIP's normalisation, so the folder looks like a real CLIP's to the image processor.
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -75,9 +80,21 @@ def tiny_clip_image_processor():
     )
 
 
-def builtin_clip_dir(seed: int = 0) -> Path:
-    """The tiny CLIP as a transformers folder, written once into the cache and reused."""
-    target = cache_root() / (BUILTIN_CLIP_NAME + ("" if seed == 0 else f"-seed{seed}"))
+def toyworld_clip_dir() -> Path:
+    """The pretrained toy-world CLIP shipped with the engine (a transformers folder)."""
+    return TOYWORLD_CLIP_DIR
+
+
+def builtin_clip_dir(seed: int | None = None) -> Path:
+    """The default CLIP folder: the toy-world CLIP; with a ``seed``, the random tiny CLIP.
+
+    The random one is written once into the cache and reused.
+    """
+    if seed is None:
+        if (TOYWORLD_CLIP_DIR / "config.json").is_file():
+            return TOYWORLD_CLIP_DIR
+        seed = 0
+    target = cache_root() / (RANDOM_CLIP_NAME + ("" if seed == 0 else f"-seed{seed}"))
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
