@@ -51,8 +51,27 @@ class FusedLoraLinear(PeftLoraLinear):
         # Outside autocast, a dtype mismatch is peft's (and F.linear's) to report.
         return x.dtype == base.weight.dtype or autocast_dtype(x.device.type) is not None
 
+    def _refuse_split_fallback(self, x: torch.Tensor) -> None:
+        """peft's forward puts the delta on every row: wrong inside a split batch, so say so.
+
+        The one fallback that stays right is the base model everywhere: adapters disabled (and
+        not merged) with no adapter rows, which is what ``adapters_disabled`` sets up.
+        """
+        rows = getattr(self, STATE_ATTR).adapter_rows
+        if rows is None or x.dim() < 1 or rows >= x.shape[0]:
+            return
+        if rows == 0 and self.disable_adapters and not self.merged:
+            return
+        raise RuntimeError(
+            f"fused LoRA layer: this layer cannot run a split batch ({rows} of {x.shape[0]} rows with the "
+            "adapter) because it falls back to peft's forward (several active adapters, a merged "
+            "adapter, DoRA, fan_in_fan_out, extra arguments, or an input dtype that differs from the "
+            "weight's outside autocast); use one plain LoRA adapter, or call it without a split batch"
+        )
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if not self._cat_fusable(x, args, kwargs):
+            self._refuse_split_fallback(x)
             return super().forward(x, *args, **kwargs)
         name = self.active_adapters[0]
         base = self.get_base_layer()

@@ -233,3 +233,24 @@ def test_fused_unet_through_triton_kernels(monkeypatch):
     with adapters_disabled(peft_unet), torch.no_grad():
         base = peft_unet(sample[1:], t[1:], ctx[1:]).sample
     close(out[1:], base)
+
+
+def test_fallback_to_peft_inside_a_split_batch_is_refused_not_silent():
+    """peft's forward would put the delta on base rows too: a split batch must refuse it."""
+    import pytest
+
+    from cat_engine.engine.builtin import tiny_unet
+    from cat_engine.engine.lora import add_lora, adapters_disabled, fuse_lora
+    from cat_engine.engine.split_batch import adapter_rows
+
+    unet = fuse_lora(add_lora(tiny_unet("sd"), rank=4, seed=0))
+    layer = next(m for m in unet.modules() if type(m).__name__ == "FusedLoraLinear")
+    x = torch.randn(3, 5, layer.in_features, dtype=torch.float64)  # weight is fp32: falls back
+    with adapter_rows(unet, 1), pytest.raises(RuntimeError, match="cannot run a split batch"):
+        layer(x)
+    layer(x.float())  # fusable: fine
+    with adapter_rows(unet, None):
+        with pytest.raises(RuntimeError):  # peft itself refuses the dtype mismatch
+            layer(x)
+    with adapters_disabled(unet):  # base everywhere: the fallback is right there
+        layer(x.float())
