@@ -371,9 +371,13 @@ def _triton_backward(dy, x, weight, lora_A, lora_B, t, scale, rows, lora_x, need
 
 
 def _use_triton(x: torch.Tensor) -> bool:
-    if x.is_cuda:
-        return _triton_installed()
-    return os.environ.get(FORCE_TRITON_ENV, "0") == "1"
+    """Unset: CUDA tensors take Triton, others the PyTorch path. ``1``: Triton for every tensor
+    (CPU needs TRITON_INTERPRET=1). ``0``: the PyTorch path for every tensor, CUDA included (on the
+    H200, 2026-11-29, the untuned kernels were slower than cuBLAS at M=1024: see bench/results)."""
+    forced = os.environ.get(FORCE_TRITON_ENV)
+    if forced in ("0", "1"):
+        return forced == "1"
+    return x.is_cuda and _triton_installed()
 
 
 def _none_if_empty(t: torch.Tensor, want: bool) -> torch.Tensor:

@@ -277,3 +277,11 @@ def test_meta_tensors_give_shapes_without_compute():
     assert y.shape == (2, 9, 24) and y.device.type == "meta"
     y.backward(torch.empty_like(y))
     assert x.grad.shape == x.shape and A.grad.shape == A.shape and B.grad.shape == B.shape
+
+
+def test_force_triton_zero_takes_the_pytorch_path_for_every_tensor(monkeypatch):
+    monkeypatch.setenv(ll.FORCE_TRITON_ENV, "0")
+    x = torch.zeros(2, 3, 8, device=_device())
+    assert not ll._use_triton(x)
+    monkeypatch.delenv(ll.FORCE_TRITON_ENV)
+    assert ll._use_triton(x) == (x.is_cuda and ll._triton_installed())
