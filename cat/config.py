@@ -13,9 +13,8 @@ from pathlib import Path
 
 from cat_engine.cat.captions import DEFAULT_CAPTION_TEMPLATE, PLAIN_MODES
 from cat_engine.engine.lora import DEFAULT_TARGETS
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-ATTENTION = ("sdpa", "xformers", "math")
+from cat_engine.engine.memory_plan import ATTENTION_BACKENDS as ATTENTION
+from cat_engine.engine.memory_plan import PRECISIONS
 
 
 class ConfigError(ValueError):
