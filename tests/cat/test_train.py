@@ -16,6 +16,14 @@ from cat_engine.engine.lora import LORA_WEIGHT_NAME, read_lora_metadata
 FAST = dict(rank=4, steps=6, save_every=0, batch_size=2, lr=1e-3)
 
 
+@pytest.fixture(autouse=True)
+def _random_tiny_base(monkeypatch):
+    """The recipe tests run on the random tiny model (fast); the CLI test uses the real default."""
+    from cat_engine.engine.builtin import builtin_model_dir
+
+    FAST["base"] = str(builtin_model_dir(pretrained=False))
+
+
 def _train(tmp_path, name, **overrides):
     config = TrainConfig(output=str(tmp_path / name), **{**FAST, **overrides}).validate()
     return train_mod.train(config, progress=False)
