@@ -42,7 +42,10 @@ RANDOM_CLIP_NAME = "builtin-tiny-clip-random"
 
 def add_arguments(parser) -> None:
     parser.add_argument(
-        "--base", default="builtin", help="diffusers model folder (default: the built-in model)"
+        "--base",
+        default=None,
+        help="diffusers model folder (default: the base the adapter was trained on, from its metadata, "
+        "else the built-in model)",
     )
     parser.add_argument(
         "--lora", required=True, help="adapter folder from cat-engine train (or its .safetensors)"
@@ -301,16 +304,28 @@ def _features(output) -> torch.Tensor:
     return tensor.float().cpu()
 
 
-def base_id(base: str, model) -> str:
-    """The base model's id for reports: the built-in's name, else its folder."""
+def base_from_metadata(base: str | None, meta: dict) -> str:
+    """``--base`` when given; else the folder the adapter was trained on, when it still exists here."""
+    if base is not None:
+        return base
+    from cat_engine.engine.models import BUILTIN
+
+    trained_on = meta.get("base")
+    if trained_on and Path(trained_on).is_dir():
+        return trained_on
+    return BUILTIN
+
+
+def base_id(base: str | None, model) -> str:
+    """The base model's id for reports: the toy world's name, the random tiny model's cache name, else its folder."""
     from cat_engine.engine import builtin
     from cat_engine.engine.models import BUILTIN
 
-    if str(base) != BUILTIN:
-        return str(model.path)
     if model.path == getattr(builtin, "TOYWORLD_DIR", None):  # the pretrained toy world, where shipped
         return builtin.BUILTIN_NAME
-    return model.path.name  # the random tiny pipeline's cache folder: its name and fingerprint
+    if base is None or str(base) == BUILTIN:
+        return model.path.name  # the random tiny pipeline's cache folder: its name and fingerprint
+    return str(model.path)
 
 
 # ---------------------------------------------------------------- gather and score
@@ -415,6 +430,7 @@ def run(args, dist: Dist | None = None) -> int:
     from cat_engine.engine.lora import read_lora_metadata
 
     meta = read_lora_metadata(lora_file(args.lora))
+    args.base = base_from_metadata(args.base, meta)
     token = args.token or meta.get("token") or default_token
     class_word = args.class_word or meta.get("class_word") or default_class
     if args.refs is None and builtin_refs is None:

@@ -157,3 +157,12 @@ def test_two_cpu_ranks_equal_one_process(tmp_path, lora_dir, base_dir, single_ru
     for a, b in zip(one["per_prompt"], two["per_prompt"], strict=True):
         for key in METRICS:
             assert b[key] == pytest.approx(a[key], abs=1e-5), (a["template"], key)
+
+
+def test_base_defaults_to_the_folder_the_adapter_was_trained_on(tmp_path):
+    from cat_engine.cat.eval import base_from_metadata
+
+    assert base_from_metadata("given", {"base": str(tmp_path)}) == "given"
+    assert base_from_metadata(None, {"base": str(tmp_path)}) == str(tmp_path)
+    assert base_from_metadata(None, {"base": str(tmp_path / "moved-away")}) == "builtin"
+    assert base_from_metadata(None, {}) == "builtin"
