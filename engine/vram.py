@@ -35,6 +35,7 @@ cat); one SD1.5 estimate takes a few seconds on a CPU (the meta build is ~2 s th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import warnings
 import weakref
@@ -137,12 +138,11 @@ def resolve_model(model) -> ModelSpec:
     name = str(model)
     if name in UNET_CONFIGS:
         return _spec_from_config(name, UNET_CONFIGS[name], VAE_SCALE_FACTOR)
-    if name == "builtin":
-        from cat_engine.engine.builtin import tiny_unet, tiny_vae
+    if name == "builtin":  # the built-in default (the toy world), read like any diffusers folder
+        from cat_engine.engine.builtin import builtin_model_dir
 
-        with torch.device("meta"):
-            config, vae = dict(tiny_unet().config), tiny_vae()
-        return _spec_from_config("builtin", config, 2 ** (len(vae.config.block_out_channels) - 1))
+        spec = resolve_model(str(builtin_model_dir()))
+        return ModelSpec("builtin", *dataclasses.astuple(spec)[1:])
     path = Path(name).expanduser()
     for candidate in (path / "unet" / "config.json", path / "config.json"):
         if candidate.is_file():

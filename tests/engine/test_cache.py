@@ -16,7 +16,10 @@ from cat_engine.engine.text import encode_prompts
 
 @pytest.fixture(scope="module")
 def model():
-    return load_base()
+    # The random tiny model: its VAE has SD's scaling factor (0.18215); the toy world's is fitted.
+    from cat_engine.engine.builtin import builtin_model_dir
+
+    return load_base(builtin_model_dir(pretrained=False))
 
 
 @pytest.fixture(scope="module")
