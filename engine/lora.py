@@ -113,11 +113,16 @@ def adapters_disabled(unet):
 
 
 def lora_state_dict(unet) -> dict[str, torch.Tensor]:
-    """The adapter's weights under diffusers' key names (``unet.<module>.lora_A.weight`` ...)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """The adapter's weights under the keys diffusers' ``load_lora_weights`` reads (peft form).
+
+    ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` for every targeted module. (diffusers'
+    ``convert_state_dict_to_diffusers`` renames attention keys to the old ``lora.down/up`` form but
+    leaves others, such as ``proj_in`` or ``ff.net.2``, as ``lora_A/B``; the loader then reads the
+    file as peft's and drops the renamed attention weights. Keeping one form avoids that.)
+    """
     from peft.utils import get_peft_model_state_dict
 
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    state = get_peft_model_state_dict(unet)
     return {f"unet.{k}": v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
 
 

@@ -78,7 +78,7 @@ def max_diff(a: dict, b: dict) -> float:
 def lora_b_moved(weights: dict) -> float:
     """The largest lora_B entry: how far training moved the adapter from its zero-initialised B.
 
-    lora_B is ``lora_B`` in checkpoints (peft names) and ``lora.up`` in the saved LoRA (diffusers names).
+    lora_B is ``lora_B`` in checkpoints and in the saved LoRA (peft names; older files said ``lora.up``).
     """
     return max(v.abs().max().item() for k, v in weights.items() if "lora_B" in k or "lora.up" in k)
 

@@ -30,9 +30,9 @@ def _outputs(unet, added=None):
         return unet(lat, torch.tensor([10, 500]), encoder_hidden_states=emb, **kwargs).sample
 
 
-def _roundtrip(tmp_path, family, pipeline_cls, alpha):
+def _roundtrip(tmp_path, family, pipeline_cls, alpha, targets=("to_q", "to_k", "to_v", "to_out.0")):
     unet = load_base(builtin_model_dir(family), load_encoders=False).unet
-    add_lora(unet, rank=4, alpha=alpha, seed=0)
+    add_lora(unet, rank=4, alpha=alpha, targets=targets, seed=0)
     _randomise_lora(unet)
     fuse_lora(unet)
     added = None
@@ -59,6 +59,14 @@ def test_sd_lora_roundtrip_through_load_lora_weights(tmp_path):
     from diffusers import StableDiffusionPipeline
 
     _roundtrip(tmp_path, "sd", StableDiffusionPipeline, alpha=8)  # alpha != rank: metadata must carry it
+
+
+def test_roundtrip_with_feed_forward_and_projection_targets(tmp_path):
+    """Mixed targets once lost the attention weights on load (two key forms in one file)."""
+    from diffusers import StableDiffusionPipeline
+
+    targets = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
+    _roundtrip(tmp_path, "sd", StableDiffusionPipeline, alpha=4, targets=targets)
 
 
 def test_sdxl_lora_roundtrip_through_load_lora_weights(tmp_path):
