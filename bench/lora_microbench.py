@@ -42,7 +42,8 @@ MODES = ("fwd", "fwd+bwd")
 def make_inputs(M, K, N, r, dtype, device, seed=0):
     """Shared setup: frozen W, b; trainable A, B (non-zero, as after some training); x needs grad."""
     g = torch.Generator().manual_seed(seed)
-    make = lambda *s: torch.randn(*s, generator=g).to(device, dtype)
+    def make(*s):
+        return torch.randn(*s, generator=g).to(device, dtype)
     return {
         "x": make(M, K).requires_grad_(), "W": make(N, K) / K**0.5, "b": make(N),
         "A": (make(r, K) / K**0.5).requires_grad_(), "B": (make(N, r) * 0.1).requires_grad_(),
@@ -85,7 +86,8 @@ def time_median(fn, device, warmup, reps):
 
 def count_flops(method, mode, M, K, N, r, dtype, rows):
     """FLOPs of one call, counted on meta tensors (no compute)."""
-    meta = lambda *s, grad=False: torch.empty(*s, device="meta", dtype=dtype, requires_grad=grad)
+    def meta(*s, grad=False):
+        return torch.empty(*s, device="meta", dtype=dtype, requires_grad=grad)
     t = {"x": meta(M, K, grad=True), "W": meta(N, K), "b": meta(N), "A": meta(r, K, grad=True),
              "B": meta(N, r, grad=True), "dy": meta(M, N), "row_mask": meta(M, 1), "scale": 2.0}
     with FlopCounterMode(display=False) as counter:

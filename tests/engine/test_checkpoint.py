@@ -31,7 +31,7 @@ def test_roundtrip_restores_optimizer_and_rng(tmp_path):
         torch.testing.assert_close(loaded["lora"][k], v.detach())
     params2, opt2 = _setup()
     opt2.load_state_dict(loaded["optimizer"])
-    for (i, s1), (_, s2) in zip(opt.state_dict()["state"].items(), opt2.state_dict()["state"].items()):
+    for (_i, s1), (_, s2) in zip(opt.state_dict()["state"].items(), opt2.state_dict()["state"].items()):
         for key in s1:
             torch.testing.assert_close(torch.as_tensor(s1[key]), torch.as_tensor(s2[key]))
     g2 = torch.Generator()

@@ -240,7 +240,7 @@ def test_fallback_to_peft_inside_a_split_batch_is_refused_not_silent():
     import pytest
 
     from cat_engine.engine.builtin import tiny_unet
-    from cat_engine.engine.lora import add_lora, adapters_disabled, fuse_lora
+    from cat_engine.engine.lora import adapters_disabled, add_lora, fuse_lora
     from cat_engine.engine.split_batch import adapter_rows
 
     unet = fuse_lora(add_lora(tiny_unet("sd"), rank=4, seed=0))
