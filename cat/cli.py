@@ -25,7 +25,11 @@ class UserError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cat-engine", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="cat-engine",
+        description="Contrastive Adapter Training (CAT) of LoRA adapters on Stable-Diffusion-class UNets. "
+        "Run `cat-engine COMMAND --help` for a command's options.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_module_name, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
