@@ -23,7 +23,6 @@ folders are read from the working folder, as ``cat-engine train --config`` reads
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,7 @@ import torch
 from cat_engine.cat import eval as ev
 from cat_engine.cat import kps as kps_metrics
 from cat_engine.cat.cli import UserError
-from cat_engine.cat.sampling import SETS, SampleSettings, sample_jobs, to_uint8
+from cat_engine.cat.sampling import SETS
 
 CELL = 96  # pixels per matrix cell in bleed.png
 
@@ -99,34 +98,12 @@ def run_bleed(args, dist: ev.Dist) -> int:
     jobs = [job for c in concepts for job in ev.make_jobs(templates, seeds, c["token"], c["class_word"])]
     ref_images = [ev.read_images(c["refs"]) for c in concepts]
 
-    model = ev.load_models(args, dist)
-    resolution = args.resolution or model.native_resolution
-    if resolution % (model.vae_scale_factor * 2) != 0:
-        raise UserError(f"--resolution {resolution}: must be a multiple of {model.vae_scale_factor * 2}")
-    settings = SampleSettings(resolution, args.steps, args.guidance, args.batch_size)
-    embedder = ev.ClipEmbedder(args.clip, dist.device)
+    model, settings, embedder = ev.prepare_models(args, dist)
 
-    mine = list(range(dist.rank, len(jobs), dist.world))
-    start = time.perf_counter()
-    images = sample_jobs(
-        model, [jobs[i] for i in mine], settings, progress=dist.main and not args.no_progress
-    )
-    if dist.device.type == "cuda":
-        torch.cuda.synchronize(dist.device)
-    pixels = {name: to_uint8(images[name]).numpy() for name in SETS}
-    local = {"index": mine, "seconds": time.perf_counter() - start}
-    for name in SETS:
-        local[name] = embedder.images(list(pixels[name]))
-    local["grid"] = {
-        i: {name: pixels[name][k] for name in SETS}
-        for k, i in enumerate(mine)
-        if _grid_job(i, per_concept, len(seeds))
-    }
-    parts = ev.gather(local, dist)
-    if dist.world > 1:
-        import torch.distributed as tdist
-
-        tdist.destroy_process_group()  # the gather was the last collective
+    parts = ev.generate_share(
+        model, jobs, settings, embedder, dist, not args.no_progress,
+        lambda i: _grid_job(i, per_concept, len(seeds)),
+    )  # fmt: skip
     if not dist.main:
         return 0
 
@@ -167,7 +144,7 @@ def run_bleed(args, dist: ev.Dist) -> int:
             "scheduler": ev.SCHEDULER_NAME,
             "steps": args.steps,
             "guidance": args.guidance,
-            "resolution": resolution,
+            "resolution": settings.resolution,
         },
         "throughput": {"images": n_images, "generation_seconds": emb["seconds"], "ranks": dist.world},
     }

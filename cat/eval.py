@@ -103,20 +103,11 @@ class Dist:
 
 
 def setup_distributed() -> Dist:
-    """Join the torchrun group when launched by torchrun; gloo on CPU, nccl on GPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
-    if world == 1:
-        return Dist(0, 1, device)
-    import torch.distributed as dist
+    """Join the torchrun group when launched by torchrun (engine/distributed.py: gloo on CPU, nccl on GPU)."""
+    from cat_engine.engine.distributed import device_for, init_distributed
 
-    if cuda:
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), device)
+    ctx = init_distributed("auto")
+    return Dist(ctx.rank, ctx.world, device_for("auto", ctx))
 
 
 def concept_defaults() -> tuple[Path | None, str, str]:
@@ -333,12 +324,42 @@ def base_id(base: str | None, model) -> str:
 
 def gather(local: dict, dist: Dist) -> list[dict]:
     """Every rank's ``local`` dict, in rank order (on every rank)."""
-    if dist.world == 1:
-        return [local]
-    import torch.distributed as tdist
+    from cat_engine.engine.distributed import DistContext, gather_objects
 
-    parts = [None] * dist.world
-    tdist.all_gather_object(parts, local)
+    return gather_objects(DistContext(dist.rank, dist.world), local)
+
+
+def prepare_models(args, dist: Dist):
+    """The base model with the adapter, the sampling settings, and the CLIP embedder."""
+    model = load_models(args, dist)
+    resolution = args.resolution or model.native_resolution
+    if resolution % (model.vae_scale_factor * 2) != 0:
+        raise UserError(f"--resolution {resolution}: must be a multiple of {model.vae_scale_factor * 2}")
+    settings = SampleSettings(resolution, args.steps, args.guidance, args.batch_size)
+    return model, settings, ClipEmbedder(args.clip, dist.device)
+
+
+def generate_share(model, jobs, settings, embedder, dist: Dist, progress: bool, in_grid) -> list[dict]:
+    """This rank's share of ``jobs`` (dealt round-robin, so every rank gets every prompt): generate,
+    embed, keep the grid's images (``in_grid(job index)``), then gather every rank's share.
+
+    The gather is the last collective: the process group is closed here.
+    """
+    mine = list(range(dist.rank, len(jobs), dist.world))
+    start = time.perf_counter()
+    images = sample_jobs(model, [jobs[i] for i in mine], settings, progress=dist.main and progress)
+    if dist.device.type == "cuda":
+        torch.cuda.synchronize(dist.device)
+    pixels = {name: to_uint8(images[name]).numpy() for name in SETS}
+    local = {"index": mine, "seconds": time.perf_counter() - start}
+    for name in SETS:
+        local[name] = embedder.images(list(pixels[name]))
+    local["grid"] = {i: {name: pixels[name][k] for name in SETS} for k, i in enumerate(mine) if in_grid(i)}
+    parts = gather(local, dist)
+    if dist.world > 1:
+        import torch.distributed as tdist
+
+        tdist.destroy_process_group()
     return parts
 
 
@@ -441,34 +462,11 @@ def run(args, dist: Dist | None = None) -> int:
     jobs = make_jobs(templates, seeds, token, class_word)
     ref_images = read_images(refs_dir)
 
-    model = load_models(args, dist)
-    resolution = args.resolution or model.native_resolution
-    if resolution % (model.vae_scale_factor * 2) != 0:
-        raise UserError(f"--resolution {resolution}: must be a multiple of {model.vae_scale_factor * 2}")
-    settings = SampleSettings(resolution, args.steps, args.guidance, args.batch_size)
-    embedder = ClipEmbedder(args.clip, dist.device)
+    model, settings, embedder = prepare_models(args, dist)
 
-    # Generate this rank's share: jobs dealt round-robin so every rank gets every prompt.
-    mine = list(range(dist.rank, len(jobs), dist.world))
-    start = time.perf_counter()
-    images = sample_jobs(
-        model, [jobs[i] for i in mine], settings, progress=dist.main and not args.no_progress
+    parts = generate_share(
+        model, jobs, settings, embedder, dist, not args.no_progress, lambda i: in_grid(i, len(seeds))
     )
-    if dist.device.type == "cuda":
-        torch.cuda.synchronize(dist.device)
-    seconds = time.perf_counter() - start
-    pixels = {name: to_uint8(images[name]).numpy() for name in SETS}
-    local = {"index": mine, "seconds": seconds}
-    for name in SETS:
-        local[name] = embedder.images(list(pixels[name]))
-    local["grid"] = {
-        i: {name: pixels[name][k] for name in SETS} for k, i in enumerate(mine) if in_grid(i, len(seeds))
-    }
-    parts = gather(local, dist)
-    if dist.world > 1:
-        import torch.distributed as tdist
-
-        tdist.destroy_process_group()  # the gather was the last collective
     if not dist.main:
         return 0
 
@@ -491,7 +489,7 @@ def run(args, dist: Dist | None = None) -> int:
             "scheduler": SCHEDULER_NAME,
             "steps": args.steps,
             "guidance": args.guidance,
-            "resolution": resolution,
+            "resolution": settings.resolution,
             "dtype": str(model.unet.dtype).removeprefix("torch."),
         },
         throughput={
