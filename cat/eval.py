@@ -356,10 +356,9 @@ def generate_share(model, jobs, settings, embedder, dist: Dist, progress: bool, 
         local[name] = embedder.images(list(pixels[name]))
     local["grid"] = {i: {name: pixels[name][k] for name in SETS} for k, i in enumerate(mine) if in_grid(i)}
     parts = gather(local, dist)
-    if dist.world > 1:
-        import torch.distributed as tdist
+    from cat_engine.engine.distributed import DistContext, shutdown
 
-        tdist.destroy_process_group()
+    shutdown(DistContext(dist.rank, dist.world))
     return parts
 
 

@@ -121,7 +121,7 @@ def farm_configs(args: argparse.Namespace, manifest: dict) -> tuple[Path, list[t
     return root, configs
 
 
-def kps_args(config: TrainConfig, kps: dict, lora: Path, out: Path, farm: Path) -> argparse.Namespace:
+def kps_args(config: TrainConfig, kps: dict, lora: Path, out: Path) -> argparse.Namespace:
     """``cat-engine eval`` arguments for one concept's adapter."""
     from cat_engine.cat import eval as ev
     from cat_engine.cat.train import concept_list
@@ -131,7 +131,10 @@ def kps_args(config: TrainConfig, kps: dict, lora: Path, out: Path, farm: Path) 
     argv += ["--refs", concept["data"], "--token", concept["token"], "--class-word", concept["class_word"]]
     for key, value in kps.items():
         if key == "prompts" and isinstance(value, list):  # templates listed inline: eval reads a file
-            prompts = farm / "kps_prompts.txt"
+            # One file per concept: ranks train different concepts at once, and a shared file was
+            # read by one rank while another rewrote it ("no prompt templates in it").
+            out.mkdir(parents=True, exist_ok=True)
+            prompts = out / "prompts.txt"
             prompts.write_text("".join(f"{t}\n" for t in value), encoding="utf-8")
             value = prompts
         argv += ["--" + key.replace("_", "-"), str(value)]
@@ -166,7 +169,7 @@ def train_concept(
         row.update(_final_losses(Path(config.output)), train_seconds=round(time.perf_counter() - start, 1))
         if kps is not False and config.concepts is None:
             out = Path(config.output) / KPS_FOLDER
-            ev.run(kps_args(config, kps, lora, out, farm), dist=ev.Dist(0, 1, device))
+            ev.run(kps_args(config, kps, lora, out), dist=ev.Dist(0, 1, device))
             report = json.loads((out / "kps.json").read_text())
             row.update({k: report[k] for k in ("kps", "identity", "preservation")})
     except (UserError, ValueError, RuntimeError) as exc:  # the engine's errors are ValueErrors
