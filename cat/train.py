@@ -39,7 +39,14 @@ from cat_engine.cat.loss import CatLossOutput
 from cat_engine.engine import checkpoint as ckpt
 from cat_engine.engine import distributed as dist
 from cat_engine.engine.cache import CaptionCache, LatentCache, encode_captions, encode_latents
-from cat_engine.engine.lora import LORA_WEIGHT_NAME, add_lora, fuse_lora, lora_parameters, save_lora
+from cat_engine.engine.lora import (
+    LORA_WEIGHT_NAME,
+    add_lora,
+    fuse_lora,
+    lora_named_parameters,
+    lora_parameters,
+    save_lora,
+)
 from cat_engine.engine.memory_plan import MemoryPlan, MemoryPlanError, apply_memory_plan, make_optimizer
 from cat_engine.engine.models import ModelLoadError, load_base
 
@@ -247,10 +254,6 @@ def _check_inputs(data: CachedData, resolution: int):
 
 
 # ---------------------------------------------------------------------------------------- train
-def _lora_named(unet) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in unet.named_parameters() if "lora_" in n and p.requires_grad}
-
-
 def _lr_lambda(warmup: int):
     return lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0
 
@@ -293,7 +296,7 @@ def train(config: TrainConfig, progress: bool = True, ranks: dist.DistContext = 
     )
     log.info("memory plan: %s", ctx.plan.describe())
     unet.train()
-    named = _lora_named(unet)
+    named = lora_named_parameters(unet)
     # The step DDP wraps: its parameters are the LoRA tensors only (see engine/distributed.py).
     step_fn = dist.data_parallel(
         dist.CatStep(ctx.unet, list(named.values()), config.cat_weight), ranks, device

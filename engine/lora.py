@@ -50,9 +50,14 @@ def add_lora(unet, rank: int = 16, alpha: float | None = None, targets=DEFAULT_T
     return unet
 
 
+def lora_named_parameters(unet) -> dict[str, torch.nn.Parameter]:
+    """The trainable LoRA parameters by name, in a stable (module) order."""
+    return {n: p for n, p in unet.named_parameters() if "lora_" in n and p.requires_grad}
+
+
 def lora_parameters(unet) -> list[torch.nn.Parameter]:
     """The trainable LoRA parameters, in a stable (module) order."""
-    return [p for n, p in unet.named_parameters() if "lora_" in n and p.requires_grad]
+    return list(lora_named_parameters(unet).values())
 
 
 def has_peft_adapter(unet) -> bool:

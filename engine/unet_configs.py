@@ -8,30 +8,27 @@ from __future__ import annotations
 
 import torch
 
+_SD15 = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
 UNET_CONFIGS: dict[str, dict] = {
-    "sd15": dict(
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=768,
-        attention_head_dim=8,
-    ),
-    "sd21": dict(
-        sample_size=96,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=1024,
-        attention_head_dim=(5, 10, 20, 20),
-        use_linear_projection=True,
-    ),
+    "sd15": _SD15,
+    # SD2.x: SD1.5's layout with an OpenCLIP-H text width, per-block head sizes, linear projections.
+    "sd21": {
+        **_SD15,
+        "sample_size": 96,
+        "cross_attention_dim": 1024,
+        "attention_head_dim": (5, 10, 20, 20),
+        "use_linear_projection": True,
+    },
     "sdxl": dict(
         sample_size=128,
         in_channels=4,
@@ -65,7 +62,9 @@ def meta_unet(name: str, device: str = "meta"):
         return UNet2DConditionModel(**UNET_CONFIGS[name])
 
 
-def example_inputs(name: str, batch: int, resolution: int | None = None, device: str = "meta", dtype=torch.float32):
+def example_inputs(
+    name: str, batch: int, resolution: int | None = None, device: str = "meta", dtype=torch.float32
+):
     """``(latents, timesteps, encoder_hidden_states, added_cond_kwargs)`` of the right shapes."""
     resolution = resolution or NATIVE_RESOLUTION[name]
     side = resolution // VAE_SCALE_FACTOR

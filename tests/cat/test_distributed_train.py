@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 import cat_engine.cat.train as train_mod
 from cat_engine.cat.config import TrainConfig
 from cat_engine.engine import checkpoint as ckpt
+from cat_engine.engine.distributed import torchrun_command
 from cat_engine.engine.lora import LORA_WEIGHT_NAME
 
 FAST = dict(rank=4, batch_size=2, lr=1e-3, device="cpu", seed=3)
@@ -50,16 +51,7 @@ def _env():
 
 
 def torchrun(tmp_path, nproc: int = 2, **options):
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        "cat_engine.cat.train",
-        *_flags({"base": random_base(), **FAST, **options}),
-    ]
+    command = torchrun_command(nproc, "cat_engine.cat.train", _flags({"base": random_base(), **FAST, **options}))
     result = subprocess.run(command, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
