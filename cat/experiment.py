@@ -14,6 +14,7 @@ made it, and is printed as a Markdown table.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import sys
@@ -21,10 +22,30 @@ import time
 from pathlib import Path
 
 from cat_engine.cat import demo
+from cat_engine.engine.builtin import BUILTIN_NAME
+from cat_engine.engine.builtin_clip import BUILTIN_CLIP_NAME
 
 METRICS = ("identity", "preservation", "kps", "prompt_similarity", "leakage", "diversity_adapter", "diversity_base")
 TABLE_METRICS = ("identity", "preservation", "kps", "leakage", "diversity_adapter")
 DEFAULT_RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results" / "toyworld_experiment.json"
+
+
+def model_fingerprint() -> str:
+    """The built-in model and CLIP's name and a hash of their weights."""
+    from cat_engine.engine.builtin import builtin_model_dir
+    from cat_engine.engine.builtin_clip import builtin_clip_dir
+
+    digest = hashlib.sha256()
+    for folder in (builtin_model_dir(), builtin_clip_dir()):
+        for path in sorted(folder.rglob("*.safetensors")):
+            digest.update(path.read_bytes())
+    return f"{BUILTIN_NAME}+{BUILTIN_CLIP_NAME}:{digest.hexdigest()[:12]}"
+
+
+def run_setup(args) -> dict:
+    """What a logged run depends on besides concept, method and seed: a run is reused only if equal."""
+    return {"model": model_fingerprint(), "steps": args.steps, "lr": args.lr, "rank": args.rank,
+            "cat_weight": args.cat_weight, "eval_seeds": args.eval_seeds, "eval_steps": args.eval_steps}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -80,7 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     methods = ["lora", "cat"]
     args.work.mkdir(parents=True, exist_ok=True)
     log_path = args.work / "runs.jsonl"
-    rows = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
+    setup = run_setup(args)
+    logged = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
+    rows = [r for r in logged if r.get("setup") == setup]
+    if len(rows) < len(logged):  # another model or other settings: those runs do not count here
+        print(f"{log_path}: {len(logged) - len(rows)} logged runs have another model or settings; ignoring them",
+              flush=True)
     done = {(r["concept"], r["method"], r["seed"]) for r in rows}
     t0 = time.perf_counter()
     for concept in concepts:
@@ -92,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                 report = demo.train_and_score(concept, weight, seed, args.work / f"{concept}-{method}-{seed}",
                                               steps=args.steps, lr=args.lr, rank=args.rank,
                                               eval_seeds=args.eval_seeds, eval_steps=args.eval_steps)
-                row = {"concept": concept, "method": method, "seed": seed, "cat_weight": weight,
+                row = {"concept": concept, "method": method, "seed": seed, "cat_weight": weight, "setup": setup,
                        **{m: report[m] for m in METRICS},
                        "train_seconds": report["train_seconds"], "eval_seconds": report["eval_seconds"]}
                 rows.append(row)
@@ -106,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "command": "OMP_NUM_THREADS=1 python -m cat_engine.cat.experiment " + " ".join(sys.argv[1:] if argv is None else argv),
         "settings": {k: str(v) for k, v in vars(args).items()},
-        "model": "toyworld-v1 (engine/assets/toyworld)",
-        "embedding": "toyworld-clip-v1 (engine/assets/toyworld_clip)",
+        "model": f"{BUILTIN_NAME} (engine/assets/toyworld)",
+        "embedding": f"{BUILTIN_CLIP_NAME} (engine/assets/toyworld_clip)",
         "prompts": "cat-engine eval defaults: a photo of {}, {} on the beach, a painting of {}, {} in the snow",
         "runs": rows,
         "summary": summary,
@@ -116,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         "torch_threads": torch.get_num_threads(),
     }
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps(result, indent=1) + "\n")
+    tmp = args.results.with_name(args.results.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(args.results)
     print(table)
     print(f"wrote {args.results}")
     return 0
