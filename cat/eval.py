@@ -222,20 +222,29 @@ def _move(module, device, dtype) -> None:
 
 
 class ClipEmbedder:
-    """CLIP image and text embeddings, in batches, from a local transformers folder."""
+    """CLIP image and text embeddings, in batches, from a local transformers folder.
+
+    Any transformers dual encoder with ``get_image_features``/``get_text_features`` and a CLIP
+    tokenizer and image processor in its folder: a real ``CLIPModel``, or the built-in toy-world
+    embedding model (an ``AlignModel``: a small EfficientNet image tower and text tower).
+    """
 
     def __init__(self, clip: str | None, device: torch.device, batch: int = 64):
-        from transformers import CLIPModel, CLIPTokenizer
+        from transformers import AutoModel, CLIPTokenizer
 
         path, self.id = resolve_clip(clip)
         if not (path / "config.json").is_file():
             raise UserError(f"--clip {path}: not a transformers CLIP folder (no config.json)")
         try:
-            self.model = CLIPModel.from_pretrained(path, local_files_only=True).to(device).eval()
+            # float32 whatever the folder stores (the built-in one is saved in float16 to stay small)
+            self.model = AutoModel.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32)
+            self.model = self.model.to(device).eval()
             self.tokenizer = CLIPTokenizer.from_pretrained(path, local_files_only=True)
             self.processor = _image_processor_class().from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as exc:
             raise UserError(f"--clip {path}: cannot load it: {str(exc).splitlines()[0]}") from None
+        if not all(hasattr(self.model, f) for f in ("get_image_features", "get_text_features")):
+            raise UserError(f"--clip {path}: {type(self.model).__name__} is not an image-text embedding model")
         self.device, self.batch = device, batch
 
     @torch.no_grad()

@@ -74,7 +74,7 @@ def test_cli_end_to_end_on_the_builtin_default(single_run):
     assert report["definition"] == "kps-v1"
     assert report["embedding"] == {"id": "builtin-tiny-clip-random", "random_weights": True}
     # the built-in's name (the random tiny pipeline's carries a fingerprint), not a cache path
-    assert report["model"]["id"] == "toyworld-v1" or report["model"]["id"].startswith("builtin-tiny-sd-v1")
+    assert report["model"]["id"] == "toyworld-v2" or report["model"]["id"].startswith("builtin-tiny-sd-v1")
     assert report["seeds"] == [0, 1]
     assert report["token"] == "sks" and report["class_word"] == "star"
     assert [p["template"] for p in report["prompts"]] == list(kps_eval.DEFAULT_TEMPLATES)
@@ -121,11 +121,23 @@ def test_prompts_file_refs_and_flags(tmp_path, lora_dir, refs_dir):
         (["--refs", "/nonexistent/refs"], "folder not found"),
         (["--prompts", "PROMPTS"], "exactly one '{}'"),
         (["--clip", "/nonexistent/clip"], "not a transformers CLIP folder"),
+        (["--clip", "TEXT_ONLY"], "is not an image-text embedding model"),
     ],
 )
 def test_user_errors_are_one_line(tmp_path, lora_dir, capsys, extra, message):
     (tmp_path / "p.txt").write_text("a photo of a dog\n")
+    if "TEXT_ONLY" in extra:  # a folder that loads (tokenizer, processor, model) but holds a text encoder
+        from transformers import CLIPTextModel
+
+        from cat_engine.engine.builtin import clip_tokenizer
+        from cat_engine.engine.builtin_clip import tiny_clip_config, tiny_clip_image_processor
+
+        folder = tmp_path / "text_only"
+        CLIPTextModel(tiny_clip_config().text_config).save_pretrained(folder)
+        clip_tokenizer().save_pretrained(folder)
+        tiny_clip_image_processor().save_pretrained(folder)
     extra = [str(tmp_path / "p.txt") if a == "PROMPTS" else a for a in extra]
+    extra = [str(tmp_path / "text_only") if a == "TEXT_ONLY" else a for a in extra]
     argv = ["eval", "--lora", str(lora_dir), "--output", str(tmp_path / "o"), *FAST, *extra]
     assert main(argv) == 2
     err = capsys.readouterr().err
