@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 SIZE = 64
 SUPERSAMPLE = 2
+JITTER = 9  # how far from the centre an object may sit (px)
 CLASSES = ("star", "circle", "square", "triangle", "heart", "moon", "fish", "bug")
 COLOURS = {
     "red": (210, 40, 40),
@@ -71,7 +72,7 @@ class Scene:
 
     @property
     def size_word(self) -> str:
-        return "small" if self.radius < 15 else "large"
+        return "small" if self.radius < 18 else "large"
 
 
 def colour_rgb(name: str) -> tuple[int, int, int]:
@@ -90,8 +91,11 @@ def sample_scene(rng: random.Random, cls: str | None = None) -> Scene:
     ink_name = "black" if colour in ("white", "yellow", "pink", "orange") else "white"
     if colour == "black":
         ink_name = "white"
-    radius = rng.uniform(9, 14) if rng.random() < 0.4 else rng.uniform(16, 25)
+    radius = rng.uniform(13, 17) if rng.random() < 0.3 else rng.uniform(19, 26)
+    # Near the centre (within JITTER px): a tiny model learns what a class word draws only when it
+    # can tell where the object will be, and an object pushed to the edge loses its silhouette.
     margin = radius * 0.9 + 2
+    lo, hi = max(margin, SIZE / 2 - JITTER), min(SIZE - margin, SIZE / 2 + JITTER)
     return Scene(
         cls=cls,
         colour=colour,
@@ -99,8 +103,8 @@ def sample_scene(rng: random.Random, cls: str | None = None) -> Scene:
         ink=COLOURS[ink_name],
         background=background,
         radius=radius,
-        cx=rng.uniform(margin, SIZE - margin),
-        cy=rng.uniform(margin, SIZE - margin),
+        cx=rng.uniform(lo, hi),
+        cy=rng.uniform(lo, hi),
         angle=rng.uniform(-0.5, 0.5),
         flip=rng.random() < 0.5,
         phase=rng.random(),

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-BUILTIN_NAME = "toyworld-v1"  # the id of the default model in reports
+BUILTIN_NAME = "toyworld-v2"  # the id of the default model in reports
 RANDOM_NAME = "builtin-tiny-sd-v1"  # cache folder prefix of the random tiny pipeline
 TOYWORLD_DIR = Path(__file__).parent / "assets" / "toyworld"
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "clip_tokenizer"

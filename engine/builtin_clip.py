@@ -1,11 +1,14 @@
 """The built-in embedding model for KPS: the pretrained toy-world CLIP, or a tiny random CLIP.
 
 No CLIP image weights can be fetched or shipped (DESIGN.md §8), so the evaluator's default
-embedding is the **toy-world CLIP**: a small ``CLIPModel`` (ViT on 64 px, the real CLIP BPE
-tokenizer) trained contrastively by ``tools/pretrain_toyworld.py`` on the procedural world of
-:mod:`cat_engine.cat.toyworld`. It knows that world's classes, colours, patterns and backgrounds
-(and nothing else): scores of toy-world models are meaningful with it; for real photographs pass
-``--clip`` with a real CLIP folder. Outputs name it ``toyworld-clip-v1``.
+embedding is the **toy-world CLIP**: a small CLIP-style dual encoder trained contrastively by
+``tools/pretrain_toyworld.py`` on the procedural world of :mod:`cat_engine.cat.toyworld`. It is a
+transformers ``AlignModel`` (ALIGN is CLIP's architecture with a convolutional image tower: a
+small EfficientNet on 64 px, which learns the world's shapes where a ViT of this size learnt
+only colours and backgrounds) with a text tower that reads the real CLIP BPE tokenizer; its
+weights are stored in float16 and loaded as float32. It knows that world's classes, colours,
+patterns and backgrounds (and nothing else): scores of toy-world models are meaningful with it;
+for real photographs pass ``--clip`` with a real CLIP folder. Outputs name it ``toyworld-clip-v2``.
 
 The **random** tiny CLIP (``tiny_clip``, ``builtin_clip_dir(seed)``, named
 ``builtin-tiny-clip-random``) remains for tests of code paths: its scores are stable from run to
@@ -24,7 +27,7 @@ import torch
 
 from cat_engine.engine.builtin import cache_root, clip_tokenizer
 
-BUILTIN_CLIP_NAME = "toyworld-clip-v1"  # the default embedding model
+BUILTIN_CLIP_NAME = "toyworld-clip-v2"  # the default embedding model
 RANDOM_CLIP_NAME = "builtin-tiny-clip-random"
 TOYWORLD_CLIP_DIR = Path(__file__).parent / "assets" / "toyworld_clip"
 IMAGE_SIZE = 32  # pixels the vision tower sees; generated and reference images are resized to it

@@ -19,7 +19,7 @@ def test_demo_writes_report_and_grid(tmp_path):
     for method in report["methods"].values():
         for key in ("kps", "identity", "preservation", "leakage"):
             assert isinstance(method[key], float)
-    assert report["embedding"] == "toyworld-clip-v1" and report["model"] == "toyworld-v1"
+    assert report["embedding"] == "toyworld-clip-v2" and report["model"] == "toyworld-v2"
     assert (out / "grid.png").stat().st_size > 0
 
 
