@@ -25,7 +25,7 @@ from cat_engine.cat import demo
 from cat_engine.engine.builtin import BUILTIN_NAME
 from cat_engine.engine.builtin_clip import BUILTIN_CLIP_NAME
 
-METRICS = ("identity", "preservation", "kps", "prompt_similarity", "leakage", "diversity_adapter", "diversity_base")
+METRICS = demo.METRICS  # what each run logs
 TABLE_METRICS = ("identity", "preservation", "kps", "leakage", "diversity_adapter")
 DEFAULT_RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results" / "toyworld_experiment.json"
 

@@ -62,18 +62,19 @@ def tiny_clip(seed: int = 0):
     return model.eval()
 
 
-def tiny_clip_image_processor():
-    """A CLIP image processor sized for the tiny vision tower (PIL backend: no torchvision needed)."""
+def tiny_clip_image_processor(size: int = IMAGE_SIZE):
+    """A CLIP image processor resizing to ``size`` px: the tiny random tower's 32 by default, the
+    toy-world CLIP's 64 (PIL backend: no torchvision needed)."""
     try:
         from transformers import CLIPImageProcessorPil as processor_class
     except ImportError:  # transformers 4: the PIL implementation is the class itself
         from transformers import CLIPImageProcessor as processor_class
     return processor_class(
         do_resize=True,
-        size={"shortest_edge": IMAGE_SIZE},
+        size={"shortest_edge": size},
         resample=3,  # bicubic, as CLIP
         do_center_crop=True,
-        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        crop_size={"height": size, "width": size},
         do_rescale=True,
         rescale_factor=1 / 255,
         do_normalize=True,

@@ -43,12 +43,11 @@ import torch
 import torch.nn.functional as F
 
 from cat_engine.cat import toyworld as tw
+from cat_engine.engine.builtin_clip import CLIP_MEAN, CLIP_STD, tiny_clip_image_processor
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "engine" / "assets" / "toyworld"
 DEFAULT_CLIP_OUT = ROOT / "engine" / "assets" / "toyworld_clip"
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 TEXT_WIDTH = 32
 EMBED_DIM = 160  # the toy CLIP's embedding size: the EfficientNet's pooled width at width_coefficient 0.5
 BACKGROUNDS = (*tw.BACKGROUND_COLOURS, *tw.SCENES)
@@ -103,16 +102,6 @@ def make_scheduler():
     from cat_engine.engine.builtin import tiny_scheduler
 
     return tiny_scheduler("epsilon")
-
-
-def clip_image_processor():
-    try:
-        from transformers import CLIPImageProcessorPil as cls
-    except ImportError:
-        from transformers import CLIPImageProcessor as cls
-    return cls(do_resize=True, size={"shortest_edge": tw.SIZE}, resample=3, do_center_crop=True,
-               crop_size={"height": tw.SIZE, "width": tw.SIZE}, do_rescale=True, rescale_factor=1 / 255,
-               do_normalize=True, image_mean=CLIP_MEAN, image_std=CLIP_STD, do_convert_rgb=True)
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
@@ -313,7 +302,7 @@ def clip_phase(args, out: Path) -> dict:
     clip = train_clip(images, scenes, args.clip_attribute_steps, args.clip_steps, args.seed, clip_tokenizer())
     out.mkdir(parents=True, exist_ok=True)
     clip.to(torch.float16).save_pretrained(out, safe_serialization=True)  # half the bytes; eval loads it as float32
-    clip_image_processor().save_pretrained(out)
+    tiny_clip_image_processor(tw.SIZE).save_pretrained(out)
     clip_tokenizer().save_pretrained(out)
     return {"clip_s": round(time.time() - t, 1)}
 

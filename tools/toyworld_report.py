@@ -22,17 +22,11 @@ import numpy as np
 import torch
 
 from cat_engine.cat import toyworld as tw
+from cat_engine.cat.kps import diversity
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "bench" / "results" / "toyworld_recognition.json"
 DEFAULT_GRID = ROOT / "engine" / "assets" / "toyworld" / "samples.png"
-
-
-def diversity(emb: torch.Tensor) -> float:
-    e = torch.nn.functional.normalize(emb, dim=-1)
-    sim = e @ e.T
-    n = len(e)
-    return float(1 - (sim.sum() - sim.diagonal().sum()) / (n * (n - 1)))
 
 
 def train_shape_classifier(steps: int = 400, seed: int = 0) -> torch.nn.Module:
