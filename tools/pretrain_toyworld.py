@@ -351,7 +351,7 @@ def _replace_dir(tmp: Path, target: Path) -> None:
         shutil.rmtree(old)
     if target.exists():
         os.replace(target, old)
-    os.replace(tmp, target)
+    shutil.move(tmp, target)  # a rename; a copy when --clip-out is on another file system
     if old.exists():
         shutil.rmtree(old)
 
@@ -372,6 +372,8 @@ def main() -> None:
     args = parser.parse_args()
 
     t_start = time.time()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.clip_out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".pretrain-", dir=args.out.parent))
     try:
         clip_tmp, model_tmp, clip_timings = work / "clip", work / "model", work / "clip_timings.json"
