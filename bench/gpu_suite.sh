@@ -44,7 +44,7 @@ step() {
 }
 
 # 1. Packages: the missing ones from the wheels, then cat_engine itself as links into this
-# checkout (its sub-packages are the top-level folders, DESIGN.md §3; no build step needed).
+# checkout (its sub-packages are the top-level folders, docs/design.md §3; no build step needed).
 mkdir -p "$SITE/cat_engine"
 ln -sfn "$REPO/cat_engine/__init__.py" "$SITE/cat_engine/__init__.py"
 for sub in kernels engine cat bench; do ln -sfn "$REPO/$sub" "$SITE/cat_engine/$sub"; done

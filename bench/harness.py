@@ -61,7 +61,7 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 ATTENTION = ("sdpa", "math")
 CPU_COMPILE_WARNING = (
     "torch.compile on CPU: torch 2.13's inductor is known to give wrong LoRA gradients for "
-    "diffusers UNets (DESIGN.md §6); these timings are for profiling only"
+    "diffusers UNets (docs/design.md §6); these timings are for profiling only"
 )
 
 
@@ -357,7 +357,7 @@ def run_bench(cfg: BenchConfig, log=print, flops_cache: Path | None = None) -> d
     resolution = cfg.resolution or preset.resolution
     warnings: list[str] = []
     if cfg.steps < 5:
-        warnings.append(f"{cfg.steps} timed steps: DESIGN.md §7 asks for at least 5; medians are rough")
+        warnings.append(f"{cfg.steps} timed steps: docs/design.md §7 asks for at least 5; medians are rough")
     if cfg.compile and device.type == "cpu":
         warnings.append(CPU_COMPILE_WARNING)
         log(f"warning: {CPU_COMPILE_WARNING}")

@@ -1,4 +1,4 @@
-"""Microbenchmark of the fused LoRA linear on diffusion shapes (DESIGN.md §5, §7).
+"""Microbenchmark of the fused LoRA linear on diffusion shapes (docs/design.md §5, §7).
 
 Three ways to compute one LoRA linear, measured side by side in one run:
   frozen: ``x W^T + b`` alone (the floor: what the layer costs without LoRA)

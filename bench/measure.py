@@ -1,6 +1,6 @@
 """What the bench measures, one helper each: step time, FLOPs, bytes saved for backward, memory, MFU.
 
-DESIGN.md §7. Everything here is independent of the variants being measured: a step is any
+docs/design.md §7. Everything here is independent of the variants being measured: a step is any
 zero-argument callable.
 """
 

@@ -1,4 +1,4 @@
-"""The peers the engine is measured against (DESIGN.md §7), written the way trainers write them.
+"""The peers the engine is measured against (docs/design.md §7), written the way trainers write them.
 
 Both run on a diffusers UNet carrying a peft LoRA adapter (``unet.add_adapter(LoraConfig(...))``)
 and are deliberately independent of ``cat_engine.cat``: they are what the engine must beat.

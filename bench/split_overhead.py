@@ -4,7 +4,7 @@
         [--batch 1] [--checkpointing both|on|off] [--repeats 7] [--clock cpu|wall]
         [--no-checkpoint-strategies split two_calls checkpoint] [--no-record]
 
-Side by side in one run, on the same weights and inputs (DESIGN.md §7), interleaved round-robin so
+Side by side in one run, on the same weights and inputs (docs/design.md §7), interleaved round-robin so
 that load from other processes hits every candidate alike; median of ``--repeats`` timed steps
 after one warm-up each:
 

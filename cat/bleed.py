@@ -6,7 +6,7 @@ concept ``j`` for token ``j`` and no other. With ``G_tok(j)`` the images generat
 
     M[j][i] = mean cos(E(G_tok(j)), E(R_i))            rows: prompting token j, cols: concept i
 
-(the kps-v1 identity, DESIGN.md §2, between every pair). Its diagonal is each concept's identity;
+(the kps-v1 identity, docs/design.md §2, between every pair). Its diagonal is each concept's identity;
 the off-diagonal entries are **bleed**. ``base[j][i]`` is the same mean for the frozen base model on
 the plain prompt of concept ``j`` (class word, no token): how close the class alone already is to
 ``R_i``, the level bleed should be read against. Every concept's full KPS report is computed from

@@ -1,4 +1,4 @@
-"""Token and plain captions (DESIGN.md §1).
+"""Token and plain captions (docs/design.md §1).
 
 The token caption carries the trigger token (``a photo of sks dog``). The plain caption, used
 by the CAT term, is the same caption "without the trigger token", in one of three readings:

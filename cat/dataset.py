@@ -1,7 +1,7 @@
 """A concept data set: a folder of images with optional same-name ``.txt`` captions.
 
 ``load_concept_images`` reads the folder once into a float tensor (the images are encoded by the
-VAE once and cached, DESIGN.md §3, so there is no lazy loading to gain). Bad input never ends in
+VAE once and cached, docs/design.md §3, so there is no lazy loading to gain). Bad input never ends in
 a traceback: a folder that cannot be used raises ``DataError`` with one line naming it and what
 to do; a bad file is skipped with one warning line naming it. Warnings go to the ``logging``
 logger ``cat_engine.cat.dataset`` (a child of ``cat_engine``), and ``ConceptData.summary``

@@ -2,7 +2,7 @@
 
 Reads top to bottom: for each method (``lora``: ``--cat-weight 0``; ``cat``: ``--cat-weight``
 lambda) train an adapter on the concept with ``cat-engine train``'s recipe, score it with
-``cat-engine eval`` (KPS, DESIGN.md §2, on the toy-world model and the toy-world CLIP), then write
+``cat-engine eval`` (KPS, docs/design.md §2, on the toy-world model and the toy-world CLIP), then write
 
     OUTPUT/report.json   both methods' metrics, their differences, settings and timings
     OUTPUT/grid.png      reference images, then per method: token prompt, plain prompt; and the base

@@ -1,4 +1,4 @@
-"""``cat-engine eval``: the Knowledge Preservation Score (KPS, DESIGN.md §2) of a trained adapter.
+"""``cat-engine eval``: the Knowledge Preservation Score (KPS, docs/design.md §2) of a trained adapter.
 
 Reads top to bottom: settings, models, generate (one split-batch denoising loop for G_tok, G_ada
 and G_base), embed (CLIP), gather (across ranks under torchrun), score, write

@@ -2,7 +2,7 @@
 
 ``python -m cat_engine.cat.eval_throughput [--prompts 4] [--seeds 4] [--steps 10]`` builds the
 tiny built-in pipeline with a random LoRA, then generates the same G_tok, G_ada and G_base images
-both ways, interleaved, and prints the ratio (DESIGN.md §7: ratios side by side in one run).
+both ways, interleaved, and prints the ratio (docs/design.md §7: ratios side by side in one run).
 
 Baselines, LoRA loaded with ``load_lora_weights`` and switched off with ``disable_lora`` for
 G_base: ``StableDiffusionPipeline`` called once per image (one prompt, one seed), and once per

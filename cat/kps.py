@@ -1,4 +1,4 @@
-"""KPS and its components (DESIGN.md §2, definition ``kps-v1``), as pure functions of embeddings.
+"""KPS and its components (docs/design.md §2, definition ``kps-v1``), as pure functions of embeddings.
 
 Every function takes embeddings as float tensors ``[N, D]`` (one row per image or text, any
 scale: rows are L2-normalised here) and returns a Python float. ``cos(a, b) = a·b / (|a| |b|)``.

@@ -1,4 +1,4 @@
-"""The CAT objective (DESIGN.md §1).
+"""The CAT objective (docs/design.md §1).
 
     L     = L_LDM + lambda * L_CAT
     L_LDM = mse( eps_ada(z_t, t, y_T), target )
@@ -78,7 +78,7 @@ def cat_loss(
     added_cond_kwargs: dict | None = None,
     plain_added_cond_kwargs: dict | None = None,
 ) -> CatLossOutput:
-    """The CAT loss of one batch (DESIGN.md §1).
+    """The CAT loss of one batch (docs/design.md §1).
 
     Args:
         unet: a diffusers ``UNet2DConditionModel`` carrying a LoRA adapter (peft or fused).
@@ -94,7 +94,7 @@ def cat_loss(
     Returns:
         :class:`CatLossOutput` with ``loss`` (differentiable), ``ldm`` and ``cat`` (detached).
 
-    One UNet call over the split batch ``[token rows, plain rows | base rows]`` (DESIGN.md §4,
+    One UNet call over the split batch ``[token rows, plain rows | base rows]`` (docs/design.md §4,
     ``engine/split_unet.py``): the base rows are the frozen model on the plain captions and never
     enter autograd. Equals :func:`cat_loss_reference` (tests/cat/test_cat_loss.py). Call
     ``loss.backward()`` (not ``torch.autograd.grad``). A UNet whose LoRA layers are not fused runs
@@ -123,7 +123,7 @@ def cat_loss(
         )
     b = noisy_latents.shape[0]
     plain_cond = plain_added_cond_kwargs if plain_added_cond_kwargs is not None else added_cond_kwargs
-    # One split batch (DESIGN.md §4): token rows, plain rows (adapter), plain rows again (base).
+    # One split batch (docs/design.md §4): token rows, plain rows (adapter), plain rows again (base).
     embeds = torch.cat([token_embeds, plain_embeds, plain_embeds])
     added = None
     if added_cond_kwargs is not None:

@@ -1,4 +1,4 @@
-"""Batched split-batch sampling of the three KPS image sets (DESIGN.md §2, §4).
+"""Batched split-batch sampling of the three KPS image sets (docs/design.md §2, §4).
 
 One job is a (prompt template, seed) pair and yields three images: ``G_tok`` (adapter, token
 prompt), ``G_ada`` (adapter, plain prompt) and ``G_base`` (base model, plain prompt). Many jobs

@@ -1,6 +1,6 @@
 """The built-in embedding model for KPS: the pretrained toy-world CLIP, or a tiny random CLIP.
 
-No CLIP image weights can be fetched or shipped (DESIGN.md §8), so the evaluator's default
+No CLIP image weights can be fetched or shipped (docs/design.md §8), so the evaluator's default
 embedding is the **toy-world CLIP**: a small CLIP-style dual encoder trained contrastively by
 ``tools/pretrain_toyworld.py`` on the procedural world of :mod:`cat_engine.cat.toyworld`. It is a
 transformers ``AlignModel`` (ALIGN is CLIP's architecture with a convolutional image tower: a

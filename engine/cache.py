@@ -1,4 +1,4 @@
-"""Caching before training: VAE latents and text embeddings, computed once (DESIGN.md §3, §6).
+"""Caching before training: VAE latents and text embeddings, computed once (docs/design.md §3, §6).
 
 After ``encode_latents`` and ``encode_captions`` the trainer calls ``model.release_encoders()``,
 so the VAE and the text encoder(s) need no memory during training.

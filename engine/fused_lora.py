@@ -1,4 +1,4 @@
-"""peft LoRA linears that run the fused split-batch op (DESIGN.md §4, §5).
+"""peft LoRA linears that run the fused split-batch op (docs/design.md §4, §5).
 
 Fusing changes the *class* of each of peft's ``lora.Linear`` modules to :class:`FusedLoraLinear`,
 a subclass that only overrides ``forward``. The module objects, their ``Parameter`` objects, their

@@ -1,4 +1,4 @@
-"""Memory plan (DESIGN.md §6): attention backend, gradient checkpointing, precision, compile,
+"""Memory plan (docs/design.md §6): attention backend, gradient checkpointing, precision, compile,
 channels_last, fused AdamW, applied to a diffusers UNet carrying a LoRA adapter.
 
     plan = MemoryPlan(precision="bf16", gradient_checkpointing=True)
@@ -264,7 +264,7 @@ def apply_memory_plan(
 
     ``plan.compile`` needs ``check_inputs`` (see :func:`compile_unet`); it is applied last so the
     gradient check runs on the final module. ``checkpoint_func`` replaces diffusers' default
-    checkpoint function (the split-batch executor passes its own, DESIGN.md §4).
+    checkpoint function (the split-batch executor passes its own, docs/design.md §4).
     """
     device = _device(device)
     precision = resolve_precision(plan, device)

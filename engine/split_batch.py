@@ -1,6 +1,6 @@
 """Split-batch state of a UNet: how many leading rows of the next call get the LoRA delta.
 
-DESIGN.md §4: rows are ordered adapter rows first (token rows, then plain rows) and base rows
+docs/design.md §4: rows are ordered adapter rows first (token rows, then plain rows) and base rows
 last. Every LoRA layer applies its delta to the first ``adapter_rows`` rows of dim 0 only; every
 frozen op runs all rows together. ``None`` means every row is an adapter row (a plain LoRA call).
 

@@ -1,4 +1,4 @@
-"""Split-batch execution of a diffusers UNet: adapter rows in autograd, base rows never (DESIGN.md §4).
+"""Split-batch execution of a diffusers UNet: adapter rows in autograd, base rows never (docs/design.md §4).
 
 One UNet call runs ``N`` rows: the first ``adapter_rows`` get the LoRA delta and gradients, the
 rest (the frozen base model's rows) are computed but never enter autograd: no activation of a base

@@ -1,6 +1,6 @@
 """Deterministic cost accounting of a training step on CPU: FLOPs and bytes saved for backward.
 
-DESIGN.md §7. Used by the split-batch accounting tests and ``bench/split_overhead.py``.
+docs/design.md §7. Used by the split-batch accounting tests and ``bench/split_overhead.py``.
 
 * FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` around forward *and* backward.
 * Saved bytes: every tensor autograd packs for backward during the forward

@@ -1,4 +1,4 @@
-"""VRAM estimator (DESIGN.md §6): predict the peak GPU memory of one CAT training step.
+"""VRAM estimator (docs/design.md §6): predict the peak GPU memory of one CAT training step.
 
     est = estimate_peak("sd15", resolution=512, batch=1, plan=MemoryPlan(precision="bf16"), rank=16)
     est.total, est.breakdown()          # weights, lora, grads, optimizer, activations, workspace
@@ -26,7 +26,7 @@ What is counted, and how:
 - Not counted: the CUDA context (never in ``torch.cuda.max_memory_allocated``; see
   :data:`CUDA_CONTEXT_RESERVE`, which ``fits``/``best_plan`` add), allocator fragmentation
   (use ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``), the VAE and text encoders (off the
-  GPU once latents and embeddings are cached, DESIGN.md §6), ``torch.compile``'s savings.
+  GPU once latents and embeddings are cached, docs/design.md §6), ``torch.compile``'s savings.
 
 Estimates are cached per (model, resolution, batch, precision, checkpointing, attention, rank,
 cat); one SD1.5 estimate takes a few seconds on a CPU (the meta build is ~2 s the first time).
@@ -419,7 +419,7 @@ def _measure_cached(spec: ModelSpec, resolution: int, batch: int, plan: MemoryPl
     if key in _MEASURED:
         return _MEASURED[key]
     failures = []
-    # The split-batch path saves about what the three-call reference saves (DESIGN.md §4: 0.98x),
+    # The split-batch path saves about what the three-call reference saves (docs/design.md §4: 0.98x),
     # so the reference is a close stand-in when only the split-batch code fails on meta.
     for fused, method in ((True, "meta"), (False, "meta, three-call reference")):
         try:

@@ -1,4 +1,4 @@
-"""cat_engine.kernels: Triton kernels, their custom ops, and PyTorch references (DESIGN.md §5).
+"""cat_engine.kernels: Triton kernels, their custom ops, and PyTorch references (docs/design.md §5).
 
 ``lora_linear`` dispatches at call time: CUDA tensors to Triton, CPU tensors to
 ``kernels/reference.py`` (``CAT_ENGINE_FORCE_TRITON=1`` sends them to Triton, under

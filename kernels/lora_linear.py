@@ -1,5 +1,5 @@
 """Fused LoRA linear for split batches: ``y = x W^T + b`` on every row, plus the low-rank delta
-``scale * (x A^T) B^T`` on the first ``adapter_rows`` rows only (DESIGN.md §4, §5).
+``scale * (x A^T) B^T`` on the first ``adapter_rows`` rows only (docs/design.md §4, §5).
 
 Layout of this file: Triton kernels (maths in their docstrings), launchers (shape and dtype
 checks, block choices), the custom ops with their fake implementations, autograd and FLOP
@@ -76,7 +76,7 @@ def _lowrank_kernel(
                     mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
         lt = tl.load(L + kk[:, None] * stride_lk + rr[None, :] * stride_lr,
                      mask=(kk[:, None] < K) & (rr[None, :] < R), other=0.0)
-        if UPCAST:  # interpreter: tl.dot on bf16 is wrong there (DESIGN §5)
+        if UPCAST:  # interpreter: tl.dot on bf16 is wrong there (docs/design.md §5)
             acc += tl.dot(x.to(tl.float32), lt.to(tl.float32))
         else:
             acc = tl.dot(x, lt.to(x.dtype), acc, input_precision=PRECISION)

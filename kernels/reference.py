@@ -1,4 +1,4 @@
-"""Pure-PyTorch references of the kernels in this package (DESIGN.md §5).
+"""Pure-PyTorch references of the kernels in this package (docs/design.md §5).
 
 Two kinds of function live here:
 

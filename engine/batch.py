@@ -1,0 +1,53 @@
+"""The inputs of one CAT training step, in one type used by the trainer, the bench and the planner.
+
+All three row groups of a CAT step share ``z_t``, ``t`` and the noise (docs/design.md §1); they
+differ only in their conditioning: the token captions (adapter rows, LDM term), the plain captions
+(adapter rows, CAT term) and the plain captions again for the frozen base rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def _map(obj, fn):
+    if obj is None:
+        return None
+    if isinstance(obj, dict):
+        return {k: _map(v, fn) for k, v in obj.items()}
+    return fn(obj) if torch.is_tensor(obj) else obj
+
+
+@dataclass
+class CatBatch:
+    """One batch of ``B`` training rows.
+
+    ``added_cond_kwargs``: SDXL's ``{"text_embeds": [B, P], "time_ids": [B, 6]}`` for the token
+    captions, ``plain_added_cond_kwargs`` the same for the plain captions (``None``: the token
+    captions' dict serves both).
+    """
+
+    noisy_latents: torch.Tensor  # z_t, [B, C, h, w]
+    timesteps: torch.Tensor  # t, [B]
+    token_embeds: torch.Tensor  # [B, L, D], captions with the trigger token
+    plain_embeds: torch.Tensor  # [B, L, D], the same captions without it
+    target: torch.Tensor  # noise (or v), shaped like noisy_latents
+    added_cond_kwargs: dict | None = None
+    plain_added_cond_kwargs: dict | None = None
+
+    @property
+    def rows(self) -> int:
+        return int(self.noisy_latents.shape[0])
+
+    def map(self, fn) -> CatBatch:
+        """A batch with ``fn`` applied to every tensor (nested dicts included)."""
+        return CatBatch(*(_map(getattr(self, f), fn) for f in self.__dataclass_fields__))
+
+    def to(self, device) -> CatBatch:
+        return self.map(lambda t: t.to(device))
+
+    def repeated(self, times: int) -> CatBatch:
+        """Every tensor repeated ``times`` along dim 0: a plain-LoRA step on ``times * B`` rows."""
+        return self.map(lambda t: t.repeat(times, *([1] * (t.dim() - 1))) if t.dim() else t)

@@ -1,0 +1,38 @@
+"""Writing files so that a crash or a full disk never leaves a half-written output.
+
+Every output the engine writes (LoRA files, reports, images, logs' summaries, caches) goes through
+:func:`write_atomically`: the content is written under a temporary name in the same folder, then
+renamed over the target in one step. A reader sees the old file or the new one, never a mix.
+The temporary file is created with ``open`` (not ``mkstemp``), so it gets the process's umask like
+any other file the user's tools create.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Call ``write(tmp)`` to write the whole content to ``tmp``, then rename ``tmp`` to ``path``.
+
+    ``tmp`` is a hidden sibling of ``path`` (same folder, so the rename is atomic). If ``write``
+    raises (a full disk, an encoding error), the temporary file is removed and ``path`` is left as
+    it was. Returns ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
+    """``path`` holds ``text`` (UTF-8), written by :func:`write_atomically`."""
+    return write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
