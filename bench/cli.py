@@ -94,17 +94,17 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cat_engine.cat.cli import UserError
+    from cat_engine.engine.errors import CatEngineError
 
     cfg = config_from_args(args)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device visible to torch")
+        raise CatEngineError("--device cuda: no CUDA device visible to torch")
     try:
         cfg.validate()
         cache = None if args.no_flops_cache else cache_root() / "bench-flops.json"
         result = run_bench(cfg, flops_cache=cache)
     except ValueError as exc:  # bad preset, resolution or knob: one line, no traceback
-        raise UserError(str(exc)) from None
+        raise CatEngineError(str(exc)) from None
     record = report.make_record(result, torch.device(result["config"]["device"]))
     results_dir = args.results_dir or report.default_results_dir()
     if not args.no_chart:

@@ -109,11 +109,11 @@ fi
 for run in "${RUNS[@]}"; do
     read -r preset px limit_off limit_on <<< "$run"
     if ((limit_off > 0)); then
-        step "bench_${preset}_${px}_ckpt_off" "$limit_off" "$PY" -m cat_engine.bench --preset "$preset" \
+        step "bench_${preset}_${px}_ckpt_off" "$limit_off" "$PY" -m cat_engine bench --preset "$preset" \
             --resolution "$px" --batch 1 "${BENCH_ARGS[@]}" --results-dir "$OUT"
     fi
     if ((limit_on > 0)); then
-        step "bench_${preset}_${px}_ckpt_on" "$limit_on" "$PY" -m cat_engine.bench --preset "$preset" \
+        step "bench_${preset}_${px}_ckpt_on" "$limit_on" "$PY" -m cat_engine bench --preset "$preset" \
             --resolution "$px" --batch 1 "${BENCH_ARGS[@]}" --checkpointing --results-dir "$OUT"
     fi
 done

@@ -30,8 +30,8 @@ import torch
 
 from cat_engine.cat import eval as ev
 from cat_engine.cat import kps as kps_metrics
-from cat_engine.cat.cli import UserError
 from cat_engine.cat.sampling import SETS
+from cat_engine.engine.errors import CatEngineError
 
 CELL = 96  # pixels per matrix cell in bleed.png
 
@@ -44,13 +44,13 @@ def read_concepts(path: str | Path) -> list[dict]:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise UserError(f"--concepts {path}: cannot read it ({exc.strerror or exc})") from None
+        raise CatEngineError(f"--concepts {path}: cannot read it ({exc.strerror or exc})") from None
     except yaml.YAMLError as exc:
-        raise UserError(f"--concepts {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise CatEngineError(f"--concepts {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if isinstance(raw, dict) and "concepts" in raw:
         raw = raw["concepts"]
     if not isinstance(raw, list) or len(raw) < 2:
-        raise UserError(
+        raise CatEngineError(
             f"--concepts {path}: expected a list of at least two {{token, class_word, refs}} entries"
         )
     concepts = []
@@ -60,12 +60,12 @@ def read_concepts(path: str | Path) -> list[dict]:
         )
         refs = entry.get("refs") or entry.get("data")
         if not (entry.get("token") and entry.get("class_word") and refs):
-            raise UserError(f"--concepts {path}: entry {i} needs token, class_word and refs (or data)")
+            raise CatEngineError(f"--concepts {path}: entry {i} needs token, class_word and refs (or data)")
         refs = Path(str(refs)).expanduser()
         concepts.append({"token": str(entry["token"]), "class_word": str(entry["class_word"]), "refs": refs})
     tokens = [c["token"] for c in concepts]
     if len(set(tokens)) != len(tokens):
-        raise UserError(f"--concepts {path}: every concept needs its own token")
+        raise CatEngineError(f"--concepts {path}: every concept needs its own token")
     return concepts
 
 
@@ -90,7 +90,7 @@ def _grid_job(index: int, per_concept: int, n_seeds: int) -> bool:
 def run_bleed(args, dist: ev.Dist) -> int:
     """``cat-engine eval --concepts FILE``: per-concept KPS and the bleed matrix; rank 0 writes."""
     if args.seeds < 1 or args.steps < 1 or args.batch_size < 1:
-        raise UserError("--seeds, --steps and --batch-size must be at least 1")
+        raise CatEngineError("--seeds, --steps and --batch-size must be at least 1")
     concepts = read_concepts(args.concepts)
     templates = ev.read_templates(args.prompts)
     seeds = list(range(args.seeds))

@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cat_engine.cat.captions import DEFAULT_CAPTION_TEMPLATE, PLAIN_MODES
+from cat_engine.engine.errors import CatEngineError
 from cat_engine.engine.lora import DEFAULT_TARGETS
 from cat_engine.engine.memory_plan import ATTENTION_BACKENDS as ATTENTION
 from cat_engine.engine.memory_plan import PRECISIONS
 
 
-class ConfigError(ValueError):
+class ConfigError(CatEngineError):
     """A configuration the user must fix; the message names the file or flag."""
 
 

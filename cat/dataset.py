@@ -19,6 +19,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cat_engine.cat.captions import DEFAULT_CAPTION_TEMPLATE, has_token, plain_caption, token_caption
+from cat_engine.engine.errors import CatEngineError
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ DEFAULT_CLASS_WORD = "star"
 BUILTIN_CONCEPT = "sks-star"
 
 
-class DataError(ValueError):
+class DataError(CatEngineError):
     """A --data folder that cannot be used; the message is one line naming it and what to do."""
 
 

@@ -36,10 +36,10 @@ def concept_names() -> list[str]:
 def concept_folder(name: str) -> tuple[Path, str]:
     """The built-in concept folder of ``name`` and its class word."""
     from cat_engine.cat import toyworld
-    from cat_engine.cat.cli import UserError
+    from cat_engine.engine.errors import CatEngineError
 
     if name not in toyworld.CONCEPTS:
-        raise UserError(f"--concept {name}: not a built-in concept; choose from {', '.join(toyworld.CONCEPTS)}")
+        raise CatEngineError(f"--concept {name}: not a built-in concept; choose from {', '.join(toyworld.CONCEPTS)}")
     return Path(__file__).parent / "assets" / "concepts" / name, toyworld.CONCEPTS[name][0]
 
 
@@ -117,12 +117,12 @@ def side_by_side(output: Path, concept: str, runs: dict) -> Path:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from cat_engine.cat.cli import UserError
+    from cat_engine.engine.errors import CatEngineError
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.steps < 1 or args.eval_seeds < 1 or args.eval_steps < 1:
-        raise UserError("--steps, --eval-seeds and --eval-steps must be at least 1")
+        raise CatEngineError("--steps, --eval-seeds and --eval-steps must be at least 1")
     concept_folder(args.concept)  # a clear error before any work
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -157,11 +157,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name:6s}" + "".join(f"{runs[name][m]:13.4f}" for m in METRICS))
     print(f"\nwrote {output / 'report.json'} and {grid} in {report['seconds']:.0f} s")
     return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    from cat_engine.cat.cli import main
-
-    sys.exit(main(["demo", *sys.argv[1:]]))

@@ -23,8 +23,8 @@ import torch
 
 from cat_engine.cat import kps as kps_metrics
 from cat_engine.cat.captions import plain_caption
-from cat_engine.cat.cli import UserError
 from cat_engine.cat.sampling import SETS, Job, SampleSettings, sample_jobs, to_uint8
+from cat_engine.engine.errors import CatEngineError
 
 DEFAULT_TEMPLATES = (
     "a photo of {}",
@@ -126,7 +126,7 @@ def lora_file(path: str) -> Path:
     p = Path(path).expanduser()
     file = p / LORA_WEIGHT_NAME if p.is_dir() else p
     if not file.is_file():
-        raise UserError(
+        raise CatEngineError(
             f"--lora {p}: no adapter there (expected a folder with {LORA_WEIGHT_NAME}, or the file)"
         )
     return file
@@ -138,13 +138,13 @@ def read_templates(path: str | None) -> list[str]:
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as exc:
-        raise UserError(f"--prompts {path}: cannot read it ({exc.strerror or exc})") from None
+        raise CatEngineError(f"--prompts {path}: cannot read it ({exc.strerror or exc})") from None
     templates = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not templates:
-        raise UserError(f"--prompts {path}: no prompt templates in it")
+        raise CatEngineError(f"--prompts {path}: no prompt templates in it")
     bad = [t for t in templates if t.count("{}") != 1]
     if bad:
-        raise UserError(
+        raise CatEngineError(
             f"--prompts {path}: each line needs exactly one '{{}}' for the subject "
             f"(e.g. 'a photo of {{}}'); not {bad[0]!r}"
         )
@@ -166,7 +166,7 @@ def read_images(folder: Path):
     from PIL import Image, UnidentifiedImageError
 
     if not folder.is_dir():
-        raise UserError(f"--refs {folder}: folder not found")
+        raise CatEngineError(f"--refs {folder}: folder not found")
     images, skipped = [], []
     for file in sorted(folder.iterdir()):
         if file.suffix.lower() not in IMAGE_SUFFIXES:
@@ -179,7 +179,7 @@ def read_images(folder: Path):
     if skipped:
         print(f"cat-engine eval: skipped unreadable reference images: {', '.join(skipped)}", file=sys.stderr)
     if not images:
-        raise UserError(f"--refs {folder}: no readable images ({', '.join(IMAGE_SUFFIXES)})")
+        raise CatEngineError(f"--refs {folder}: no readable images ({', '.join(IMAGE_SUFFIXES)})")
     return images
 
 
@@ -195,17 +195,17 @@ def load_models(args, dist: Dist):
     try:
         model = load_base(args.base)
     except ModelLoadError as exc:
-        raise UserError(str(exc)) from None
+        raise CatEngineError(str(exc)) from None
     try:
         model.unet.load_lora_adapter(
             str(file.parent), prefix="unet", weight_name=file.name, local_files_only=True
         )
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise UserError(
+        raise CatEngineError(
             f"--lora {file}: cannot load it into the --base UNet: {str(exc).splitlines()[0]}"
         ) from None
     if not has_peft_adapter(model.unet):
-        raise UserError(f"--lora {file}: no UNet LoRA weights in it")
+        raise CatEngineError(f"--lora {file}: no UNet LoRA weights in it")
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(args.dtype)
     if dtype is None:  # auto: half precision where it is fast
         dtype = torch.float16 if dist.device.type == "cuda" else torch.float32
@@ -234,7 +234,7 @@ class ClipEmbedder:
 
         path, self.id = resolve_clip(clip)
         if not (path / "config.json").is_file():
-            raise UserError(f"--clip {path}: not a transformers CLIP folder (no config.json)")
+            raise CatEngineError(f"--clip {path}: not a transformers CLIP folder (no config.json)")
         try:
             # float32 whatever the folder stores (the built-in one is saved in float16 to stay small)
             self.model = AutoModel.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32)
@@ -242,9 +242,9 @@ class ClipEmbedder:
             self.tokenizer = CLIPTokenizer.from_pretrained(path, local_files_only=True)
             self.processor = _image_processor_class().from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as exc:
-            raise UserError(f"--clip {path}: cannot load it: {str(exc).splitlines()[0]}") from None
+            raise CatEngineError(f"--clip {path}: cannot load it: {str(exc).splitlines()[0]}") from None
         if not all(hasattr(self.model, f) for f in ("get_image_features", "get_text_features")):
-            raise UserError(f"--clip {path}: {type(self.model).__name__} is not an image-text embedding model")
+            raise CatEngineError(f"--clip {path}: {type(self.model).__name__} is not an image-text embedding model")
         self.device, self.batch = device, batch
 
     @torch.no_grad()
@@ -343,7 +343,7 @@ def prepare_models(args, dist: Dist):
     model = load_models(args, dist)
     resolution = args.resolution or model.native_resolution
     if resolution % (model.vae_scale_factor * 2) != 0:
-        raise UserError(f"--resolution {resolution}: must be a multiple of {model.vae_scale_factor * 2}")
+        raise CatEngineError(f"--resolution {resolution}: must be a multiple of {model.vae_scale_factor * 2}")
     settings = SampleSettings(resolution, args.steps, args.guidance, args.batch_size)
     return model, settings, ClipEmbedder(args.clip, dist.device)
 
@@ -454,7 +454,7 @@ def run(args, dist: Dist | None = None) -> int:
 
         return run_bleed(args, dist)
     if args.seeds < 1 or args.steps < 1 or args.batch_size < 1:
-        raise UserError("--seeds, --steps and --batch-size must be at least 1")
+        raise CatEngineError("--seeds, --steps and --batch-size must be at least 1")
     builtin_refs, default_token, default_class = concept_defaults()
     from cat_engine.engine.lora import read_lora_metadata
 
@@ -463,7 +463,7 @@ def run(args, dist: Dist | None = None) -> int:
     token = args.token or meta.get("token") or default_token
     class_word = args.class_word or meta.get("class_word") or default_class
     if args.refs is None and builtin_refs is None:
-        raise UserError("no built-in concept set in this version; pass --refs FOLDER")
+        raise CatEngineError("no built-in concept set in this version; pass --refs FOLDER")
     refs_dir = Path(args.refs).expanduser() if args.refs else builtin_refs
     templates = read_templates(args.prompts)
     seeds = list(range(args.seeds))
@@ -522,9 +522,3 @@ def run(args, dist: Dist | None = None) -> int:
             "note: the built-in CLIP has random weights; pass --clip with a real CLIP folder for meaningful scores"
         )
     return 0
-
-
-if __name__ == "__main__":
-    from cat_engine.cat.cli import main
-
-    sys.exit(main(["eval", *sys.argv[1:]]))

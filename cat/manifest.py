@@ -156,8 +156,8 @@ def train_concept(
 ) -> dict:
     """Train one adapter (this process alone) and score it; a row of the summary table."""
     from cat_engine.cat import eval as ev
-    from cat_engine.cat.cli import UserError
     from cat_engine.cat.train import train
+    from cat_engine.engine.errors import CatEngineError
 
     row = {"concept": name, "rank": ranks.rank, "output": config.output}
     device = dist.device_for(config.device, ranks)
@@ -172,7 +172,7 @@ def train_concept(
             ev.run(kps_args(config, kps, lora, out), dist=ev.Dist(0, 1, device))
             report = json.loads((out / "kps.json").read_text())
             row.update({k: report[k] for k in ("kps", "identity", "preservation")})
-    except (UserError, ValueError, RuntimeError) as exc:  # the engine's errors are ValueErrors
+    except (CatEngineError, ValueError, RuntimeError) as exc:  # the engine's errors are ValueErrors
         log.error("concept %s failed: %s", name, exc)
         row["error"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return row

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from cat_engine.cat.cli import UserError
+from cat_engine.engine.errors import CatEngineError
 
 BYTES_HELP = (
     "a size such as 8GB, 8GiB, 12G, 8000MB or a plain number of bytes. Units are binary: "
@@ -80,19 +80,19 @@ def run(args) -> int:
     try:
         spec = vram.resolve_model(args.base)
     except ValueError as exc:
-        raise UserError(str(exc)) from None
+        raise CatEngineError(str(exc)) from None
     budget = None
     if args.vram_budget is not None:
         try:
             budget = parse_bytes(args.vram_budget)
         except ValueError as exc:
-            raise UserError(f"--vram-budget: {exc}") from None
+            raise CatEngineError(f"--vram-budget: {exc}") from None
     for name in ("batch_size", "rank"):
         if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+            raise CatEngineError(f"--{name.replace('_', '-')} must be >= 1")
     resolution = args.resolution or int(spec.config.get("sample_size", 64)) * spec.vae_scale_factor
     if resolution < 1 or resolution % spec.vae_scale_factor:
-        raise UserError(
+        raise CatEngineError(
             f"--resolution must be a positive multiple of {spec.vae_scale_factor}, got {resolution}"
         )
     cat = args.cat_weight != 0
@@ -131,7 +131,7 @@ def run(args) -> int:
         print(_row(i + 1, plan, est, budget, chosen is not None and plan == chosen[0]))
     print("peak = predicted torch.cuda.max_memory_allocated; activations measured on the meta device")
     if failure is not None:
-        raise UserError(failure)
+        raise CatEngineError(failure)
     if chosen is None:
         return 0
     plan, est = chosen

@@ -4,8 +4,8 @@
     captions --(once)--> text encoder(s) --> cached embeddings of y_T (token) and y (plain)
     each step: noise, t --> z_t --> cat_loss (one split-batch UNet call) --> backward --> AdamW
 
-Also runnable as ``python -m cat_engine.cat.train``, and data-parallel under torchrun
-(``torchrun --nproc_per_node N -m cat_engine.cat.train ...``, or ``cat-engine train --nproc N``):
+Also runnable as ``python -m cat_engine train``, and data-parallel under torchrun
+(``torchrun --nproc_per_node N -m cat_engine train ...``, or ``cat-engine train --nproc N``):
 ``--batch-size`` is the global batch; every rank draws the whole batch's randomness from the same
 seeded generator and keeps its own equal slice of rows, DDP averages the LoRA gradients, so N ranks
 train the adapter a single process would (up to float rounding). Rank 0 writes every output.
@@ -39,6 +39,7 @@ from cat_engine.cat.loss import CatLossOutput
 from cat_engine.engine import checkpoint as ckpt
 from cat_engine.engine import distributed as dist
 from cat_engine.engine.cache import CaptionCache, LatentCache, encode_captions, encode_latents
+from cat_engine.engine.errors import CatEngineError
 from cat_engine.engine.lora import (
     LORA_WEIGHT_NAME,
     add_lora,
@@ -47,15 +48,15 @@ from cat_engine.engine.lora import (
     lora_parameters,
     save_lora,
 )
-from cat_engine.engine.memory_plan import MemoryPlan, MemoryPlanError, apply_memory_plan, make_optimizer
-from cat_engine.engine.models import ModelLoadError, load_base
+from cat_engine.engine.memory_plan import MemoryPlan, apply_memory_plan, make_optimizer
+from cat_engine.engine.models import load_base
 
 log = logging.getLogger("cat_engine")
 LOG_FILE = "train_log.jsonl"
 CONFIG_FILE = "train_config.json"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(CatEngineError):
     """Training stopped for a reason the user must see (non-finite loss...)."""
 
 
@@ -591,23 +592,12 @@ def launch(args: argparse.Namespace) -> int:
             dist.local_rows(config.batch_size, dist.DistContext(0, args.nproc))
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-    command = dist.torchrun_command(args.nproc, "cat_engine.cat.train", _flags_of(args))
+    command = dist.torchrun_command(args.nproc, "cat_engine", ["train", *_flags_of(args)])
     return subprocess.run(command).returncode
 
 
 def run(args: argparse.Namespace) -> int:
-    from cat_engine.cat.cli import UserError
-    from cat_engine.cat.dataset import DataError
-
     setup_logging()
-    errors = (
-        ConfigError,
-        DataError,
-        ModelLoadError,
-        MemoryPlanError,
-        ckpt.CheckpointError,
-        TrainingError,
-    )
     try:
         if args.nproc and args.nproc > 1 and not dist.launched_by_torchrun():
             return launch(args)
@@ -623,8 +613,6 @@ def run(args: argparse.Namespace) -> int:
             path = train(config, progress=True, ranks=ranks)
         finally:
             dist.shutdown(ranks)
-    except errors as exc:
-        raise UserError(str(exc)) from None
     except KeyboardInterrupt:
         return 130
     if ranks.main:
@@ -647,9 +635,3 @@ def setup_logging() -> None:
         log.addHandler(_TqdmHandler())
     log.setLevel(logging.INFO)
     log.propagate = False
-
-
-if __name__ == "__main__":
-    from cat_engine.cat.cli import main
-
-    sys.exit(main(["train", *sys.argv[1:]]))

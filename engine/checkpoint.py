@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from cat_engine.engine.errors import CatEngineError
+
 # File and key names: constants, so save and load cannot disagree.
 LORA_FILE = "lora.safetensors"
 OPTIMIZER_TENSORS = "optimizer.safetensors"
@@ -26,7 +28,7 @@ STEP_PATTERN = re.compile(r"^step-(\d+)$")
 CHECKPOINTS = "checkpoints"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CatEngineError):
     """A checkpoint that cannot be used; the message names the folder and the problem."""
 
 

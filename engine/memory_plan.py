@@ -27,6 +27,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from cat_engine.engine.errors import CatEngineError
+
 ATTENTION_BACKENDS = ("sdpa", "xformers", "math")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 _HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -36,7 +38,7 @@ _HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_RTOL = {"fp32": 1e-3, "bf16": 3e-2, "fp16": 1e-2}
 
 
-class MemoryPlanError(ValueError):
+class MemoryPlanError(CatEngineError):
     """A plan that cannot run here (missing backend, unsupported precision); the message says why."""
 
 

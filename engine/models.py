@@ -13,11 +13,12 @@ from pathlib import Path
 import torch
 
 from cat_engine.engine.builtin import builtin_model_dir
+from cat_engine.engine.errors import CatEngineError
 
 BUILTIN = "builtin"
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(CatEngineError):
     """A --base that cannot be used; the message names the folder and the problem."""
 
 

@@ -48,6 +48,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
+from cat_engine.engine.errors import CatEngineError
 from cat_engine.engine.memory_plan import MemoryPlan, cast_frozen_weights, is_lora_name
 
 GiB = 2**30
@@ -534,7 +535,7 @@ def candidate_plans(half: str = "bf16", attention: str = "sdpa") -> list[MemoryP
     ]
 
 
-class NoPlanFits(ValueError):
+class NoPlanFits(CatEngineError):
     """No candidate plan fits the budget; the message gives the smallest estimate and what to change."""
 
 

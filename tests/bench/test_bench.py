@@ -9,7 +9,7 @@ from cat_engine.bench import report
 from cat_engine.bench.harness import MAIN_VARIANTS, VARIANTS, BenchConfig, build_models
 from cat_engine.bench.peers import base_forward, naive_cat_loss, peft_lora_loss
 from cat_engine.bench.presets import PRESETS, make_batch, resolve_preset
-from cat_engine.cat.cli import main
+from cat_engine.cli import main
 from cat_engine.engine.lora import lora_parameters
 
 TIMED_FIELDS = ("median_s", "q1_s", "q3_s", "min_s", "max_s", "steps_per_s", "images_per_s")

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from cat_engine.cat import bleed
-from cat_engine.cat.cli import UserError, main
+from cat_engine.cli import main
+from cat_engine.engine.errors import CatEngineError
 from cat_engine.engine.lora import add_lora, save_lora
 from cat_engine.engine.models import load_base
 
@@ -43,12 +44,12 @@ def test_concepts_file_accepts_training_configs(tmp_path):
     assert str(concepts[0]["refs"]) == "bug" and str(concepts[1]["refs"]) == "/abs/fish"
     assert [c["class_word"] for c in concepts] == ["bug", "fish"]
     (tmp_path / "one.yaml").write_text("- {refs: a, token: zwx, class_word: bug}\n")
-    with pytest.raises(UserError, match="at least two"):
+    with pytest.raises(CatEngineError, match="at least two"):
         bleed.read_concepts(tmp_path / "one.yaml")
     (tmp_path / "same.yaml").write_text(
         "- {refs: a, token: x, class_word: bug}\n- {refs: b, token: x, class_word: c}\n"
     )
-    with pytest.raises(UserError, match="its own token"):
+    with pytest.raises(CatEngineError, match="its own token"):
         bleed.read_concepts(tmp_path / "same.yaml")
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from cat_engine.cat.cli import main
+from cat_engine.cli import main
 
 
 def test_demo_writes_report_and_grid(tmp_path):

@@ -51,7 +51,7 @@ def _env():
 
 
 def torchrun(tmp_path, nproc: int = 2, **options):
-    command = torchrun_command(nproc, "cat_engine.cat.train", _flags({"base": random_base(), **FAST, **options}))
+    command = torchrun_command(nproc, "cat_engine", ["train", *_flags({"base": random_base(), **FAST, **options})])
     result = subprocess.run(command, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
@@ -116,7 +116,7 @@ def test_two_ranks_with_gradient_checkpointing_equal_one_process(tmp_path):
 
 def test_global_batch_must_divide_by_the_ranks(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "cat_engine.cat.cli", "train", "--nproc", "2", "--batch-size", "3"],
+        [sys.executable, "-m", "cat_engine", "train", "--nproc", "2", "--batch-size", "3"],
         cwd=tmp_path,
         env=_env(),
         capture_output=True,
@@ -147,7 +147,7 @@ def test_nproc_relaunches_the_same_options_under_torchrun(monkeypatch):
     assert train_mod.launch(args) == 0
     command = seen["command"]
     assert command[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    rest = command[command.index("cat_engine.cat.train") + 1 :]
+    rest = command[command.index("cat_engine") + 2 :]
     assert "--nproc" not in rest
     reparsed = parser.parse_args(rest)
     for name in ("concepts", "flip", "compile", "batch_size", "targets"):

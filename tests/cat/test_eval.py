@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from cat_engine.cat import eval as kps_eval
-from cat_engine.cat.cli import main
+from cat_engine.cli import main
 from cat_engine.engine.lora import add_lora, save_lora
 from cat_engine.engine.models import load_base
 
@@ -153,7 +153,7 @@ def test_two_cpu_ranks_equal_one_process(tmp_path, lora_dir, base_dir, single_ru
     """
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += ["-m", "cat_engine.cat.eval", "--base", str(base_dir), "--lora", str(lora_dir)]
+    cmd += ["-m", "cat_engine", "eval", "--base", str(base_dir), "--lora", str(lora_dir)]
     cmd += ["--output", str(tmp_path / "two"), *FAST]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, check=False)
     errors = [line for line in done.stderr.splitlines() if "rror" in line]

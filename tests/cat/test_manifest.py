@@ -94,7 +94,7 @@ def test_manifest_on_two_ranks_trains_each_concept_once_with_kps_and_summary(man
     # Written once here: the ranks would otherwise both write the random CLIP into the same cache.
     assert (resolve_clip("builtin-tiny-clip-random")[0] / "config.json").is_file()
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    command += ["-m", "cat_engine.cat.train", "--manifest", str(manifest_file)]
+    command += ["-m", "cat_engine", "train", "--manifest", str(manifest_file)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]

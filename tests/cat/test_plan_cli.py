@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cat_engine.cat.cli import main
+from cat_engine.cli import main
 
 
 def test_plan_sd15_fits_an_8gb_card(capsys):

@@ -104,7 +104,7 @@ def test_sdxl_v_prediction_model_trains(tmp_path):
 
 def _cli(*args, cwd):
     return subprocess.run(
-        [sys.executable, "-m", "cat_engine.cat.cli", *args],
+        [sys.executable, "-m", "cat_engine", *args],
         cwd=cwd,
         capture_output=True,
         text=True,

@@ -1,7 +1,11 @@
 """``cat-engine`` command line: one sub-command per module, each exposing ``add_arguments`` and ``run``.
 
-Sub-command modules are imported only when chosen, so ``cat-engine --help`` stays fast and one
-broken optional feature cannot take the others down.
+This module sits above every layer (``bench → cat → engine → kernels``), so it is the one place that
+may name them all. Sub-command modules are imported only when chosen, so ``cat-engine --help``
+stays fast and one broken optional feature cannot take the others down.
+
+Library code raises :class:`~cat_engine.engine.errors.CatEngineError` for anything the user can fix;
+here, and only here, it becomes one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -9,6 +13,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from cat_engine import __version__
+from cat_engine.engine.errors import CatEngineError
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -20,16 +27,13 @@ COMMANDS = {
 }
 
 
-class UserError(Exception):
-    """An error the user can fix; printed as one line, without a traceback."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cat-engine",
         description="Contrastive Adapter Training (CAT) of LoRA adapters on Stable-Diffusion-class UNets. "
         "Run `cat-engine COMMAND --help` for a command's options.",
     )
+    parser.add_argument("--version", action="version", version=f"cat-engine {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_module_name, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -38,43 +42,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+    if not argv or argv[0] not in COMMANDS:
         parser = build_parser()
-        if argv and argv[0] not in ("-h", "--help"):
+        if argv and not argv[0].startswith("-"):
             parser.print_usage(sys.stderr)
             print(
                 f"cat-engine: unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr
             )
             return 2
+        parser.parse_args(argv)  # --help and --version exit here; anything else is a usage error
         parser.print_help()
         return 0
     name, rest = argv[0], argv[1:]
     module_name, help_text = COMMANDS[name]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.startswith("cat_engine"):
-            print(
-                f"cat-engine {name}: not available in this version ({exc.name} is missing)", file=sys.stderr
-            )
-            return 2
-        raise
+    module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"cat-engine {name}", description=help_text)
     module.add_arguments(parser)
     args = parser.parse_args(rest)
     try:
         return int(module.run(args) or 0)
-    except UserError as exc:
+    except CatEngineError as exc:
         print(f"cat-engine {name}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"cat-engine {name}: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    # Run the imported module's main, so `UserError` raised by sub-commands is this very class
-    # (as __main__, this file would define a second, different UserError).
-    from cat_engine.cat.cli import main as _main
-
-    sys.exit(_main())
