@@ -31,7 +31,15 @@ from cat_engine.engine.errors import CatEngineError
 
 ATTENTION_BACKENDS = ("sdpa", "xformers", "math")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
-_HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# The one name -> dtype map: the short names of --precision and the torch names of --dtype.
+DTYPES = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 # Relative tolerance of the compiled-vs-eager LoRA gradient check, per compute precision.
 # fp32 differences come from reordered sums (~1e-5); bf16 keeps 8 bits of mantissa, so two
 # correct paths that round differently can differ by a few 1e-3 per element.
@@ -124,7 +132,7 @@ def resolve_precision(plan: MemoryPlan, device) -> Precision:
         )
     if name == "fp32":
         return Precision("fp32", torch.float32, torch.float32, loss_scaling=False)
-    return Precision(name, _HALF[name], _HALF[name], loss_scaling=name == "fp16")
+    return Precision(name, DTYPES[name], DTYPES[name], loss_scaling=name == "fp16")
 
 
 def autocast_factory(precision: Precision, device) -> Callable[[], contextlib.AbstractContextManager]:
