@@ -58,18 +58,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--concept",
         default=DEFAULT_CONCEPT,
-        help=f"built-in concept: {', '.join(concept_names())} (default {DEFAULT_CONCEPT})",
+        help=f"built-in concept: {', '.join(concept_names())} (default %(default)s)",
     )
-    parser.add_argument("--output", default="cat-demo", help="output folder (default cat-demo)")
+    parser.add_argument("--output", default="cat-demo", help="output folder (default %(default)s)")
     parser.add_argument(
-        "--steps", type=int, default=DEFAULT_STEPS, help=f"training steps (default {DEFAULT_STEPS})"
+        "--steps", type=int, default=DEFAULT_STEPS, help="training steps (default %(default)s)"
     )
-    parser.add_argument("--cat-weight", type=float, default=1.0, help="lambda of the CAT run (default 1.0)")
-    parser.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"learning rate (default {DEFAULT_LR})")
-    parser.add_argument("--rank", type=int, default=DEFAULT_RANK, help=f"LoRA rank (default {DEFAULT_RANK})")
-    parser.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
-    parser.add_argument("--eval-seeds", type=int, default=4, help="sampling seeds per prompt (default 4)")
-    parser.add_argument("--eval-steps", type=int, default=20, help="DDIM steps (default 20)")
+    parser.add_argument(
+        "--cat-weight", type=float, default=1.0, help="lambda of the CAT run (default %(default)s)"
+    )
+    parser.add_argument("--lr", type=float, default=DEFAULT_LR, help="learning rate (default %(default)s)")
+    parser.add_argument("--rank", type=int, default=DEFAULT_RANK, help="LoRA rank (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="training seed (default %(default)s)")
+    parser.add_argument(
+        "--eval-seeds", type=int, default=4, help="sampling seeds per prompt (default %(default)s)"
+    )
+    parser.add_argument("--eval-steps", type=int, default=20, help="DDIM steps (default %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         "--concepts", default=",".join(demo.concept_names()), help="comma-separated built-in concepts"
     )
     parser.add_argument(
-        "--seeds", type=int, default=3, help="training seeds per concept and method (default 3)"
+        "--seeds", type=int, default=3, help="training seeds per concept and method (default %(default)s)"
     )
     parser.add_argument("--steps", type=int, default=demo.DEFAULT_STEPS)
     parser.add_argument("--cat-weight", type=float, default=1.0)

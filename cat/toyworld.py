@@ -11,7 +11,7 @@ What varies:
   ``the beach``, ``the snow``, ``the grass``);
 - pattern: plain, striped, dotted, checkered; in the world a pattern is always white or black
   on the object's colour (``PATTERN_INKS``), which leaves every other two-colour pattern free for
-  concepts that the pretraining data never shows (``cat_engine.cat.toyworld_concepts``);
+  concepts that the pretraining data never shows (``CONCEPTS``);
 - size (small / large, sometimes named in the caption), position, rotation, facing;
 - style: a photo, or ``a painting of ...`` (a framed, softened rendering).
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -365,4 +365,4 @@ def dataset(n: int, seed: int = 0) -> tuple[np.ndarray, list[str], list[Scene]]:
 
 
 __all__ = ["CLASSES", "COLOURS", "SCENES", "PATTERNS", "Scene", "sample_scene", "caption", "render", "sample",
-           "dataset", "class_prompt", "replace"]
+           "dataset", "class_prompt"]
