@@ -44,7 +44,7 @@ from cat_engine.cat.eval import (
 )
 from cat_engine.cat.grid import label_font, make_grid
 from cat_engine.cat.kps import KPS_VERSION
-from cat_engine.cat.report import GRID_FILE, GRID_MAX_SEEDS, REPORT_FILE, GridRow, grid_rows
+from cat_engine.cat.report import GRID_FILE, GRID_MAX_SEEDS, REPORT_FILE, GridRow, Report, grid_rows
 from cat_engine.cat.sampling import SETS
 from cat_engine.engine import distributed as dist
 
@@ -99,7 +99,7 @@ def summarize(matrix: list[list[float]]) -> dict:
 
 
 @dataclass
-class BleedReport:
+class BleedReport(Report):
     """A multi-concept run: every number of ``kps.json`` (:meth:`to_dict`), ``grid.png`` and ``bleed.png``."""
 
     per_concept: list[dict]  # token, class_word, references and the one-concept metrics with per_prompt
@@ -115,24 +115,13 @@ class BleedReport:
     references: list[np.ndarray] = field(default_factory=list, repr=False)  # concept i's first reference
     definition: str = KPS_VERSION
 
+    JSON_KEYS = ("definition", "kps", "per_concept", "bleed", "seeds", "templates", "model", "embedding")
+    JSON_KEYS += ("sampling", "throughput")
+
     @property
     def kps(self) -> float:
         """The concepts' mean KPS."""
         return float(np.mean([p["kps"] for p in self.per_concept]))
-
-    def to_dict(self) -> dict:
-        return {
-            "definition": self.definition,
-            "kps": self.kps,
-            "per_concept": self.per_concept,
-            "bleed": self.bleed,
-            "seeds": self.seeds,
-            "templates": self.templates,
-            "model": self.model,
-            "embedding": self.embedding,
-            "sampling": self.sampling,
-            "throughput": self.throughput,
-        }
 
     def images(self) -> dict:
         return {

@@ -55,25 +55,19 @@ def concept_folder(name: str) -> tuple[Path, str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--concept",
-        default=DEFAULT_CONCEPT,
-        help=f"built-in concept: {', '.join(concept_names())} (default %(default)s)",
-    )
-    parser.add_argument("--output", default="cat-demo", help="output folder (default %(default)s)")
-    parser.add_argument(
-        "--steps", type=int, default=DEFAULT_STEPS, help="training steps (default %(default)s)"
-    )
-    parser.add_argument(
-        "--cat-weight", type=float, default=1.0, help="lambda of the CAT run (default %(default)s)"
-    )
-    parser.add_argument("--lr", type=float, default=DEFAULT_LR, help="learning rate (default %(default)s)")
-    parser.add_argument("--rank", type=int, default=DEFAULT_RANK, help="LoRA rank (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="training seed (default %(default)s)")
-    parser.add_argument(
-        "--eval-seeds", type=int, default=4, help="sampling seeds per prompt (default %(default)s)"
-    )
-    parser.add_argument("--eval-steps", type=int, default=20, help="DDIM steps (default %(default)s)")
+    options = [  # flag, type, default, help
+        ("--concept", str, DEFAULT_CONCEPT, f"built-in concept: {', '.join(concept_names())}"),
+        ("--output", str, "cat-demo", "output folder"),
+        ("--steps", int, DEFAULT_STEPS, "training steps"),
+        ("--cat-weight", float, 1.0, "lambda of the CAT run"),
+        ("--lr", float, DEFAULT_LR, "learning rate"),
+        ("--rank", int, DEFAULT_RANK, "LoRA rank"),
+        ("--seed", int, 0, "training seed"),
+        ("--eval-seeds", int, 4, "sampling seeds per prompt"),
+        ("--eval-steps", int, 20, "DDIM steps"),
+    ]
+    for flag, kind, default, text in options:
+        parser.add_argument(flag, type=kind, default=default, help=f"{text} (default %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 

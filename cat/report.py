@@ -1,7 +1,7 @@
 """KPS reports and their one writer: ``OUTPUT/kps.json`` and the report's images, each written atomically.
 
-A report is a dataclass with ``to_dict()`` (the content of ``kps.json``) and ``images()`` (file name
-to PIL image): :class:`KpsReport` for one concept (``cat-engine eval``), ``BleedReport`` for several
+A :class:`Report` has ``to_dict()`` (the content of ``kps.json``) and ``images()`` (file name to PIL
+image): :class:`KpsReport` for one concept (``cat-engine eval``), ``BleedReport`` for several
 (``cat-engine eval --concepts``, cat/bleed.py). :func:`write_report` writes either.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from cat_engine.cat.grid import make_grid
-from cat_engine.cat.kps import KPS_VERSION
+from cat_engine.cat.kps import KPS_VERSION, METRICS
 from cat_engine.cat.sampling import SETS, Job
 from cat_engine.engine.files import write_atomically, write_text_atomically
 
@@ -23,22 +23,27 @@ REPORT_FILE = "kps.json"
 GRID_FILE = "grid.png"
 GRID_MAX_PROMPTS, GRID_MAX_SEEDS = 4, 8  # what grid.png shows at most
 PROMPT_KEYS = ("template", "token_prompt", "plain_prompt")
-# The kps-v1 metrics of a set of images (cat/kps.py all_metrics), in kps.json's order.
-METRICS = (
-    "kps",
-    "identity",
-    "preservation",
-    "prompt_similarity",
-    "leakage",
-    "diversity_adapter",
-    "diversity_base",
-)
 
 GridRow = tuple[str, str, list[np.ndarray]]  # (set name, prompt, one uint8 [H, W, 3] image per seed)
 
 
+class Report:
+    """What :func:`write_report` writes: ``kps.json`` holds the attributes named in ``JSON_KEYS``
+    (fields or properties), in that order; ``images()`` gives the image files."""
+
+    JSON_KEYS: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        """The content of ``kps.json``."""
+        return {key: getattr(self, key) for key in self.JSON_KEYS}
+
+    def images(self) -> dict:
+        """File name -> PIL image."""
+        return {}
+
+
 @dataclass
-class KpsReport:
+class KpsReport(Report):
     """One adapter's KPS run: every number of ``kps.json`` (:meth:`to_dict`) and the images of ``grid.png``.
 
     The metrics are kps-v1's (docs/design.md §2, cat/kps.py) over all prompts and seeds; a
@@ -64,6 +69,12 @@ class KpsReport:
     grid: list[GridRow] = field(default_factory=list, repr=False)
     definition: str = KPS_VERSION
 
+    JSON_KEYS = (
+        *METRICS,
+        *("per_prompt", "definition", "images_per_second", "seeds", "prompts", "token", "class_word"),
+        *("model", "embedding", "references", "sampling", "throughput"),
+    )
+
     @property
     def images_per_second(self) -> float:
         return self.throughput["images_per_second"]
@@ -72,24 +83,6 @@ class KpsReport:
     def prompts(self) -> list[dict]:
         """Each template with its token and plain prompt."""
         return [{k: v for k, v in row.items() if k in PROMPT_KEYS} for row in self.per_prompt]
-
-    def to_dict(self) -> dict:
-        """The content of ``kps.json``."""
-        return {
-            **{name: getattr(self, name) for name in METRICS},
-            "per_prompt": self.per_prompt,
-            "definition": self.definition,
-            "images_per_second": self.images_per_second,
-            "seeds": self.seeds,
-            "prompts": self.prompts,
-            "token": self.token,
-            "class_word": self.class_word,
-            "model": self.model,
-            "embedding": self.embedding,
-            "references": self.references,
-            "sampling": self.sampling,
-            "throughput": self.throughput,
-        }
 
     def images(self) -> dict:
         """``grid.png``: for the first prompts, rows G_tok, G_ada, G_base; columns the first seeds."""
@@ -133,7 +126,7 @@ def json_safe(value):
     return value
 
 
-def write_report(report, output: str | Path) -> Path:
+def write_report(report: Report, output: str | Path) -> Path:
     """Write ``report`` into the folder ``output``: ``kps.json`` and its images. Returns the folder."""
     output = Path(output)
     text = json.dumps(json_safe(report.to_dict()), indent=2, allow_nan=False) + "\n"

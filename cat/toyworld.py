@@ -341,50 +341,16 @@ def render(scene: Scene) -> Image.Image:
 
 # Specific instances the pretraining data never shows: their pattern colours are not white or
 # black, which the world never uses (PATTERN_INKS). (folder name, class word, scene template)
+# fmt: off
 CONCEPTS = {
-    "green-star": (
-        "star",
-        dict(
-            cls="star",
-            colour="green",
-            pattern="striped",
-            ink=(250, 150, 30),
-            radius=21.0,
-            angle=0.0,
-            flip=False,
-            phase=0.25,
-            painting=False,
-        ),
-    ),
-    "spotted-fish": (
-        "fish",
-        dict(
-            cls="fish",
-            colour="purple",
-            pattern="dotted",
-            ink=(250, 215, 40),
-            radius=22.0,
-            angle=0.0,
-            flip=False,
-            phase=0.4,
-            painting=False,
-        ),
-    ),
-    "checkered-bug": (
-        "bug",
-        dict(
-            cls="bug",
-            colour="blue",
-            pattern="checkered",
-            ink=(250, 140, 40),
-            radius=20.0,
-            angle=0.0,
-            flip=False,
-            phase=0.1,
-            painting=False,
-        ),
-    ),
+    "green-star": ("star", dict(cls="star", colour="green", pattern="striped", ink=(250, 150, 30), radius=21.0,
+                                angle=0.0, flip=False, phase=0.25, painting=False)),
+    "spotted-fish": ("fish", dict(cls="fish", colour="purple", pattern="dotted", ink=(250, 215, 40), radius=22.0,
+                                  angle=0.0, flip=False, phase=0.4, painting=False)),
+    "checkered-bug": ("bug", dict(cls="bug", colour="blue", pattern="checkered", ink=(250, 140, 40), radius=20.0,
+                                  angle=0.0, flip=False, phase=0.1, painting=False)),
 }
+# fmt: on
 CONCEPT_BACKGROUNDS = ("blue", "white", "gray", "the grass", "the beach", "pink")
 
 

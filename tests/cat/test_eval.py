@@ -12,20 +12,12 @@ from PIL import Image
 from cat_engine.cat import eval as kps_eval
 from cat_engine.cat.clip import ClipError
 from cat_engine.cat.eval import EvalConfig, EvalError, evaluate
+from cat_engine.cat.kps import METRICS
 from cat_engine.cat.report import KpsReport, json_safe, write_report
 from cat_engine.cli import main
 from cat_engine.engine.lora import add_lora, save_lora
 from cat_engine.engine.models import load_base
 
-METRICS = (
-    "kps",
-    "identity",
-    "preservation",
-    "prompt_similarity",
-    "leakage",
-    "diversity_adapter",
-    "diversity_base",
-)
 FAST = ["--seeds", "2", "--steps", "2", "--clip", "builtin-tiny-clip-random", "--no-progress"]
 
 
