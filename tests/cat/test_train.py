@@ -202,3 +202,25 @@ def test_cli_base_that_is_not_a_diffusers_model(tmp_path):
     result = _cli("train", "--base", "model", "--output", "out", cwd=tmp_path)
     assert result.returncode == 2 and "not a diffusers model folder" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_loss_scaling_skips_an_overflowed_step_where_unscaled_training_stops(tmp_path):
+    """The step's update: a disabled scaler passes through and a non-finite gradient stops the run;
+    an fp16 loss scaler (CUDA in training; its CPU twin here) skips the step and backs off instead."""
+    trainer = train_mod.Trainer.setup(TrainConfig(output=str(tmp_path / "s"), **FAST).validate())
+    before = [p.detach().clone() for p in trainer.lora.values()]
+
+    def overflowing_loss():
+        return sum(p.sum() for p in trainer.lora.values()) * float("inf")
+
+    with pytest.raises(train_mod.TrainingError, match="gradient norm is not finite at step 1"):
+        trainer.update(overflowing_loss())
+    try:
+        trainer.scaler = torch.amp.GradScaler("cpu")
+    except (TypeError, RuntimeError, ValueError):
+        pytest.skip("this torch has no CPU GradScaler")
+    scale = trainer.scaler.get_scale()
+    trainer.update(overflowing_loss())
+    assert trainer.scaler.get_scale() < scale
+    for old, new in zip(before, trainer.lora.values()):
+        assert torch.equal(old, new)
