@@ -23,17 +23,33 @@ folders are read from the working folder, as ``cat-engine train --config`` reads
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cat_engine.cat import eval as ev
 from cat_engine.cat import kps as kps_metrics
+from cat_engine.cat.eval import (
+    SCHEDULER_NAME,
+    EvalConfig,
+    EvalError,
+    generate,
+    lora_file,
+    make_jobs,
+    model_info,
+    prepare_models,
+    read_images,
+    score,
+)
+from cat_engine.cat.grid import label_font, make_grid
+from cat_engine.cat.kps import KPS_VERSION
+from cat_engine.cat.report import GRID_FILE, GRID_MAX_SEEDS, REPORT_FILE, GridRow, Report, grid_rows
 from cat_engine.cat.sampling import SETS
-from cat_engine.engine.errors import CatEngineError
+from cat_engine.engine import distributed as dist
 
 CELL = 96  # pixels per matrix cell in bleed.png
+BLEED_FILE = "bleed.png"
 
 
 def read_concepts(path: str | Path) -> list[dict]:
@@ -44,13 +60,13 @@ def read_concepts(path: str | Path) -> list[dict]:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise CatEngineError(f"--concepts {path}: cannot read it ({exc.strerror or exc})") from None
+        raise EvalError(f"--concepts {path}: cannot read it ({exc.strerror or exc})") from None
     except yaml.YAMLError as exc:
-        raise CatEngineError(f"--concepts {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise EvalError(f"--concepts {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if isinstance(raw, dict) and "concepts" in raw:
         raw = raw["concepts"]
     if not isinstance(raw, list) or len(raw) < 2:
-        raise CatEngineError(
+        raise EvalError(
             f"--concepts {path}: expected a list of at least two {{token, class_word, refs}} entries"
         )
     concepts = []
@@ -60,12 +76,12 @@ def read_concepts(path: str | Path) -> list[dict]:
         )
         refs = entry.get("refs") or entry.get("data")
         if not (entry.get("token") and entry.get("class_word") and refs):
-            raise CatEngineError(f"--concepts {path}: entry {i} needs token, class_word and refs (or data)")
+            raise EvalError(f"--concepts {path}: entry {i} needs token, class_word and refs (or data)")
         refs = Path(str(refs)).expanduser()
         concepts.append({"token": str(entry["token"]), "class_word": str(entry["class_word"]), "refs": refs})
     tokens = [c["token"] for c in concepts]
     if len(set(tokens)) != len(tokens):
-        raise CatEngineError(f"--concepts {path}: every concept needs its own token")
+        raise EvalError(f"--concepts {path}: every concept needs its own token")
     return concepts
 
 
@@ -82,81 +98,115 @@ def summarize(matrix: list[list[float]]) -> dict:
     return {"self": own, "cross": cross, "margin": own - cross}
 
 
-def _grid_job(index: int, per_concept: int, n_seeds: int) -> bool:
-    # The first prompt of each concept, the first seeds: what grid.png and bleed.png show.
-    return index % per_concept < min(n_seeds, ev.GRID_MAX_SEEDS)
+@dataclass
+class BleedReport(Report):
+    """A multi-concept run: every number of ``kps.json`` (:meth:`to_dict`), ``grid.png`` and ``bleed.png``."""
+
+    per_concept: list[dict]  # token, class_word, references and the one-concept metrics with per_prompt
+    bleed: dict  # rows, columns, tokens, identity (the matrix), base, self, cross, margin
+    seeds: list[int]
+    templates: list[str]
+    model: dict  # id, family, lora
+    embedding: dict  # id, random_weights
+    sampling: dict  # scheduler, steps, guidance, resolution
+    throughput: dict  # images, generation_seconds, ranks
+    grid: list[GridRow] = field(default_factory=list, repr=False)  # each concept's first prompt
+    samples: list[np.ndarray] = field(default_factory=list, repr=False)  # token j's first image
+    references: list[np.ndarray] = field(default_factory=list, repr=False)  # concept i's first reference
+    definition: str = KPS_VERSION
+
+    JSON_KEYS = ("definition", "kps", "per_concept", "bleed", "seeds", "templates", "model", "embedding")
+    JSON_KEYS += ("sampling", "throughput")
+
+    @property
+    def kps(self) -> float:
+        """The concepts' mean KPS."""
+        return float(np.mean([p["kps"] for p in self.per_concept]))
+
+    def images(self) -> dict:
+        return {
+            GRID_FILE: make_grid(self.grid, self.seeds[:GRID_MAX_SEEDS]),
+            BLEED_FILE: matrix_image(self.bleed, self.samples, self.references),
+        }
+
+    def summary(self, output: str | Path) -> list[str]:
+        """What ``cat-engine eval --concepts`` prints once the report is written to ``output``."""
+        lines = [format_matrix(self.bleed)]
+        for p in self.per_concept:
+            lines.append(
+                f"{p['token']} {p['class_word']}: KPS {p['kps']:.4f}  identity {p['identity']:.4f}  "
+                f"preservation {p['preservation']:.4f}"
+            )
+        lines.append(f"wrote {output}/{REPORT_FILE}, {GRID_FILE} and {BLEED_FILE}")
+        return lines
 
 
-def run_bleed(args, dist: ev.Dist) -> int:
-    """``cat-engine eval --concepts FILE``: per-concept KPS and the bleed matrix; rank 0 writes."""
-    if args.seeds < 1 or args.steps < 1 or args.batch_size < 1:
-        raise CatEngineError("--seeds, --steps and --batch-size must be at least 1")
-    concepts = read_concepts(args.concepts)
-    templates = ev.read_templates(args.prompts)
-    seeds = list(range(args.seeds))
+def evaluate_concepts(
+    config: EvalConfig,
+    concepts: list[dict],
+    *,
+    ranks: dist.DistContext = dist.SINGLE,
+    device: torch.device | None = None,
+    progress: bool = True,
+) -> BleedReport:
+    """Per-concept KPS and the bleed matrix of one adapter over ``concepts`` (:func:`read_concepts`).
+
+    ``config``'s token, class word and references are not used: each concept brings its own.
+    ``ranks``, ``device`` and ``progress`` as for :func:`cat_engine.cat.eval.evaluate`.
+    """
+    config.validate()
+    device = device or dist.device_for("auto", ranks)
+    templates, seeds = config.templates, list(range(config.seeds))
     per_concept = len(templates) * len(seeds)
-    jobs = [job for c in concepts for job in ev.make_jobs(templates, seeds, c["token"], c["class_word"])]
-    ref_images = [ev.read_images(c["refs"]) for c in concepts]
+    jobs = [job for c in concepts for job in make_jobs(templates, seeds, c["token"], c["class_word"])]
+    ref_images = [read_images(c["refs"]) for c in concepts]
 
-    model, settings, embedder = ev.prepare_models(args, dist)
+    model, settings, embedder = prepare_models(config, config.base, device)
 
-    parts = ev.generate_share(
-        model, jobs, settings, embedder, dist, not args.no_progress,
-        lambda i: _grid_job(i, per_concept, len(seeds)),
-    )  # fmt: skip
-    if not dist.main:
-        return 0
+    def in_grid(i: int) -> bool:  # each concept's first prompt, its first seeds
+        return i % per_concept < min(len(seeds), GRID_MAX_SEEDS)
 
-    emb = ev.assemble(parts, len(jobs))
+    emb = generate(model, jobs, settings, embedder, ranks, progress, in_grid)
     refs = [embedder.images(r) for r in ref_images]
     block = [slice(j * per_concept, (j + 1) * per_concept) for j in range(len(concepts))]
     per = []
     for j, c in enumerate(concepts):
         concept_jobs = jobs[block[j]]
         texts = embedder.texts([concept_jobs[p * len(seeds)].plain_prompt for p in range(len(templates))])
-        metrics = ev.score({n: emb[n][block[j]] for n in SETS}, refs[j], texts, templates, concept_jobs)
+        metrics = score({n: emb[n][block[j]] for n in SETS}, refs[j], texts, templates, concept_jobs)
         refs_info = {"folder": str(c["refs"]), "count": len(ref_images[j])}
         per.append({"token": c["token"], "class_word": c["class_word"], "references": refs_info, **metrics})
     identity = identity_matrix([emb["tok"][b] for b in block], refs)
-    base = [[kps_metrics.mean_cross_cos(emb["base"][b], r) for r in refs] for b in block]
-    n_images = len(SETS) * len(jobs)
-    report = {
-        "definition": kps_metrics.KPS_VERSION,
-        "kps": float(np.mean([p["kps"] for p in per])),  # the concepts' mean
-        "per_concept": per,
-        "bleed": {
+    firsts = [j * per_concept for j in range(len(concepts))]
+    return BleedReport(
+        per_concept=per,
+        bleed={
             "rows": "prompting token j (adapter, token prompts)",
             "columns": "reference images of concept i",
             "tokens": [c["token"] for c in concepts],
             "identity": identity,
-            "base": base,
+            "base": [[kps_metrics.mean_cross_cos(emb["base"][b], r) for r in refs] for b in block],
             **summarize(identity),
         },
-        "seeds": seeds,
-        "templates": templates,
-        "model": {
-            "id": ev.base_id(args.base, model),
-            "family": model.family,
-            "lora": str(ev.lora_file(args.lora)),
-        },
-        "embedding": {"id": embedder.id, "random_weights": embedder.id == ev.RANDOM_CLIP_NAME},
-        "sampling": {
-            "scheduler": ev.SCHEDULER_NAME,
-            "steps": args.steps,
-            "guidance": args.guidance,
+        seeds=seeds,
+        templates=templates,
+        model=model_info(config.base, model, lora_file(config.lora)),
+        embedding=embedder.info(),
+        sampling={
+            "scheduler": SCHEDULER_NAME,
+            "steps": config.steps,
+            "guidance": config.guidance,
             "resolution": settings.resolution,
         },
-        "throughput": {"images": n_images, "generation_seconds": emb["seconds"], "ranks": dist.world},
-    }
-    output = Path(args.output)
-    write_outputs(output, report, emb["grid"], jobs, per_concept, seeds, [r[0] for r in ref_images])
-    print(format_matrix(report["bleed"]))
-    for p in per:
-        print(
-            f"{p['token']} {p['class_word']}: KPS {p['kps']:.4f}  identity {p['identity']:.4f}  preservation {p['preservation']:.4f}"
-        )
-    print(f"wrote {output}/kps.json, grid.png and bleed.png")
-    return 0
+        throughput={
+            "images": len(SETS) * len(jobs),
+            "generation_seconds": emb["seconds"],
+            "ranks": ranks.world,
+        },
+        grid=grid_rows(jobs, firsts, emb["grid"], min(len(seeds), GRID_MAX_SEEDS)),
+        samples=[emb["grid"][first]["tok"] for first in firsts],
+        references=[np.asarray(r[0]) for r in ref_images],
+    )
 
 
 def format_matrix(bleed: dict) -> str:
@@ -173,41 +223,17 @@ def format_matrix(bleed: dict) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(output: Path, report: dict, grid: dict, jobs, per_concept: int, seeds, first_refs) -> None:
-    import json
-
-    from cat_engine.cat.grid import make_grid
-
-    output.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(ev._json_safe(report), indent=2, allow_nan=False) + "\n"
-    ev.write_atomically(output / "kps.json", lambda p: p.write_text(text, encoding="utf-8"))
-    shown = seeds[: ev.GRID_MAX_SEEDS]
-    rows = []
-    for j in range(len(report["per_concept"])):
-        first = j * per_concept
-        for name in SETS:
-            prompt = jobs[first].token_prompt if name == "tok" else jobs[first].plain_prompt
-            rows.append((name, prompt, [grid[first + s][name] for s in range(len(shown))]))
-    image = make_grid(rows, shown)
-    ev.write_atomically(output / "grid.png", lambda p: image.save(p, format="PNG"))
-    samples = [grid[j * per_concept]["tok"] for j in range(len(report["per_concept"]))]
-    matrix = matrix_image(report["bleed"], samples, [np.asarray(r) for r in first_refs])
-    ev.write_atomically(output / "bleed.png", lambda p: matrix.save(p, format="PNG"))
-
-
 def matrix_image(bleed: dict, samples: list[np.ndarray], refs: list[np.ndarray]):
     """The identity matrix as a picture: row j starts with token j's image (seed 0), column i is
     headed by a reference image of concept i; each cell shows M[j][i], shaded from the matrix's
     lowest (white) to highest (green) value, the diagonal outlined."""
     from PIL import Image, ImageDraw
 
-    from cat_engine.cat.grid import _font
-
     n = len(bleed["tokens"])
     values = np.asarray(bleed["identity"], dtype=np.float64)
     low, high = float(values.min()), float(values.max())
     image = Image.new("RGB", ((n + 1) * CELL, (n + 1) * CELL + 20), "white")
-    draw, font = ImageDraw.Draw(image), _font()
+    draw, font = ImageDraw.Draw(image), label_font()
 
     def thumb(array):
         return Image.fromarray(np.ascontiguousarray(array)).convert("RGB").resize((CELL - 8, CELL - 24))

@@ -7,8 +7,7 @@ lambda) train an adapter on the concept with ``cat-engine train``'s recipe, scor
     OUTPUT/report.json   both methods' metrics, their differences, settings and timings
     OUTPUT/grid.png      reference images, then per method: token prompt, plain prompt; and the base
 
-Everything runs on the built-in toy world, with no download; the defaults take a few minutes on a
-2-core CPU. :func:`train_and_score` is what ``cat_engine.cat.experiment`` repeats over concepts and
+Everything runs on the built-in toy world, with no download. :func:`train_and_score` is what ``cat_engine.cat.experiment`` repeats over concepts and
 seeds.
 """
 
@@ -19,8 +18,18 @@ import json
 import time
 from pathlib import Path
 
+from cat_engine.engine.files import write_atomically, write_text_atomically
+
 METHODS = (("lora", 0.0), ("cat", None))  # None: the --cat-weight of the run
-METRICS = ("identity", "preservation", "kps", "prompt_similarity", "leakage", "diversity_adapter", "diversity_base")
+METRICS = (
+    "identity",
+    "preservation",
+    "kps",
+    "prompt_similarity",
+    "leakage",
+    "diversity_adapter",
+    "diversity_base",
+)
 DEFAULT_CONCEPT = "green-star"
 DEFAULT_STEPS = 400
 DEFAULT_LR = 3e-3
@@ -39,49 +48,76 @@ def concept_folder(name: str) -> tuple[Path, str]:
     from cat_engine.engine.errors import CatEngineError
 
     if name not in toyworld.CONCEPTS:
-        raise CatEngineError(f"--concept {name}: not a built-in concept; choose from {', '.join(toyworld.CONCEPTS)}")
+        raise CatEngineError(
+            f"--concept {name}: not a built-in concept; choose from {', '.join(toyworld.CONCEPTS)}"
+        )
     return Path(__file__).parent / "assets" / "concepts" / name, toyworld.CONCEPTS[name][0]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--concept", default=DEFAULT_CONCEPT,
-                        help=f"built-in concept: {', '.join(concept_names())} (default {DEFAULT_CONCEPT})")
-    parser.add_argument("--output", default="cat-demo", help="output folder (default cat-demo)")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"training steps (default {DEFAULT_STEPS})")
-    parser.add_argument("--cat-weight", type=float, default=1.0, help="lambda of the CAT run (default 1.0)")
-    parser.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"learning rate (default {DEFAULT_LR})")
-    parser.add_argument("--rank", type=int, default=DEFAULT_RANK, help=f"LoRA rank (default {DEFAULT_RANK})")
-    parser.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
-    parser.add_argument("--eval-seeds", type=int, default=4, help="sampling seeds per prompt (default 4)")
-    parser.add_argument("--eval-steps", type=int, default=20, help="DDIM steps (default 20)")
+    options = [  # flag, type, default, help
+        ("--concept", str, DEFAULT_CONCEPT, f"built-in concept: {', '.join(concept_names())}"),
+        ("--output", str, "cat-demo", "output folder"),
+        ("--steps", int, DEFAULT_STEPS, "training steps"),
+        ("--cat-weight", float, 1.0, "lambda of the CAT run"),
+        ("--lr", float, DEFAULT_LR, "learning rate"),
+        ("--rank", int, DEFAULT_RANK, "LoRA rank"),
+        ("--seed", int, 0, "training seed"),
+        ("--eval-seeds", int, 4, "sampling seeds per prompt"),
+        ("--eval-steps", int, 20, "DDIM steps"),
+    ]
+    for flag, kind, default, text in options:
+        parser.add_argument(flag, type=kind, default=default, help=f"{text} (default %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def train_and_score(concept: str, cat_weight: float, seed: int, output: Path, *, steps: int = DEFAULT_STEPS,
-                    lr: float = DEFAULT_LR, rank: int = DEFAULT_RANK, eval_seeds: int = 4, eval_steps: int = 20,
-                    progress: bool = False) -> dict:
-    """Train one adapter on a built-in concept and score it; returns kps.json plus timings."""
-    from cat_engine.cat import eval as kps_eval
+def train_and_score(
+    concept: str,
+    cat_weight: float,
+    seed: int,
+    output: Path,
+    *,
+    steps: int = DEFAULT_STEPS,
+    lr: float = DEFAULT_LR,
+    rank: int = DEFAULT_RANK,
+    eval_seeds: int = 4,
+    eval_steps: int = 20,
+    progress: bool = False,
+) -> dict:
+    """Train one adapter on a built-in concept and score it; returns kps.json plus timings.
+
+    Writes the adapter to ``output/adapter`` and the KPS report to ``output/eval``.
+    """
     from cat_engine.cat.config import TrainConfig
+    from cat_engine.cat.eval import EvalConfig, evaluate
+    from cat_engine.cat.report import json_safe, write_report
     from cat_engine.cat.train import train
 
     folder, class_word = concept_folder(concept)
-    config = TrainConfig(data=str(folder), class_word=class_word, cat_weight=cat_weight, steps=steps, lr=lr,
-                         rank=rank, seed=seed, output=str(output / "adapter"), save_every=0, keep_checkpoints=1)
+    config = TrainConfig(
+        data=str(folder),
+        class_word=class_word,
+        cat_weight=cat_weight,
+        steps=steps,
+        lr=lr,
+        rank=rank,
+        seed=seed,
+        output=str(output / "adapter"),
+        save_every=0,
+        keep_checkpoints=1,
+    )
     t0 = time.perf_counter()
     lora = train(config.validate(), progress=progress)
     train_s = time.perf_counter() - t0
 
-    parser = argparse.ArgumentParser()
-    kps_eval.add_arguments(parser)
-    args = parser.parse_args(["--lora", str(lora), "--refs", str(folder), "--output", str(output / "eval"),
-                              "--seeds", str(eval_seeds), "--steps", str(eval_steps),
-                              *([] if progress else ["--no-progress"])])
     t0 = time.perf_counter()
-    kps_eval.run(args)
+    kps = evaluate(
+        EvalConfig(lora=str(lora), refs=str(folder), seeds=eval_seeds, steps=eval_steps), progress=progress
+    )
+    write_report(kps, output / "eval")
     eval_s = time.perf_counter() - t0
-    report = json.loads((output / "eval" / "kps.json").read_text())
+    report = json_safe(kps.to_dict())
     report["train_seconds"], report["eval_seconds"] = round(train_s, 1), round(eval_s, 1)
     report["train"] = {"steps": steps, "lr": lr, "rank": rank, "seed": seed, "cat_weight": cat_weight}
     return report
@@ -97,7 +133,9 @@ def side_by_side(output: Path, concept: str, runs: dict) -> Path:
     cell = 96
     width = sum(g.width for g in grids.values()) + 10 * (len(grids) - 1)
     top = 24 + cell + 30
-    canvas = Image.new("RGB", (max(width, cell * len(refs)), top + max(g.height for g in grids.values())), "white")
+    canvas = Image.new(
+        "RGB", (max(width, cell * len(refs)), top + max(g.height for g in grids.values())), "white"
+    )
     draw = ImageDraw.Draw(canvas)
     draw.text((4, 4), f"references of '{concept}' (sks)", fill="black")
     for i, ref in enumerate(refs):
@@ -105,13 +143,15 @@ def side_by_side(output: Path, concept: str, runs: dict) -> Path:
     x = 0
     for name, grid in grids.items():
         r = runs[name]
-        draw.text((x + 4, top - 24), f"{name.upper()} (cat-weight {r['train']['cat_weight']:g}): KPS {r['kps']:.3f}  "
-                  f"ID {r['identity']:.3f}  PRES {r['preservation']:.3f}  LEAK {r['leakage']:+.3f}", fill="black")
+        draw.text(
+            (x + 4, top - 24),
+            f"{name.upper()} (cat-weight {r['train']['cat_weight']:g}): KPS {r['kps']:.3f}  "
+            f"ID {r['identity']:.3f}  PRES {r['preservation']:.3f}  LEAK {r['leakage']:+.3f}",
+            fill="black",
+        )
         canvas.paste(grid, (x, top))
         x += grid.width + 10
-    path = output / "grid.png"
-    canvas.save(path)
-    return path
+    return write_atomically(output / "grid.png", lambda path: canvas.save(path, format="PNG"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -130,28 +170,44 @@ def run(args: argparse.Namespace) -> int:
     runs = {}
     for name, weight in METHODS:
         weight = args.cat_weight if weight is None else weight
-        print(f"cat-engine demo: {name}: training {args.steps} steps on '{args.concept}' (cat-weight {weight:g})",
-              flush=True)
-        runs[name] = train_and_score(args.concept, weight, args.seed, output / name, steps=args.steps, lr=args.lr,
-                                     rank=args.rank, eval_seeds=args.eval_seeds, eval_steps=args.eval_steps,
-                                     progress=not args.no_progress)
+        print(
+            f"cat-engine demo: {name}: training {args.steps} steps on '{args.concept}' (cat-weight {weight:g})",
+            flush=True,
+        )
+        runs[name] = train_and_score(
+            args.concept,
+            weight,
+            args.seed,
+            output / name,
+            steps=args.steps,
+            lr=args.lr,
+            rank=args.rank,
+            eval_seeds=args.eval_seeds,
+            eval_steps=args.eval_steps,
+            progress=not args.no_progress,
+        )
     grid = side_by_side(output, args.concept, runs)
     report = {
         "concept": args.concept,
         "model": runs["cat"]["model"]["id"],
         "embedding": runs["cat"]["embedding"]["id"],
-        "methods": {name: {m: r[m] for m in METRICS} | {"train": r["train"], "train_seconds": r["train_seconds"],
-                                                        "eval_seconds": r["eval_seconds"]}
-                    for name, r in runs.items()},
-        "cat_minus_lora": {m: runs["cat"][m] - runs["lora"][m] for m in METRICS
-                           if runs["cat"][m] is not None and runs["lora"][m] is not None},
+        "methods": {
+            name: {m: r[m] for m in METRICS}
+            | {"train": r["train"], "train_seconds": r["train_seconds"], "eval_seconds": r["eval_seconds"]}
+            for name, r in runs.items()
+        },
+        "cat_minus_lora": {
+            m: runs["cat"][m] - runs["lora"][m]
+            for m in METRICS
+            if runs["cat"][m] is not None and runs["lora"][m] is not None
+        },
         "prompts": runs["cat"]["prompts"],
         "seeds": runs["cat"]["seeds"],
         "sampling": runs["cat"]["sampling"],
         "seconds": round(time.perf_counter() - t0, 1),
         "torch_threads": torch.get_num_threads(),
     }
-    (output / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_text_atomically(output / "report.json", json.dumps(report, indent=2) + "\n")
     print(f"\n{'':6s}" + "".join(f"{m[:12]:>13s}" for m in METRICS))
     for name in runs:
         print(f"{name:6s}" + "".join(f"{runs[name][m]:13.4f}" for m in METRICS))

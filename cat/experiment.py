@@ -24,6 +24,7 @@ from pathlib import Path
 from cat_engine.cat import demo
 from cat_engine.engine.builtin import BUILTIN_NAME
 from cat_engine.engine.builtin_clip import BUILTIN_CLIP_NAME
+from cat_engine.engine.files import write_text_atomically
 
 METRICS = demo.METRICS  # what each run logs
 TABLE_METRICS = ("identity", "preservation", "kps", "leakage", "diversity_adapter")
@@ -44,8 +45,15 @@ def model_fingerprint() -> str:
 
 def run_setup(args) -> dict:
     """What a logged run depends on besides concept, method and seed: a run is reused only if equal."""
-    return {"model": model_fingerprint(), "steps": args.steps, "lr": args.lr, "rank": args.rank,
-            "cat_weight": args.cat_weight, "eval_seeds": args.eval_seeds, "eval_steps": args.eval_steps}
+    return {
+        "model": model_fingerprint(),
+        "steps": args.steps,
+        "lr": args.lr,
+        "rank": args.rank,
+        "cat_weight": args.cat_weight,
+        "eval_seeds": args.eval_seeds,
+        "eval_steps": args.eval_steps,
+    }
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -59,10 +67,15 @@ def summarise(rows: list[dict], concepts: list[str], methods: list[str]) -> dict
         summary[concept] = {}
         for method in methods:
             mine = [r for r in chosen if r["method"] == method]
-            summary[concept][method] = {m: mean_std([r[m] for r in mine]) for m in METRICS} | {"runs": len(mine)}
+            summary[concept][method] = {m: mean_std([r[m] for r in mine]) for m in METRICS} | {
+                "runs": len(mine)
+            }
         pairs = {(r["concept"], r["seed"]): r for r in chosen if r["method"] == "lora"}
-        diffs = [(r, pairs[(r["concept"], r["seed"])]) for r in chosen
-                 if r["method"] == "cat" and (r["concept"], r["seed"]) in pairs]
+        diffs = [
+            (r, pairs[(r["concept"], r["seed"])])
+            for r in chosen
+            if r["method"] == "cat" and (r["concept"], r["seed"]) in pairs
+        ]
         summary[concept]["cat_minus_lora"] = {m: mean_std([c[m] - lo[m] for c, lo in diffs]) for m in METRICS}
     return summary
 
@@ -72,24 +85,36 @@ def markdown(summary: dict, methods: list[str]) -> str:
     lines = [head, "|" + "---|" * (2 + len(TABLE_METRICS))]
     for concept, block in summary.items():
         for method in [*methods, "cat_minus_lora"]:
-            cells = [f"{block[method][m][0]:+.3f} ± {block[method][m][1]:.3f}" if method == "cat_minus_lora"
-                     else f"{block[method][m][0]:.3f} ± {block[method][m][1]:.3f}" for m in TABLE_METRICS]
+            cells = [
+                f"{block[method][m][0]:+.3f} ± {block[method][m][1]:.3f}"
+                if method == "cat_minus_lora"
+                else f"{block[method][m][0]:.3f} ± {block[method][m][1]:.3f}"
+                for m in TABLE_METRICS
+            ]
             name = "CAT − LoRA (paired)" if method == "cat_minus_lora" else method
             lines.append(f"| {concept} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cat_engine.cat.experiment", description=__doc__.splitlines()[0])
-    parser.add_argument("--concepts", default=",".join(demo.concept_names()), help="comma-separated built-in concepts")
-    parser.add_argument("--seeds", type=int, default=3, help="training seeds per concept and method (default 3)")
+    parser = argparse.ArgumentParser(
+        prog="python -m cat_engine.cat.experiment", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--concepts", default=",".join(demo.concept_names()), help="comma-separated built-in concepts"
+    )
+    parser.add_argument(
+        "--seeds", type=int, default=3, help="training seeds per concept and method (default %(default)s)"
+    )
     parser.add_argument("--steps", type=int, default=demo.DEFAULT_STEPS)
     parser.add_argument("--cat-weight", type=float, default=1.0)
     parser.add_argument("--lr", type=float, default=demo.DEFAULT_LR)
     parser.add_argument("--rank", type=int, default=demo.DEFAULT_RANK)
     parser.add_argument("--eval-seeds", type=int, default=4)
     parser.add_argument("--eval-steps", type=int, default=20)
-    parser.add_argument("--work", type=Path, default=Path("cat-experiment"), help="run folders and runs.jsonl")
+    parser.add_argument(
+        "--work", type=Path, default=Path("cat-experiment"), help="run folders and runs.jsonl"
+    )
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
@@ -105,8 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     logged = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
     rows = [r for r in logged if r.get("setup") == setup]
     if len(rows) < len(logged):  # another model or other settings: those runs do not count here
-        print(f"{log_path}: {len(logged) - len(rows)} logged runs have another model or settings; ignoring them",
-              flush=True)
+        print(
+            f"{log_path}: {len(logged) - len(rows)} logged runs have another model or settings; ignoring them",
+            flush=True,
+        )
     done = {(r["concept"], r["method"], r["seed"]) for r in rows}
     t0 = time.perf_counter()
     for concept in concepts:
@@ -115,22 +142,41 @@ def main(argv: list[str] | None = None) -> int:
                 if (concept, method, seed) in done:
                     continue
                 weight = 0.0 if method == "lora" else args.cat_weight
-                report = demo.train_and_score(concept, weight, seed, args.work / f"{concept}-{method}-{seed}",
-                                              steps=args.steps, lr=args.lr, rank=args.rank,
-                                              eval_seeds=args.eval_seeds, eval_steps=args.eval_steps)
-                row = {"concept": concept, "method": method, "seed": seed, "cat_weight": weight, "setup": setup,
-                       **{m: report[m] for m in METRICS},
-                       "train_seconds": report["train_seconds"], "eval_seconds": report["eval_seconds"]}
+                report = demo.train_and_score(
+                    concept,
+                    weight,
+                    seed,
+                    args.work / f"{concept}-{method}-{seed}",
+                    steps=args.steps,
+                    lr=args.lr,
+                    rank=args.rank,
+                    eval_seeds=args.eval_seeds,
+                    eval_steps=args.eval_steps,
+                )
+                row = {
+                    "concept": concept,
+                    "method": method,
+                    "seed": seed,
+                    "cat_weight": weight,
+                    "setup": setup,
+                    **{m: report[m] for m in METRICS},
+                    "train_seconds": report["train_seconds"],
+                    "eval_seconds": report["eval_seconds"],
+                }
                 rows.append(row)
                 with open(log_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
-                print(f"{concept} {method} seed {seed}: KPS {row['kps']:.4f} ID {row['identity']:.4f} "
-                      f"PRES {row['preservation']:.4f} LEAK {row['leakage']:+.4f}", flush=True)
+                print(
+                    f"{concept} {method} seed {seed}: KPS {row['kps']:.4f} ID {row['identity']:.4f} "
+                    f"PRES {row['preservation']:.4f} LEAK {row['leakage']:+.4f}",
+                    flush=True,
+                )
     rows = [r for r in rows if r["concept"] in concepts and r["seed"] < args.seeds]
     summary = summarise(rows, concepts, methods)
     table = markdown(summary, methods)
     result = {
-        "command": "OMP_NUM_THREADS=1 python -m cat_engine.cat.experiment " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "OMP_NUM_THREADS=1 python -m cat_engine.cat.experiment "
+        + " ".join(sys.argv[1:] if argv is None else argv),
         "settings": {k: str(v) for k, v in vars(args).items()},
         "model": f"{BUILTIN_NAME} (engine/assets/toyworld)",
         "embedding": f"{BUILTIN_CLIP_NAME} (engine/assets/toyworld_clip)",
@@ -141,10 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds_this_invocation": round(time.perf_counter() - t0, 1),
         "torch_threads": torch.get_num_threads(),
     }
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.results.with_name(args.results.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(args.results)
+    write_text_atomically(args.results, json.dumps(result, indent=1) + "\n")
     print(table)
     print(f"wrote {args.results}")
     return 0

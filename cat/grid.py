@@ -17,7 +17,8 @@ LABEL_WIDTH = 220
 HEADER = 24
 
 
-def _font():
+def label_font():
+    """The labels' font: Pillow's default, at 13 px where it can be sized."""
     try:
         return ImageFont.load_default(size=13)
     except TypeError:  # Pillow < 10.1: a fixed bitmap font
@@ -37,7 +38,7 @@ def make_grid(rows: list[tuple[str, str, list[np.ndarray]]], seeds: list[int]) -
     cell_h, cell_w = h * scale, w * scale
     grid = Image.new("RGB", (LABEL_WIDTH + cell_w * len(seeds), HEADER + cell_h * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
-    font = _font()
+    font = label_font()
     for col, seed in enumerate(seeds):
         draw.text((LABEL_WIDTH + col * cell_w + 4, 4), f"seed {seed}", fill="black", font=font)
     for r, (name, prompt, images) in enumerate(rows):

@@ -94,6 +94,18 @@ def kps(identity_score: float, preservation_score: float) -> float:
     return 2.0 * identity_score * preservation_score / (identity_score + preservation_score)
 
 
+# The components all_metrics returns, in its order (the order of kps.json).
+METRICS = (
+    "kps",
+    "identity",
+    "preservation",
+    "prompt_similarity",
+    "leakage",
+    "diversity_adapter",
+    "diversity_base",
+)
+
+
 def all_metrics(
     g_tok: torch.Tensor, g_ada: torch.Tensor, g_base: torch.Tensor, refs: torch.Tensor, texts: torch.Tensor
 ) -> dict[str, float]:

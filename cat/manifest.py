@@ -27,8 +27,14 @@ import logging
 import time
 from pathlib import Path
 
-from cat_engine.cat.config import FIELDS, ConfigError, TrainConfig, build_config, load_yaml
+from cat_engine.cat.config import OPTIONS, ConfigError, TrainConfig, build_config, load_yaml
+from cat_engine.cat.data import concept_list
+from cat_engine.cat.eval import EvalConfig, evaluate, read_templates
+from cat_engine.cat.report import write_report
+from cat_engine.cat.train import LOG_FILE, train
 from cat_engine.engine import distributed as dist
+from cat_engine.engine.errors import CatEngineError
+from cat_engine.engine.files import write_text_atomically
 
 log = logging.getLogger("cat_engine")
 SUMMARY_FILE = "summary.json"
@@ -45,7 +51,7 @@ def _options(raw: dict, where: str) -> dict:
     values = {}
     for key, value in raw.items():
         name = str(key).replace("-", "_")
-        if name not in FIELDS:
+        if name not in OPTIONS:
             raise ConfigError(f"{where}: unknown option {key!r}")
         values[name] = value
     return values
@@ -103,7 +109,7 @@ def read_manifest(path: str | Path) -> dict:
 
 def farm_configs(args: argparse.Namespace, manifest: dict) -> tuple[Path, list[tuple[str, TrainConfig]]]:
     """The farm folder and every concept's validated config (all checked before any training)."""
-    given = {k: getattr(args, k) for k in FIELDS if getattr(args, k, None) is not None}
+    given = {k: getattr(args, k) for k in OPTIONS if getattr(args, k, None) is not None}
     clash = [k for k in PER_CONCEPT_FLAGS if k in given]
     if clash:
         flag = "--" + clash[0].replace("_", "-")
@@ -121,31 +127,25 @@ def farm_configs(args: argparse.Namespace, manifest: dict) -> tuple[Path, list[t
     return root, configs
 
 
-def kps_args(config: TrainConfig, kps: dict, lora: Path, out: Path) -> argparse.Namespace:
-    """``cat-engine eval`` arguments for one concept's adapter."""
-    from cat_engine.cat import eval as ev
-    from cat_engine.cat.train import concept_list
-
+def kps_config(config: TrainConfig, kps: dict, lora: Path) -> EvalConfig:
+    """The KPS run of one concept's adapter: its base, concept and references, and the manifest's ``kps``."""
     concept = concept_list(config)[0]
-    argv = ["--base", config.base, "--lora", str(lora), "--output", str(out), "--no-progress"]
-    argv += ["--refs", concept["data"], "--token", concept["token"], "--class-word", concept["class_word"]]
-    for key, value in kps.items():
-        if key == "prompts" and isinstance(value, list):  # templates listed inline: eval reads a file
-            # One file per concept: ranks train different concepts at once, and a shared file was
-            # read by one rank while another rewrote it ("no prompt templates in it").
-            out.mkdir(parents=True, exist_ok=True)
-            prompts = out / "prompts.txt"
-            prompts.write_text("".join(f"{t}\n" for t in value), encoding="utf-8")
-            value = prompts
-        argv += ["--" + key.replace("_", "-"), str(value)]
-    parser = argparse.ArgumentParser()
-    ev.add_arguments(parser)
-    return parser.parse_args(argv)
+    options = dict(kps)
+    prompts = options.pop("prompts", None)
+    if isinstance(prompts, str):  # a file of templates; else the templates listed inline
+        prompts = read_templates(prompts)
+    return EvalConfig(
+        base=config.base,
+        lora=str(lora),
+        refs=concept["data"],
+        token=concept["token"],
+        class_word=concept["class_word"],
+        **({} if prompts is None else {"templates": prompts}),
+        **options,
+    )
 
 
 def _final_losses(output: Path) -> dict:
-    from cat_engine.cat.train import LOG_FILE
-
     lines = (output / LOG_FILE).read_text().splitlines() if (output / LOG_FILE).is_file() else []
     last = json.loads(lines[-1]) if lines else {}
     return {"steps": last.get("step"), "ldm": last.get("ldm"), "cat": last.get("cat")}
@@ -155,10 +155,6 @@ def train_concept(
     name: str, config: TrainConfig, kps, farm: Path, ranks: dist.DistContext, progress: bool
 ) -> dict:
     """Train one adapter (this process alone) and score it; a row of the summary table."""
-    from cat_engine.cat import eval as ev
-    from cat_engine.cat.train import train
-    from cat_engine.engine.errors import CatEngineError
-
     row = {"concept": name, "rank": ranks.rank, "output": config.output}
     device = dist.device_for(config.device, ranks)
     if device.type == "cuda":  # this rank's own GPU: the farm runs one adapter per device
@@ -168,10 +164,9 @@ def train_concept(
         lora = train(config, progress=progress)
         row.update(_final_losses(Path(config.output)), train_seconds=round(time.perf_counter() - start, 1))
         if kps is not False and config.concepts is None:
-            out = Path(config.output) / KPS_FOLDER
-            ev.run(kps_args(config, kps, lora, out), dist=ev.Dist(0, 1, device))
-            report = json.loads((out / "kps.json").read_text())
-            row.update({k: report[k] for k in ("kps", "identity", "preservation")})
+            report = evaluate(kps_config(config, kps, lora), device=device, progress=False)
+            write_report(report, Path(config.output) / KPS_FOLDER)
+            row.update(kps=report.kps, identity=report.identity, preservation=report.preservation)
     except (CatEngineError, ValueError, RuntimeError) as exc:  # the engine's errors are ValueErrors
         log.error("concept %s failed: %s", name, exc)
         row["error"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -212,7 +207,9 @@ def run_manifest(args: argparse.Namespace) -> int:
         return 0
     order = {str(config.output): i for i, (_, config) in enumerate(configs)}
     rows.sort(key=lambda r: order[r["output"]])
-    (farm / SUMMARY_FILE).write_text(json.dumps({"concepts": rows, "ranks": ranks.world}, indent=1) + "\n")
+    write_text_atomically(
+        farm / SUMMARY_FILE, json.dumps({"concepts": rows, "ranks": ranks.world}, indent=1) + "\n"
+    )
     print(format_table(rows))
     print(f"wrote {farm / SUMMARY_FILE}")
     return 1 if any("error" in r for r in rows) else 0

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cat_engine.engine.denoiser import unet_forward
 from cat_engine.engine.lora import adapters_disabled, fuse_lora
 from cat_engine.engine.split_batch import adapter_rows
 from cat_engine.engine.text import PromptEmbeds, added_cond, encode_prompts
@@ -75,13 +76,7 @@ def split_batch_native(unet) -> bool:
 
 
 def _unet(unet, x, t, embeds: PromptEmbeds, resolution: int) -> torch.Tensor:
-    return unet(
-        x,
-        t,
-        encoder_hidden_states=embeds.embeds,
-        added_cond_kwargs=added_cond(embeds, resolution),
-        return_dict=False,
-    )[0]
+    return unet_forward(unet, x, t, embeds.embeds, added_cond(embeds, resolution))
 
 
 def split_unet_call(unet, x, t, embeds: PromptEmbeds, n_adapter: int, resolution: int) -> torch.Tensor:
@@ -93,7 +88,7 @@ def split_unet_call(unet, x, t, embeds: PromptEmbeds, n_adapter: int, resolution
 
 
 def _two_call_fallback(unet, x, t, embeds: PromptEmbeds, n_adapter: int, resolution: int) -> torch.Tensor:
-    # Temporary path for UNets whose LoRA layers ignore adapter_rows (plain peft): the same
+    # For UNets with LoRA layers that ignore adapter_rows (peft's, e.g. on convolutions): the same
     # result as the split call, at the price of two smaller UNet calls per step.
     head = _unet(unet, x[:n_adapter], t, embeds.rows(slice(0, n_adapter)), resolution)
     with adapters_disabled(unet):

@@ -11,7 +11,7 @@ What varies:
   ``the beach``, ``the snow``, ``the grass``);
 - pattern: plain, striped, dotted, checkered; in the world a pattern is always white or black
   on the object's colour (``PATTERN_INKS``), which leaves every other two-colour pattern free for
-  concepts that the pretraining data never shows (``cat_engine.cat.toyworld_concepts``);
+  concepts that the pretraining data never shows (``CONCEPTS``);
 - size (small / large, sometimes named in the caption), position, rotation, facing;
 - style: a photo, or ``a painting of ...`` (a framed, softened rendering).
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -168,8 +168,11 @@ def _background(scene: Scene, rng: random.Random, big: int) -> Image.Image:
         d = ImageDraw.Draw(img)
         for _ in range(60):
             x, y = rng.uniform(0, big), rng.uniform(0, big)
-            d.line([x, y, x + rng.uniform(-3, 3) * SUPERSAMPLE, y - 6 * SUPERSAMPLE], fill=(40, 100, 30),
-                   width=SUPERSAMPLE)
+            d.line(
+                [x, y, x + rng.uniform(-3, 3) * SUPERSAMPLE, y - 6 * SUPERSAMPLE],
+                fill=(40, 100, 30),
+                width=SUPERSAMPLE,
+            )
     else:
         base = np.array(colour_rgb(bg), dtype=np.float32)
         shade = rng.uniform(-18, 18)
@@ -200,10 +203,15 @@ def _mask(scene: Scene, big: int) -> tuple[Image.Image, list]:
         d.ellipse([cx - r * 0.85, cy - r * 0.85, cx + r * 0.85, cy + r * 0.85], fill=255)
     elif scene.cls == "square":
         h = r * 0.75
-        d.polygon(_rotate([(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)], cx, cy, a), fill=255)
+        d.polygon(
+            _rotate([(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)], cx, cy, a),
+            fill=255,
+        )
     elif scene.cls == "triangle":
-        pts = [(cx + r * math.sin(a + k * 2 * math.pi / 3), cy - r * math.cos(a + k * 2 * math.pi / 3) + r * 0.2)
-               for k in range(3)]
+        pts = [
+            (cx + r * math.sin(a + k * 2 * math.pi / 3), cy - r * math.cos(a + k * 2 * math.pi / 3) + r * 0.2)
+            for k in range(3)
+        ]
         d.polygon(pts, fill=255)
     elif scene.cls == "heart":
         pts = []
@@ -221,7 +229,11 @@ def _mask(scene: Scene, big: int) -> tuple[Image.Image, list]:
     elif scene.cls == "fish":
         side = -1 if scene.flip else 1
         d.ellipse([cx - r * 0.75, cy - r * 0.45, cx + r * 0.55, cy + r * 0.45], fill=255)
-        tail = [(cx - side * r * 0.55, cy), (cx - side * r * 1.0, cy - r * 0.45), (cx - side * r * 1.0, cy + r * 0.45)]
+        tail = [
+            (cx - side * r * 0.55, cy),
+            (cx - side * r * 1.0, cy - r * 0.45),
+            (cx - side * r * 1.0, cy + r * 0.45),
+        ]
         if side < 0:
             d.ellipse([cx - r * 0.55, cy - r * 0.45, cx + r * 0.75, cy + r * 0.45], fill=255)
         d.polygon(tail, fill=255)
@@ -231,9 +243,15 @@ def _mask(scene: Scene, big: int) -> tuple[Image.Image, list]:
         body = [cx - r * 0.6, cy - r * 0.75, cx + r * 0.6, cy + r * 0.65]
         for k in (-1, 0, 1):  # six legs
             y = cy + k * r * 0.35
-            extras.append(("leg", [cx - r * 0.95, y + r * 0.12, cx + r * 0.95, y - r * 0.12], max(1, int(r * 0.08))))
-        extras.append(("leg", [cx - r * 0.12, cy - r * 0.9, cx - r * 0.4, cy - r * 1.15], max(1, int(r * 0.07))))
-        extras.append(("leg", [cx + r * 0.12, cy - r * 0.9, cx + r * 0.4, cy - r * 1.15], max(1, int(r * 0.07))))
+            extras.append(
+                ("leg", [cx - r * 0.95, y + r * 0.12, cx + r * 0.95, y - r * 0.12], max(1, int(r * 0.08)))
+            )
+        extras.append(
+            ("leg", [cx - r * 0.12, cy - r * 0.9, cx - r * 0.4, cy - r * 1.15], max(1, int(r * 0.07)))
+        )
+        extras.append(
+            ("leg", [cx + r * 0.12, cy - r * 0.9, cx + r * 0.4, cy - r * 1.15], max(1, int(r * 0.07)))
+        )
         extras.append(("head", [cx - r * 0.3, cy - r * 1.0, cx + r * 0.3, cy - r * 0.5], 0))
         d.ellipse(body, fill=255)
     else:
@@ -260,9 +278,15 @@ def _pattern_layer(scene: Scene, big: int) -> Image.Image:
             o = k * period + off
             mx, my = cx + ux * o, cy + uy * o
             L = big * 2
-            d.polygon([(mx + vx * L + ux * half, my + vy * L + uy * half), (mx - vx * L + ux * half, my - vy * L + uy * half),
-                       (mx - vx * L - ux * half, my - vy * L - uy * half), (mx + vx * L - ux * half, my + vy * L - uy * half)],
-                      fill=scene.ink)
+            d.polygon(
+                [
+                    (mx + vx * L + ux * half, my + vy * L + uy * half),
+                    (mx - vx * L + ux * half, my - vy * L + uy * half),
+                    (mx - vx * L - ux * half, my - vy * L - uy * half),
+                    (mx + vx * L - ux * half, my + vy * L - uy * half),
+                ],
+                fill=scene.ink,
+            )
     elif scene.pattern == "dotted":
         rad = period * 0.22
         for i in range(-n, n + 1):
@@ -317,6 +341,7 @@ def render(scene: Scene) -> Image.Image:
 
 # Specific instances the pretraining data never shows: their pattern colours are not white or
 # black, which the world never uses (PATTERN_INKS). (folder name, class word, scene template)
+# fmt: off
 CONCEPTS = {
     "green-star": ("star", dict(cls="star", colour="green", pattern="striped", ink=(250, 150, 30), radius=21.0,
                                 angle=0.0, flip=False, phase=0.25, painting=False)),
@@ -325,6 +350,7 @@ CONCEPTS = {
     "checkered-bug": ("bug", dict(cls="bug", colour="blue", pattern="checkered", ink=(250, 140, 40), radius=20.0,
                                   angle=0.0, flip=False, phase=0.1, painting=False)),
 }
+# fmt: on
 CONCEPT_BACKGROUNDS = ("blue", "white", "gray", "the grass", "the beach", "pink")
 
 
@@ -338,8 +364,13 @@ def concept_scenes(name: str, n: int = 5, seed: int = 7) -> list[tuple[Scene, st
         bg = backgrounds[i % len(backgrounds)]
         r = spec["radius"] * rng.uniform(0.92, 1.08)
         m = r + 2
-        scene = Scene(background=bg, cx=rng.uniform(m, SIZE - m), cy=rng.uniform(m, SIZE - m),
-                      seed=rng.randrange(2**31), **{**spec, "radius": r, "angle": spec["angle"] + rng.uniform(-0.15, 0.15)})
+        scene = Scene(
+            background=bg,
+            cx=rng.uniform(m, SIZE - m),
+            cy=rng.uniform(m, SIZE - m),
+            seed=rng.randrange(2**31),
+            **{**spec, "radius": r, "angle": spec["angle"] + rng.uniform(-0.15, 0.15)},
+        )
         where = ((" on " if bg == "the beach" else " in ") + bg) if bg in SCENES else f" on a {bg} background"
         out.append((scene, f"a photo of sks {cls}{where}"))
     return out
@@ -364,5 +395,16 @@ def dataset(n: int, seed: int = 0) -> tuple[np.ndarray, list[str], list[Scene]]:
     return images, captions, scenes
 
 
-__all__ = ["CLASSES", "COLOURS", "SCENES", "PATTERNS", "Scene", "sample_scene", "caption", "render", "sample",
-           "dataset", "class_prompt", "replace"]
+__all__ = [
+    "CLASSES",
+    "COLOURS",
+    "SCENES",
+    "PATTERNS",
+    "Scene",
+    "sample_scene",
+    "caption",
+    "render",
+    "sample",
+    "dataset",
+    "class_prompt",
+]

@@ -12,7 +12,7 @@ import pytest
 from safetensors.torch import load_file
 
 import cat_engine.cat.train as train_mod
-from cat_engine.cat.config import TrainConfig
+from cat_engine.cat.config import build_config
 from cat_engine.engine import checkpoint as ckpt
 from cat_engine.engine.distributed import torchrun_command
 from cat_engine.engine.lora import LORA_WEIGHT_NAME
@@ -51,14 +51,16 @@ def _env():
 
 
 def torchrun(tmp_path, nproc: int = 2, **options):
-    command = torchrun_command(nproc, "cat_engine", ["train", *_flags({"base": random_base(), **FAST, **options})])
+    command = torchrun_command(
+        nproc, "cat_engine", ["train", *_flags({"base": random_base(), **FAST, **options})]
+    )
     result = subprocess.run(command, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
 
 def single(**options):
-    config = TrainConfig(base=random_base(), **{**FAST, **options}).validate()
+    config = build_config({"base": random_base(), **FAST, **options}, {})
     return train_mod.train(config, progress=False)
 
 

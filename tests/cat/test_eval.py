@@ -10,19 +10,14 @@ import torch
 from PIL import Image
 
 from cat_engine.cat import eval as kps_eval
+from cat_engine.cat.clip import ClipError
+from cat_engine.cat.eval import EvalConfig, EvalError, evaluate
+from cat_engine.cat.kps import METRICS
+from cat_engine.cat.report import KpsReport, json_safe, write_report
 from cat_engine.cli import main
 from cat_engine.engine.lora import add_lora, save_lora
 from cat_engine.engine.models import load_base
 
-METRICS = (
-    "kps",
-    "identity",
-    "preservation",
-    "prompt_similarity",
-    "leakage",
-    "diversity_adapter",
-    "diversity_base",
-)
 FAST = ["--seeds", "2", "--steps", "2", "--clip", "builtin-tiny-clip-random", "--no-progress"]
 
 
@@ -178,3 +173,28 @@ def test_base_defaults_to_the_folder_the_adapter_was_trained_on(tmp_path):
     assert base_from_metadata(None, {"base": str(tmp_path)}) == str(tmp_path)
     assert base_from_metadata(None, {"base": str(tmp_path / "moved-away")}) == "builtin"
     assert base_from_metadata(None, {}) == "builtin"
+
+
+def test_python_api_gives_the_numbers_the_command_writes(tmp_path, single_run, lora_dir):
+    config = EvalConfig(lora=str(lora_dir), seeds=2, steps=2, clip="builtin-tiny-clip-random")
+    report = evaluate(config, progress=False)
+    assert isinstance(report, KpsReport)
+    written = json.loads((single_run[1] / "kps.json").read_text())
+    got = json_safe(report.to_dict())
+    assert list(got) == list(written)  # the same keys, in the file's order
+    for key in (*METRICS, "per_prompt", "seeds", "prompts", "token", "class_word", "embedding", "references"):
+        assert got[key] == written[key], key
+    assert report.kps == written["kps"] and report.sampling == written["sampling"]
+    assert write_report(report, tmp_path / "again") == tmp_path / "again"
+    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == ["grid.png", "kps.json"]
+
+
+def test_python_api_raises_library_errors(tmp_path, lora_dir):
+    with pytest.raises(EvalError, match="no adapter there"):
+        evaluate(EvalConfig(lora=str(tmp_path / "nowhere")), progress=False)
+    with pytest.raises(EvalError, match="exactly one '{}'"):
+        evaluate(EvalConfig(lora=str(lora_dir), templates=["no subject"]), progress=False)
+    with pytest.raises(EvalError, match="at least 1"):
+        evaluate(EvalConfig(lora=str(lora_dir), seeds=0), progress=False)
+    with pytest.raises(ClipError, match="not a transformers CLIP folder"):
+        evaluate(EvalConfig(lora=str(lora_dir), seeds=1, steps=1, clip=str(tmp_path)), progress=False)

@@ -89,7 +89,7 @@ def test_bad_manifest_is_one_clear_error(tmp_path, text, argv, message):
 
 @pytest.mark.slow
 def test_manifest_on_two_ranks_trains_each_concept_once_with_kps_and_summary(manifest_file, tmp_path):
-    from cat_engine.cat.eval import resolve_clip
+    from cat_engine.cat.clip import resolve_clip
 
     # Written once here: the ranks would otherwise both write the random CLIP into the same cache.
     assert (resolve_clip("builtin-tiny-clip-random")[0] / "config.json").is_file()
@@ -113,3 +113,15 @@ def test_manifest_on_two_ranks_trains_each_concept_once_with_kps_and_summary(man
     # The table is printed once (rank 0), one line per concept under the header.
     table = [line for line in result.stdout.splitlines() if line.startswith(("concept", "bug", "qlp-fish"))]
     assert len(table) == 3, result.stdout
+
+
+def test_kps_options_become_the_eval_config_of_each_concept(manifest_file, tmp_path):
+    _, configs = farm.farm_configs(_args(), farm.read_manifest(manifest_file))
+    bug = configs[0][1]
+    kps = {"seeds": 1, "steps": 2, "guidance": 5, "prompts": ["a photo of {}"]}
+    config = farm.kps_config(bug, kps, tmp_path / "lora.safetensors").validate()
+    assert (config.refs, config.token, config.class_word) == (bug.data, "zwx", "bug")
+    assert config.templates == ["a photo of {}"] and config.guidance == 5.0 and config.seeds == 1
+    (tmp_path / "prompts.txt").write_text("{} in the snow\n")
+    config = farm.kps_config(bug, {"prompts": str(tmp_path / "prompts.txt")}, tmp_path / "lora")
+    assert config.templates == ["{} in the snow"] and config.base == bug.base

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import cat_engine.cat.data as data_mod
 import cat_engine.cat.train as train_mod
-from cat_engine.cat.config import ConfigError, TrainConfig, build_config, load_yaml
+from cat_engine.cat.config import ConfigError, TrainConfig, build_config, config_from_args, load_yaml
 from cat_engine.engine.lora import read_lora_metadata
 
 
@@ -47,7 +48,7 @@ def two_concepts(tmp_path):
 
 def test_captions_and_plain_captions_follow_each_concept(two_concepts):
     config = TrainConfig(concepts=two_concepts).validate()
-    images = train_mod.load_training_images(config, resolution=16)
+    images = data_mod.load_training_images(config, resolution=16)
     assert images.pixels.shape == (5, 3, 16, 16)
     assert images.concept_index == [0, 0, 1, 1, 1]
     assert images.captions == [
@@ -65,7 +66,7 @@ def test_captions_and_plain_captions_follow_each_concept(two_concepts):
         "fish in the sea",
         "a picture of fish",
     ]
-    strip = train_mod.load_training_images(
+    strip = data_mod.load_training_images(
         TrainConfig(concepts=two_concepts, plain_mode="strip").validate(), 16
     )
     assert strip.plain_captions[3] == "fish in the sea" and strip.plain_captions[1] == "a photo of bug"
@@ -76,14 +77,14 @@ def test_cached_rows_point_at_their_own_captions_and_batches_mix(two_concepts, t
 
     config = TrainConfig(concepts=two_concepts, batch_size=2).validate()
     model = load_base(random_base())
-    data = train_mod.prepare_data(config, model, 16, "cpu")
-    images = train_mod.load_training_images(config, 16)
+    data = data_mod.prepare_data(config, model, 16, "cpu")
+    images = data_mod.load_training_images(config, 16)
     texts = data.texts
     assert [texts.captions[i] for i in texts.token_index] == images.captions
     assert [texts.captions[i] for i in texts.plain_index] == images.plain_captions
     assert data.concept_index == [0, 0, 1, 1, 1]
     # One epoch of the shuffled stream draws from both concepts.
-    drawn = [i for step in range(3) for i in train_mod.sample_indices(step, 2, len(data), config.seed)]
+    drawn = [i for step in range(3) for i in data_mod.sample_indices(step, 2, len(data), config.seed)]
     assert {data.concept_index[i] for i in drawn[:5]} == {0, 1}
 
 
@@ -117,7 +118,7 @@ def test_concepts_from_yaml_and_from_flags(two_concepts, tmp_path):
     parser = argparse.ArgumentParser()
     train_mod.add_arguments(parser)
     args = parser.parse_args(["--concept", "x:/data/bug:zwx:bug", "--concept", "fish:qlp:fish"])
-    config = train_mod.config_from_args(args)
+    config = config_from_args(args)
     assert config.concepts[0] == {
         "data": "x:/data/bug",
         "token": "zwx",

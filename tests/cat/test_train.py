@@ -1,5 +1,6 @@
 """The training recipe end to end on the built-in tiny model: outputs, resume, interrupts, errors."""
 
+import itertools
 import json
 import subprocess
 import sys
@@ -10,10 +11,43 @@ from safetensors.torch import load_file
 
 import cat_engine.cat.train as train_mod
 from cat_engine.cat.config import TrainConfig
-from cat_engine.engine.checkpoint import list_checkpoints
+from cat_engine.engine.checkpoint import CHECKPOINTS, STATE_FILE, list_checkpoints
 from cat_engine.engine.lora import LORA_WEIGHT_NAME, read_lora_metadata
 
 FAST = dict(rank=4, steps=6, save_every=0, batch_size=2, lr=1e-3)
+# A config as checkpoints and train_config.json held it before the memory plan became one field.
+OLD_FLAT_CONFIG = {
+    "base": "builtin",
+    "data": None,
+    "token": "sks",
+    "class_word": "star",
+    "caption_template": "a photo of {token} {class_word}",
+    "plain_mode": "class",
+    "cat_weight": 1.0,
+    "concepts": None,
+    "rank": 16,
+    "alpha": None,
+    "targets": ["to_q", "to_k", "to_v", "to_out.0"],
+    "lr": 0.0001,
+    "lr_warmup_steps": 0,
+    "max_grad_norm": 1.0,
+    "steps": 20,
+    "batch_size": 1,
+    "resolution": None,
+    "seed": 0,
+    "flip": False,
+    "precision": "auto",
+    "gradient_checkpointing": False,
+    "attention": "sdpa",
+    "compile": False,
+    "channels_last": False,
+    "vram_budget": None,
+    "output": "cat-output",
+    "save_every": 100,
+    "keep_checkpoints": 3,
+    "resume": None,
+    "device": "auto",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -45,40 +79,62 @@ def test_resume_is_bit_exact(tmp_path):
     assert all({"loss", "ldm", "cat", "lr", "it_s"} <= r.keys() for r in log)
 
 
+def _on_call(n, change):
+    """A stand-in for ``draw_batch`` that applies ``change`` to the batch of its ``n``-th call (0-based)."""
+    real = train_mod.draw_batch
+    calls = itertools.count()
+
+    def draw(*args, **kwargs):
+        batch = real(*args, **kwargs)
+        return change(batch) if next(calls) == n else batch
+
+    return draw
+
+
 def test_ctrl_c_writes_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch):
     straight = _weights(_train(tmp_path, "straight"))
-    real_step = train_mod.training_step
 
-    def interrupt_at_4(unet, sched, data, step, *args, **kwargs):
-        if step == 4:
-            raise KeyboardInterrupt
-        return real_step(unet, sched, data, step, *args, **kwargs)
+    def interrupt(batch):
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod, "training_step", interrupt_at_4)
-    with pytest.raises(KeyboardInterrupt):
-        _train(tmp_path, "interrupted")
+    with monkeypatch.context() as patch:
+        patch.setattr(train_mod, "draw_batch", _on_call(4, interrupt))  # during the 5th step
+        with pytest.raises(KeyboardInterrupt):
+            _train(tmp_path, "interrupted")
     assert [p.name for p in list_checkpoints(tmp_path / "interrupted")] == ["step-4"]
-    monkeypatch.setattr(train_mod, "training_step", real_step)
     resumed = _weights(_train(tmp_path, "interrupted", resume="latest"))
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    real_step = train_mod.training_step
+    def nan_target(batch):
+        batch.target = batch.target * float("nan")
+        return batch
 
-    def nan_at_step_5(unet, sched, data, step, *args, **kwargs):
-        out = real_step(unet, sched, data, step, *args, **kwargs)
-        if step == 4:  # the 5th step
-            out.loss = out.loss * float("nan")
-        return out
-
-    monkeypatch.setattr(train_mod, "training_step", nan_at_step_5)
+    monkeypatch.setattr(train_mod, "draw_batch", _on_call(4, nan_target))  # the 5th step
     with pytest.raises(train_mod.TrainingError, match=r"loss is nan at step 5.*step-4"):
         _train(tmp_path, "nan", save_every=2)
     names = [p.name for p in list_checkpoints(tmp_path / "nan")]
     assert names == ["step-2", "step-4"]
     assert not (tmp_path / "nan" / LORA_WEIGHT_NAME).exists()
+
+
+def test_a_checkpoint_with_the_flat_config_of_earlier_versions_resumes(tmp_path, caplog):
+    """Checkpoints store the config flat (precision, attention... at the top level, as in YAML files)."""
+    straight = _weights(_train(tmp_path, "straight"))
+    _train(tmp_path, "split", steps=3)
+    state_file = tmp_path / "split" / CHECKPOINTS / "step-3" / STATE_FILE
+    state = json.loads(state_file.read_text())
+    state["config"] = {**OLD_FLAT_CONFIG, **FAST, "steps": 3, "output": str(tmp_path / "split")}
+    state_file.write_text(json.dumps(state))
+    with caplog.at_level("WARNING", logger="cat_engine"):
+        resumed = _weights(_train(tmp_path, "split", steps=6, resume="latest"))
+    assert "different option" not in caplog.text
+    # The saved form is still the flat one: the same keys, in the same order.
+    assert list(json.loads((tmp_path / "split" / train_mod.CONFIG_FILE).read_text())) == list(OLD_FLAT_CONFIG)
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
 
 
 def test_cat_weight_zero_is_plain_lora_and_metadata_is_written(tmp_path):
@@ -146,3 +202,25 @@ def test_cli_base_that_is_not_a_diffusers_model(tmp_path):
     result = _cli("train", "--base", "model", "--output", "out", cwd=tmp_path)
     assert result.returncode == 2 and "not a diffusers model folder" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_loss_scaling_skips_an_overflowed_step_where_unscaled_training_stops(tmp_path):
+    """The step's update: a disabled scaler passes through and a non-finite gradient stops the run;
+    an fp16 loss scaler (CUDA in training; its CPU twin here) skips the step and backs off instead."""
+    trainer = train_mod.Trainer.setup(TrainConfig(output=str(tmp_path / "s"), **FAST).validate())
+    before = [p.detach().clone() for p in trainer.lora.values()]
+
+    def overflowing_loss():
+        return sum(p.sum() for p in trainer.lora.values()) * float("inf")
+
+    with pytest.raises(train_mod.TrainingError, match="gradient norm is not finite at step 1"):
+        trainer.update(overflowing_loss())
+    try:
+        trainer.scaler = torch.amp.GradScaler("cpu")
+    except (TypeError, RuntimeError, ValueError):
+        pytest.skip("this torch has no CPU GradScaler")
+    scale = trainer.scaler.get_scale()
+    trainer.update(overflowing_loss())
+    assert trainer.scaler.get_scale() < scale
+    for old, new in zip(before, trainer.lora.values()):
+        assert torch.equal(old, new)
