@@ -46,6 +46,7 @@ from cat_engine.engine.memory_plan import (
     PRECISIONS,
     MemoryPlan,
     apply_memory_plan,
+    compiled_modules,
     make_grad_scaler,
     make_optimizer,
 )
@@ -486,6 +487,10 @@ def run_bench(cfg: BenchConfig, log=print, flops_cache: Path | None = None) -> d
             cfg, spec, device, resolution, checkpoint_func=measure.counting_checkpoint
         )
         unets = (peft_unet, ctx.unet)
+        if cfg.compile and not compiled_modules(ctx.unet):  # the gradient check refused it
+            warnings.append(
+                "engine: torch.compile fell back to eager (see the warning above); peers compiled"
+            )
         log(
             f"bench: {cfg.preset} at {resolution} px, batch {cfg.batch}, rank {cfg.rank}, {ctx.plan.precision}, "
             f"{cfg.attention}, checkpointing {'on' if cfg.checkpointing else 'off'}, "

@@ -205,3 +205,25 @@ def test_a_local_model_folder_is_a_preset(tmp_path):
     b = make_batch(spec, 1, 64, "cpu")
     assert b.added_cond_kwargs["text_embeds"].shape == (1, 32)
     assert build_unet(spec, "meta").conv_in.weight.is_meta
+
+
+def test_compile_goes_through_the_engines_gradient_check(monkeypatch):
+    """--compile: the engine's UNet is compiled the way train compiles it (compile_unet, checked on
+    one row of the batch); the peers' UNet with a plain ``unet.compile()``."""
+    from cat_engine.engine import memory_plan
+
+    calls = []
+
+    def checked_compile(unet, plan, check_inputs, **kwargs):
+        calls.append(check_inputs)
+        return unet  # as when the gradient check refuses the compiled UNet
+
+    monkeypatch.setattr(memory_plan, "compile_unet", checked_compile)
+    spec = resolve_model("tiny")
+    batch = make_batch(spec, 2, 64, "cpu")
+    peft_unet, ctx = build_models(BenchConfig(compile=True), spec, torch.device("cpu"), batch)
+    (latents, timesteps, embeds, added) = calls[0]
+    assert len(calls) == 1 and latents.shape[0] == timesteps.shape[0] == embeds.shape[0] == 1
+    assert added is None
+    assert memory_plan.compiled_modules(peft_unet) == [peft_unet]
+    assert memory_plan.compiled_modules(ctx.unet) == []
