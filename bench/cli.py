@@ -12,9 +12,11 @@ from pathlib import Path
 import torch
 
 from cat_engine.bench import report
-from cat_engine.bench.harness import ATTENTION, PRECISIONS, BenchConfig, run_bench
-from cat_engine.bench.presets import PRESETS
+from cat_engine.bench.harness import BenchConfig, run_bench
 from cat_engine.engine.builtin import cache_root
+from cat_engine.engine.errors import CatEngineError
+from cat_engine.engine.memory_plan import ATTENTION_BACKENDS, PRECISIONS
+from cat_engine.engine.unet_configs import MODEL_NAMES
 
 QUICK = dict(preset="tiny", steps=5, warmup=1)
 DEFAULTS = dict(preset="tiny", steps=10, warmup=2)
@@ -22,7 +24,7 @@ DEFAULTS = dict(preset="tiny", steps=10, warmup=2)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--preset", help=f"{', '.join(PRESETS)}, or a local diffusers model folder (default tiny)"
+        "--preset", help=f"{', '.join(MODEL_NAMES)}, or a local diffusers model folder (default tiny)"
     )
     parser.add_argument(
         "--resolution", type=int, help="image side in pixels (default: the preset's native one)"
@@ -31,15 +33,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
     parser.add_argument(
         "--precision",
-        choices=["auto", *PRECISIONS],
+        choices=PRECISIONS,
         default="auto",
-        help="autocast dtype; frozen weights in it, LoRA in fp32 (auto: bf16 on CUDA, else fp32)",
+        help="autocast dtype; frozen weights in it, LoRA in fp32 (auto, as in train: bf16 on CUDA "
+        "(fp16 on GPUs without bf16), else fp32)",
     )
     parser.add_argument(
         "--attention",
-        choices=ATTENTION,
+        choices=ATTENTION_BACKENDS,
         default="sdpa",
-        help="sdpa (diffusers AttnProcessor2_0) or math (AttnProcessor)",
+        help="sdpa (diffusers AttnProcessor2_0), xformers or math (AttnProcessor), as in train",
     )
     parser.add_argument("--checkpointing", action="store_true", help="unet.enable_gradient_checkpointing()")
     parser.add_argument(
@@ -53,8 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--quick", action="store_true", help="tiny preset, few steps: under a minute on 2 CPU cores"
+        "--threads", type=int, default=1, help="torch threads on a CPU (default 1: ratios side by side)"
     )
+    parser.add_argument("--quick", action="store_true", help="tiny preset, few steps: a quick check on a CPU")
     parser.add_argument(
         "--results-dir",
         type=Path,
@@ -73,15 +77,12 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    precision = args.precision
-    if precision == "auto":
-        precision = "bf16" if device.startswith("cuda") else "fp32"
     return BenchConfig(
         preset=args.preset or defaults["preset"],
         resolution=args.resolution,
         batch=args.batch,
         rank=args.rank,
-        precision=precision,
+        precision=args.precision,
         attention=args.attention,
         checkpointing=args.checkpointing,
         compile=args.compile,
@@ -90,12 +91,11 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         cat_weight=args.cat_weight,
         seed=args.seed,
         device=device,
+        threads=args.threads,
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    from cat_engine.engine.errors import CatEngineError
-
     cfg = config_from_args(args)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise CatEngineError("--device cuda: no CUDA device visible to torch")

@@ -53,7 +53,7 @@ if [[ -z "${CAT_ENGINE_GIT_COMMIT:-}" && -f "$WHEELS/COMMIT" ]]; then
     export CAT_ENGINE_GIT_COMMIT=$(cat "$WHEELS/COMMIT")
 fi
 if [[ -d "$WHEELS" ]]; then
-    step install 90 "$PY" "$REPO/bench/wheelhouse.py" "$WHEELS" --target "$SITE"
+    step install 90 "$PY" "$REPO/tools/wheelhouse.py" "$WHEELS" --target "$SITE"
 else
     echo "== install: no wheel folder $WHEELS; using what is installed"
 fi

@@ -35,12 +35,9 @@ cat); one SD1.5 estimate takes a few seconds on a CPU (the meta build is ~2 s th
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import warnings
 import weakref
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +47,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from cat_engine.engine.errors import CatEngineError
 from cat_engine.engine.memory_plan import MemoryPlan, cast_frozen_weights, is_lora_name
+from cat_engine.engine.unet_configs import ModelSpec, resolve_model
 
 GiB = 2**30
 MiB = 2**20
@@ -97,65 +95,6 @@ class VramEstimate:
 
 
 # --- models ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A UNet config plus the conditioning shapes a training step feeds it."""
-
-    name: str
-    config_json: str  # the UNet config, as sorted JSON (hashable cache key)
-    text_tokens: int
-    text_width: int
-    pooled_width: int | None  # SDXL's pooled text embedding, else None
-    vae_scale_factor: int
-
-    @property
-    def config(self) -> dict:
-        return json.loads(self.config_json)
-
-
-def _spec_from_config(name: str, config: dict, vae_scale_factor: int = 8) -> ModelSpec:
-    config = {k: v for k, v in config.items() if not k.startswith("_")}
-    cross = config.get("cross_attention_dim") or 768
-    width = cross[0] if isinstance(cross, (list, tuple)) else cross
-    pooled = None
-    if config.get("addition_embed_type") == "text_time":
-        # SDXL: the added embedding is the pooled text plus 6 time ids, each embedded to addition_time_embed_dim.
-        pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
-    return ModelSpec(
-        name, json.dumps(config, sort_keys=True, default=list), 77, int(width), pooled, vae_scale_factor
-    )
-
-
-def resolve_model(model) -> ModelSpec:
-    """``sd15`` / ``sd21`` / ``sdxl`` / ``builtin``, a UNet config dict, or a diffusers folder."""
-    from cat_engine.engine.unet_configs import UNET_CONFIGS, VAE_SCALE_FACTOR
-
-    if isinstance(model, ModelSpec):
-        return model
-    if isinstance(model, dict):
-        return _spec_from_config("custom", model)
-    name = str(model)
-    if name in UNET_CONFIGS:
-        return _spec_from_config(name, UNET_CONFIGS[name], VAE_SCALE_FACTOR)
-    if name == "builtin":  # the built-in default (the toy world), read like any diffusers folder
-        from cat_engine.engine.builtin import builtin_model_dir
-
-        spec = resolve_model(str(builtin_model_dir()))
-        return ModelSpec("builtin", *dataclasses.astuple(spec)[1:])
-    path = Path(name).expanduser()
-    for candidate in (path / "unet" / "config.json", path / "config.json"):
-        if candidate.is_file():
-            config = json.loads(candidate.read_text())
-            factor = 8
-            vae_config = path / "vae" / "config.json"
-            if vae_config.is_file():
-                factor = 2 ** (len(json.loads(vae_config.read_text())["block_out_channels"]) - 1)
-            return _spec_from_config(str(path), config, factor)
-    raise ValueError(
-        f"unknown model {name!r}: use sd15, sd21, sdxl, builtin, or a diffusers folder with unet/config.json"
-    )
 
 
 _META_UNETS: dict[tuple[str, int, bool], torch.nn.Module] = {}

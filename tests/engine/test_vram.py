@@ -14,6 +14,7 @@ from cat_engine.engine import vram
 from cat_engine.engine.builtin import tiny_unet
 from cat_engine.engine.lora import add_lora, fuse_lora
 from cat_engine.engine.memory_plan import MemoryPlan
+from cat_engine.engine.unet_configs import spec_from_config
 from cat_engine.engine.vram import GiB, MiB, NoPlanFits, best_plan, estimate_peak
 
 BF16 = MemoryPlan(precision="bf16")
@@ -147,7 +148,7 @@ def test_model_from_a_diffusers_folder(tmp_path):
     (tmp_path / "vae" / "config.json").write_text(json.dumps({"block_out_channels": [16, 32, 32]}))
     spec = vram.resolve_model(tmp_path)
     assert spec.vae_scale_factor == 4 and spec.text_width == 32
-    same = vram._spec_from_config("same config", config, vae_scale_factor=4)
+    same = spec_from_config("same config", config, vae_scale_factor=4)
     assert estimate_peak(tmp_path, 64, 1, BF16, rank=4).total == estimate_peak(same, 64, 1, BF16, rank=4).total
     assert estimate_peak(tmp_path, 128, 1, BF16, rank=4).total > estimate_peak(same, 64, 1, BF16, rank=4).total
     with pytest.raises(ValueError, match="unknown model"):

@@ -1,8 +1,9 @@
 """Images/s of the KPS sampler against the diffusers pipeline called once per prompt, side by side.
 
-``python -m cat_engine.cat.eval_throughput [--prompts 4] [--seeds 4] [--steps 10]`` builds the
+``python -m cat_engine.bench.eval_throughput [--prompts 4] [--seeds 4] [--steps 10]`` builds the
 tiny built-in pipeline with a random LoRA, then generates the same G_tok, G_ada and G_base images
-both ways, interleaved, and prints the ratio (docs/design.md §7: ratios side by side in one run).
+every way, interleaved with one torch thread (``measure.time_interleaved``), and prints the ratios
+(docs/design.md §7: ratios side by side in one run).
 
 Baselines, LoRA loaded with ``load_lora_weights`` and switched off with ``disable_lora`` for
 G_base: ``StableDiffusionPipeline`` called once per image (one prompt, one seed), and once per
@@ -14,12 +15,11 @@ VAE and return tensors; the images are checked to agree before any time counts.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 
 import torch
 
+from cat_engine.bench.measure import Spread, time_interleaved, torch_threads
 from cat_engine.cat.eval import DEFAULT_TEMPLATES, make_jobs
 from cat_engine.cat.sampling import SETS, SampleSettings, sample_jobs
 
@@ -78,9 +78,14 @@ def _pipeline(pipe, jobs, seeds, settings, per_image: bool) -> dict[str, torch.T
 
 
 def measure(
-    prompts: int = 4, seeds: int = 4, steps: int = 10, repeats: int = 3, guidance: float = 7.5
+    prompts: int = 4,
+    seeds: int = 4,
+    steps: int = 10,
+    repeats: int = 3,
+    guidance: float = 7.5,
+    threads: int | None = 1,
 ) -> dict:
-    """Median seconds of both ways over ``repeats`` interleaved rounds; returns the figures."""
+    """Median seconds of every way over ``repeats`` interleaved rounds; returns the figures."""
     templates = [
         DEFAULT_TEMPLATES[i % len(DEFAULT_TEMPLATES)] + ("" if i < 4 else f" {i}") for i in range(prompts)
     ]
@@ -94,7 +99,7 @@ def measure(
         "per_prompt": lambda: _pipeline(pipe, jobs, seed_list, settings, per_image=False),
         "per_image": lambda: _pipeline(pipe, jobs, seed_list, settings, per_image=True),
     }
-    with torch.no_grad():
+    with torch.no_grad(), torch_threads(threads):
         # warm-up round, and the check that all ways make the same images
         images = {name: fn() for name, fn in ways.items()}
         max_diff = max(
@@ -102,14 +107,9 @@ def measure(
         )
         if max_diff > 1e-4:
             raise RuntimeError(f"engine and pipeline images differ by {max_diff:.2e}")
-        times = {name: [] for name in ways}
-        for _ in range(repeats):
-            for name, fn in ways.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
+        times = time_interleaved(ways, repeats, "cpu", threads=threads)
     n_images = 3 * len(jobs)
-    rate = {name: n_images / statistics.median(t) for name, t in times.items()}
+    rate = {name: n_images / Spread.of(t).median for name, t in times.items()}
     return {
         "images": n_images,
         "prompts": prompts,
@@ -117,7 +117,7 @@ def measure(
         "steps": steps,
         "guidance": guidance,
         "batch_jobs": settings.batch_jobs,
-        "threads": torch.get_num_threads(),
+        "threads": threads or torch.get_num_threads(),
         "images_per_second": rate,
         "ratio_per_prompt": rate["engine"] / rate["per_prompt"],
         "ratio_per_image": rate["engine"] / rate["per_image"],
@@ -131,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args(argv)
-    r = measure(args.prompts, args.seeds, args.steps, args.repeats)
+    r = measure(args.prompts, args.seeds, args.steps, args.repeats, threads=args.threads)
     print(
         f"{r['images']} images ({r['prompts']} prompts x {r['seeds']} seeds x 3 sets, {r['steps']} DDIM steps, "
         f"CFG {r['guidance']}, {r['threads']} thread(s), tiny built-in model, CPU)"
