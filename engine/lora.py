@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from cat_engine.engine.files import write_atomically
 from cat_engine.engine.split_batch import adapter_rows, split_state
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -137,7 +138,7 @@ def lora_config_dict(unet) -> dict:
 
 
 def save_lora(unet, output_dir: str | os.PathLike, info: dict | None = None) -> Path:
-    """Write ``OUTPUT/pytorch_lora_weights.safetensors`` atomically (temporary name, then rename).
+    """Write ``OUTPUT/pytorch_lora_weights.safetensors`` atomically (``engine/files.py``).
 
     ``info`` (token, class word, cat weight, ...) goes into the safetensors metadata under
     ``cat_engine`` as JSON, next to the peft config diffusers needs to rebuild the adapter.
@@ -145,18 +146,16 @@ def save_lora(unet, output_dir: str | os.PathLike, info: dict | None = None) -> 
     from safetensors.torch import save_file
 
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     config = lora_config_dict(unet)
     metadata = {
         "format": "pt",
         DIFFUSERS_METADATA_KEY: json.dumps({f"unet.{k}": v for k, v in config.items()}, sort_keys=True),
         ENGINE_METADATA_KEY: json.dumps({**config, **(info or {})}, sort_keys=True, default=str),
     }
-    path = output_dir / LORA_WEIGHT_NAME
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(lora_state_dict(unet), str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-    return path
+    state = lora_state_dict(unet)
+    return write_atomically(
+        output_dir / LORA_WEIGHT_NAME, lambda tmp: save_file(state, str(tmp), metadata=metadata)
+    )
 
 
 def read_lora_metadata(path: str | os.PathLike) -> dict:
