@@ -35,9 +35,10 @@ from cat_engine.cat.config import (
     config_differences,
     load_yaml,
 )
-from cat_engine.cat.loss import CatLossOutput
+from cat_engine.cat.loss import CatLossOutput, step_loss
 from cat_engine.engine import checkpoint as ckpt
 from cat_engine.engine import distributed as dist
+from cat_engine.engine.batch import CatBatch
 from cat_engine.engine.cache import CaptionCache, LatentCache, encode_captions, encode_latents
 from cat_engine.engine.errors import CatEngineError
 from cat_engine.engine.lora import (
@@ -165,7 +166,7 @@ def training_step(
 ):
     """Draw z_t for the step's samples and return the :class:`CatLossOutput` of ``rows`` of them.
 
-    ``step_fn`` is a :class:`~cat_engine.engine.distributed.CatStep` (DDP-wrapped on several ranks).
+    ``step_fn`` is a :class:`~cat_engine.engine.distributed.TrainStep` (DDP-wrapped on several ranks).
     The draws cover the whole global batch on every rank, so the generator advances alike
     everywhere (and a checkpoint from any rank count resumes on any other); ``rows`` is this
     rank's slice of it.
@@ -196,7 +197,7 @@ def training_step(
         time_ids = sdxl_time_ids(resolution, len(idx), device)
         added = {"text_embeds": token.pooled, "time_ids": time_ids}
         plain_added = {"text_embeds": plain.pooled, "time_ids": time_ids}
-    loss, ldm, cat = step_fn(noisy, t, token.embeds, plain.embeds, target, added, plain_added)
+    loss, ldm, cat = step_fn(CatBatch(noisy, t, token.embeds, plain.embeds, target, added, plain_added))
     return CatLossOutput(loss, ldm, cat)
 
 
@@ -232,7 +233,7 @@ def memory_plan_for(
             batch or config.batch_size,
             budget,
             config.rank,
-            cat=config.cat_weight != 0,
+            loss_fn=step_loss(config.cat_weight),
             half=half,
             attention=config.attention,
         )
@@ -251,7 +252,8 @@ def _check_inputs(data: CachedData, resolution: int):
     if token.pooled is not None:
         added = {"text_embeds": token.pooled, "time_ids": sdxl_time_ids(resolution, 1, token.pooled.device)}
     t = torch.tensor([500], device=data.latents.mean.device)
-    return data.latents.mean[:1], t, token.embeds, added
+    z = data.latents.mean[:1]
+    return CatBatch(z, t, token.embeds, data.texts.plain([0]).embeds, torch.zeros_like(z), added)
 
 
 # ---------------------------------------------------------------------------------------- train
@@ -300,7 +302,7 @@ def train(config: TrainConfig, progress: bool = True, ranks: dist.DistContext = 
     named = lora_named_parameters(unet)
     # The step DDP wraps: its parameters are the LoRA tensors only (see engine/distributed.py).
     step_fn = dist.data_parallel(
-        dist.CatStep(ctx.unet, list(named.values()), config.cat_weight), ranks, device
+        dist.TrainStep(ctx.unet, list(named.values()), step_loss(config.cat_weight)), ranks, device
     )
     optimizer = make_optimizer(list(named.values()), config.lr, ctx.plan, device, weight_decay=1e-2)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.lr_warmup_steps))

@@ -27,6 +27,8 @@ honoured whenever it is set before the launch (tests/kernels/conftest.py sets it
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import importlib.util
 import math
@@ -413,6 +415,7 @@ def _lora_linear_bwd(dy, x, weight, lora_A, lora_B, t, scale, adapter_rows, lora
     """``(dx or [0], dA, dB, d lora_x or [0])``; see the module docstring."""
     impl = _triton_backward if _use_triton(dy) else reference.lora_linear_backward
     dx, d_a, d_b, d_lx = impl(dy, x, weight, lora_A, lora_B, t, scale, adapter_rows, lora_x, need_dx)
+    # Custom ops cannot return None: a 0-element tensor stands for "not computed".
     return (dx if need_dx else dy.new_empty(0), d_a, d_b,
             d_lx if lora_x is not None else dy.new_empty(0))
 
@@ -477,8 +480,37 @@ _register_flop_formulas()
 # ----------------------------------------------------------------------------------------------
 
 
+# (device type, dtype) that autocast_dtype answers for that device type inside emulated_autocast.
+_EMULATED_AUTOCAST: contextvars.ContextVar[tuple[str, torch.dtype | None] | None] = contextvars.ContextVar(
+    "cat_engine_emulated_autocast", default=None
+)
+
+
+@contextlib.contextmanager
+def emulated_autocast(device_type: str, dtype: torch.dtype | None):
+    """Within the block, :func:`autocast_dtype` answers ``dtype`` for ``device_type``.
+
+    For a device that has no autocast of its own, where another layer reproduces autocast's casts
+    (the VRAM estimator runs a CUDA step on ``meta`` tensors, docs/design.md §6): the fused op then
+    casts its inputs as ``F.linear`` would under autocast. ``dtype=None`` means no autocast there.
+    A context variable, so it holds for this thread (and autograd's backward of meta and CPU
+    tensors, which runs on the calling thread) and nests.
+    """
+    token = _EMULATED_AUTOCAST.set((device_type, dtype))
+    try:
+        yield
+    finally:
+        _EMULATED_AUTOCAST.reset(token)
+
+
 def autocast_dtype(device_type: str):
-    """The autocast dtype active for ``device_type``, or None (feature-checked: torch 2.4+ API)."""
+    """The autocast dtype active for ``device_type``, or None (feature-checked: torch 2.4+ API).
+
+    Inside :func:`emulated_autocast` for ``device_type``, the dtype it was given.
+    """
+    emulated = _EMULATED_AUTOCAST.get()
+    if emulated is not None and emulated[0] == device_type:
+        return emulated[1]
     try:
         if torch.is_autocast_enabled(device_type):
             return torch.get_autocast_dtype(device_type)
