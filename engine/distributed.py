@@ -90,7 +90,7 @@ def shutdown(ctx: DistContext) -> None:
 
     Without the barrier a rank that finished an all-gather first could tear down its gloo
     connections while a peer was still receiving; the peer then aborted at exit ("terminate called
-    without an active exception", seen about once in ten 2-rank farm runs).
+    without an active exception").
     """
     if ctx.enabled:
         import torch.distributed as dist

@@ -60,8 +60,8 @@ MiB = 2**20
 # algorithms ask for scratch space; both come from the caching allocator, so
 # max_memory_allocated sees them but the meta run cannot. A fixed allowance, not a measurement.
 KERNEL_WORKSPACE = 128 * MiB
-# The CUDA context and loaded kernels (~300-500 MiB with lazy loading) occupy the card but are
-# not in max_memory_allocated; a plan "fits" a budget only with this much left over.
+# The CUDA context and loaded kernels occupy the card but are not in max_memory_allocated; a plan
+# "fits" a budget only with this much left over.
 CUDA_CONTEXT_RESERVE = 512 * MiB
 # The caching allocator hands out blocks in multiples of 512 bytes.
 _ALLOC_ROUND = 512
@@ -501,9 +501,9 @@ def candidate_plans(half: str = "bf16", attention: str = "sdpa") -> list[MemoryP
 
     Half precision before fp32: bf16/fp16 matmuls run at twice the TF32 tensor-core rate or more
     and move half the bytes. Without checkpointing before with: checkpointing recomputes each
-    checkpointed block's forward in backward (roughly +30% step time), which costs less than
-    falling back to fp32. Hence: half, half+ckpt, fp32, fp32+ckpt. ``half`` is ``fp16`` on GPUs
-    without bf16. Math attention is never a candidate: slower than SDPA and larger.
+    checkpointed block's forward in backward, which costs less than falling back to fp32. Hence:
+    half, half+ckpt, fp32, fp32+ckpt. ``half`` is ``fp16`` on GPUs without bf16. Math attention is
+    never a candidate: slower than SDPA and larger.
     """
     return [
         MemoryPlan(attention=attention, precision=half, gradient_checkpointing=False),

@@ -374,17 +374,12 @@ def _triton_backward(dy, x, weight, lora_A, lora_B, t, scale, rows, lora_x, need
 
 def _use_triton(x: torch.Tensor) -> bool:
     """Unset: CUDA tensors take Triton, others the PyTorch path. ``1``: Triton for every tensor
-    (CPU needs TRITON_INTERPRET=1). ``0``: the PyTorch path for every tensor, CUDA included (on the
-    H200, 2026-11-29, the untuned kernels were slower than cuBLAS at M=1024: see bench/results)."""
+    (CPU needs TRITON_INTERPRET=1). ``0``: the PyTorch path for every tensor, CUDA included (cuBLAS,
+    for shapes where the kernels lose to it: docs/design.md §5, bench/results/)."""
     forced = os.environ.get(FORCE_TRITON_ENV)
     if forced in ("0", "1"):
         return forced == "1"
     return x.is_cuda and _triton_installed()
-
-
-def _none_if_empty(t: torch.Tensor, want: bool) -> torch.Tensor:
-    # Custom ops cannot return None; a 0-element tensor stands for "not computed".
-    return t if want else t.new_empty(0)
 
 
 # Schemas spelled out: inference from annotations differs across torch versions (and these are
