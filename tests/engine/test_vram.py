@@ -248,7 +248,7 @@ def test_best_plan_errors_clearly_when_nothing_fits():
 
 @pytest.mark.slow
 def test_sd15_and_sdxl_bf16_meet_the_targets():
-    """Issue 4 targets (batch 1): SD1.5 at 512 px <= 6 GiB, SDXL at 1024 px <= 11 GiB; the
+    """The targets (batch 1): SD1.5 at 512 px <= 6 GiB, SDXL at 1024 px <= 11 GiB; the
     fitting plan for the card sizes is the bf16 one (checkpointed for SDXL)."""
     plan, est = best_plan("sd15", 512, 1, 8 * GiB, rank=16, loss_fn=CAT)
     assert plan.precision == "bf16" and est.total <= 6 * GiB

@@ -151,7 +151,7 @@ def test_weight_grad_row_splits(monkeypatch, splits):
 def test_dropout_on_lora_branch(monkeypatch, path):
     """Same RNG state: our op and the oracle see the same dropout mask on the LoRA input."""
     _set_path(monkeypatch, path)
-    # On a GPU machine the interpreter is off, so the Triton path needs CUDA tensors (found on the H200).
+    # On a GPU machine the interpreter is off, so the Triton path needs CUDA tensors.
     x, W, b, A, B = (t.float().to(_device()) for t in _make((3, 7), 24, 32, 4))
     rows, p, scale = 2, 0.4, 0.8
     ours = [t.clone().requires_grad_() for t in (x, A, B)]
