@@ -144,8 +144,8 @@ def step_loss(cat_weight: float = 1.0) -> StepLoss:
     """:func:`batch_loss` as the engine's :data:`~cat_engine.engine.batch.StepLoss`: ``(loss, ldm, cat)``.
 
     What the engine's training step and VRAM estimator run: ``TrainStep(unet, params,
-    step_loss(w))``, ``best_plan(..., loss_fn=step_loss(w))``. Equal weights give equal functions
-    (a ``functools.partial``), so the estimator's cache sees them as one step.
+    step_loss(w))``, ``best_plan(..., loss_fn=step_loss(w))``. A ``functools.partial``: the
+    estimator's cache keys it by its function and arguments, so one weight gives one estimate.
     """
     return functools.partial(_loss_tuple, cat_weight=cat_weight)
 

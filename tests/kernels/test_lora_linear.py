@@ -279,6 +279,20 @@ def test_meta_tensors_give_shapes_without_compute():
     assert x.grad.shape == x.shape and A.grad.shape == A.shape and B.grad.shape == B.shape
 
 
+def test_emulated_autocast_makes_the_op_cast_as_under_autocast():
+    """The VRAM estimator's meta run: meta tensors have no autocast, so it is emulated (engine/vram.py)."""
+    meta = lambda *s: torch.empty(*s, device="meta")  # noqa: E731
+    args = (meta(2, 9, 16), meta(24, 16), meta(24), meta(4, 16), meta(24, 4), 0.5, 1)
+    assert ll.autocast_dtype("meta") is None and lora_linear(*args).dtype == torch.float32
+    with ll.emulated_autocast("meta", torch.bfloat16):
+        assert ll.autocast_dtype("meta") == torch.bfloat16 and ll.autocast_dtype("cpu") is None
+        assert lora_linear(*args).dtype == torch.bfloat16  # x, W, b cast; the LoRA weights stay fp32
+        with ll.emulated_autocast("meta", None):  # nests, and None means no autocast there
+            assert ll.autocast_dtype("meta") is None
+        assert ll.autocast_dtype("meta") == torch.bfloat16
+    assert ll.autocast_dtype("meta") is None
+
+
 def test_force_triton_zero_takes_the_pytorch_path_for_every_tensor(monkeypatch):
     monkeypatch.setenv(ll.FORCE_TRITON_ENV, "0")
     x = torch.zeros(2, 3, 8, device=_device())
