@@ -190,6 +190,7 @@ def _fingerprint(pipe) -> str:
             described[name] = dict(config)
         elif module is not None:
             described[name] = [type(module).__name__, len(getattr(module, "encoder", {}) or {})]
+
     def stable(value):  # sets (diffusers' _use_default_values) print in hash order: sort them
         return sorted(map(str, value)) if isinstance(value, (set, frozenset)) else str(value)
 

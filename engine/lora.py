@@ -25,7 +25,9 @@ DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 ENGINE_METADATA_KEY = "cat_engine"
 
 
-def add_lora(unet, rank: int = 16, alpha: float | None = None, targets=DEFAULT_TARGETS, seed: int | None = None):
+def add_lora(
+    unet, rank: int = 16, alpha: float | None = None, targets=DEFAULT_TARGETS, seed: int | None = None
+):
     """Add a trainable peft LoRA adapter (default name) to a frozen diffusers UNet; return the UNet.
 
     ``alpha`` defaults to ``rank`` (scale 1). ``lora_B`` starts at zero as in peft, so the adapter
@@ -134,7 +136,11 @@ def lora_state_dict(unet) -> dict[str, torch.Tensor]:
 
 def lora_config_dict(unet) -> dict:
     cfg = unet.peft_config["default"]
-    return {"r": int(cfg.r), "lora_alpha": float(cfg.lora_alpha), "target_modules": sorted(cfg.target_modules)}
+    return {
+        "r": int(cfg.r),
+        "lora_alpha": float(cfg.lora_alpha),
+        "target_modules": sorted(cfg.target_modules),
+    }
 
 
 def save_lora(unet, output_dir: str | os.PathLike, info: dict | None = None) -> Path:

@@ -321,7 +321,9 @@ class _AdapterRowCheckpoint(torch.autograd.Function):
         n = ctx.n
         device, dtype = ctx.autocast
         restore_autocast = (
-            torch.autocast(device, dtype=dtype) if dtype is not None and device in ("cpu", "cuda") else nullcontext()
+            torch.autocast(device, dtype=dtype)
+            if dtype is not None and device in ("cpu", "cuda")
+            else nullcontext()
         )
         with (
             torch.enable_grad(),

@@ -37,7 +37,9 @@ def test_weight_bytes_follow_the_parameter_count_and_precision():
 
     with torch.device("meta"):
         config = json.loads((builtin_model_dir() / "unet" / "config.json").read_text())
-        unet = add_lora(UNet2DConditionModel(**{k: v for k, v in config.items() if not k.startswith("_")}), rank=4)
+        unet = add_lora(
+            UNet2DConditionModel(**{k: v for k, v in config.items() if not k.startswith("_")}), rank=4
+        )
     frozen = sum(p.numel() for n, p in unet.named_parameters() if "lora_" not in n)
     lora = sum(p.numel() for n, p in unet.named_parameters() if "lora_" in n)
     fp32 = estimate_peak("builtin", 64, 1, MemoryPlan(), rank=4, loss_fn=CAT)
