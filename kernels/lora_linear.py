@@ -475,22 +475,34 @@ _register_flop_formulas()
 # ----------------------------------------------------------------------------------------------
 
 
-# (device type, dtype) that autocast_dtype answers for that device type inside emulated_autocast.
+# (device type, dtype) that autocast_dtype answers inside emulated_autocast, for a device type
+# autocast does not know.
 _EMULATED_AUTOCAST: contextvars.ContextVar[tuple[str, torch.dtype | None] | None] = contextvars.ContextVar(
     "cat_engine_emulated_autocast", default=None
 )
+
+
+def _autocast_knows(device_type: str) -> bool:
+    try:
+        torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # "unknown device type for autocast" (meta)
+        return False
+    return True
 
 
 @contextlib.contextmanager
 def emulated_autocast(device_type: str, dtype: torch.dtype | None):
     """Within the block, :func:`autocast_dtype` answers ``dtype`` for ``device_type``.
 
-    For a device that has no autocast of its own, where another layer reproduces autocast's casts
-    (the VRAM estimator runs a CUDA step on ``meta`` tensors, docs/design.md §6): the fused op then
-    casts its inputs as ``F.linear`` would under autocast. ``dtype=None`` means no autocast there.
-    A context variable, so it holds for this thread (and autograd's backward of meta and CPU
-    tensors, which runs on the calling thread) and nests.
+    For a device type autocast does not know (``meta``), where another layer reproduces autocast's
+    casts: the VRAM estimator runs a CUDA step on meta tensors (docs/design.md §6), and the fused op
+    must then cast its inputs as ``F.linear`` would under autocast. ``dtype=None`` means no
+    autocast there. A context variable, so it holds for this thread (and for autograd's backward
+    of meta tensors, which runs on the calling thread) and nests. Raises ``ValueError`` for a
+    device type that has autocast of its own (use ``torch.autocast`` there).
     """
+    if _autocast_knows(device_type):
+        raise ValueError(f"emulated_autocast: {device_type!r} has autocast of its own; use torch.autocast")
     token = _EMULATED_AUTOCAST.set((device_type, dtype))
     try:
         yield
@@ -501,19 +513,19 @@ def emulated_autocast(device_type: str, dtype: torch.dtype | None):
 def autocast_dtype(device_type: str):
     """The autocast dtype active for ``device_type``, or None (feature-checked: torch 2.4+ API).
 
-    Inside :func:`emulated_autocast` for ``device_type``, the dtype it was given.
+    For a device type autocast does not know, the dtype of the enclosing :func:`emulated_autocast`
+    (looked up only there, so ``torch.compile`` of a CPU or CUDA step never traces the lookup).
     """
-    emulated = _EMULATED_AUTOCAST.get()
-    if emulated is not None and emulated[0] == device_type:
-        return emulated[1]
     try:
         if torch.is_autocast_enabled(device_type):
             return torch.get_autocast_dtype(device_type)
     except (TypeError, AttributeError):  # older signatures: only CUDA autocast is queryable
         if device_type == "cuda" and torch.is_autocast_enabled():
             return torch.get_autocast_gpu_dtype()
-    except RuntimeError:  # a device type autocast does not know (meta): no autocast there
-        pass
+    except RuntimeError:  # a device type autocast does not know (meta): emulated, or none
+        emulated = _EMULATED_AUTOCAST.get()
+        if emulated is not None and emulated[0] == device_type:
+            return emulated[1]
     return None
 
 

@@ -291,6 +291,9 @@ def test_emulated_autocast_makes_the_op_cast_as_under_autocast():
             assert ll.autocast_dtype("meta") is None
         assert ll.autocast_dtype("meta") == torch.bfloat16
     assert ll.autocast_dtype("meta") is None
+    with pytest.raises(ValueError, match="has autocast of its own"):
+        with ll.emulated_autocast("cpu", torch.bfloat16):
+            pass
 
 
 def test_force_triton_zero_takes_the_pytorch_path_for_every_tensor(monkeypatch):
