@@ -171,11 +171,9 @@ def variant_losses(peft_unet, engine_unet, batch: CatBatch, cat_weight: float) -
     }
 
 
-def _compile_check_inputs(batch: CatBatch):
+def _compile_check_inputs(batch: CatBatch) -> CatBatch:
     """One row of the batch: the inputs ``apply_memory_plan`` checks compiled gradients on."""
-    added = batch.added_cond_kwargs
-    one = {k: v[:1] for k, v in added.items()} if added is not None else None
-    return batch.noisy_latents[:1], batch.timesteps[:1], batch.token_embeds[:1], one
+    return batch.map(lambda t: t[:1])
 
 
 def build_models(

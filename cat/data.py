@@ -157,4 +157,5 @@ def compile_check_inputs(data: CachedData, resolution: int):
     if token.pooled is not None:
         added = {"text_embeds": token.pooled, "time_ids": sdxl_time_ids(resolution, 1, token.pooled.device)}
     t = torch.tensor([500], device=data.latents.mean.device)
-    return data.latents.mean[:1], t, token.embeds, added
+    z = data.latents.mean[:1]
+    return CatBatch(z, t, token.embeds, data.texts.plain([0]).embeds, torch.zeros_like(z), added)

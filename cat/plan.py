@@ -75,6 +75,7 @@ def _row(rank, plan, est, budget, chosen) -> str:
 
 
 def run(args) -> int:
+    from cat_engine.cat.loss import step_loss
     from cat_engine.engine import vram
 
     try:
@@ -96,9 +97,16 @@ def run(args) -> int:
             f"--resolution must be a positive multiple of {spec.vae_scale_factor}, got {resolution}"
         )
     cat = args.cat_weight != 0
+    loss_fn = step_loss(args.cat_weight)  # the step `cat-engine train` runs, measured on the meta device
 
     candidates = vram.plan_candidates(
-        spec, resolution, args.batch_size, args.rank, cat=cat, half=args.half, attention=args.attention
+        spec,
+        resolution,
+        args.batch_size,
+        args.rank,
+        loss_fn=loss_fn,
+        half=args.half,
+        attention=args.attention,
     )
     chosen, failure = None, None
     if budget is not None:
@@ -109,7 +117,7 @@ def run(args) -> int:
                 args.batch_size,
                 budget,
                 args.rank,
-                cat=cat,
+                loss_fn=loss_fn,
                 half=args.half,
                 attention=args.attention,
             )

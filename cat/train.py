@@ -48,6 +48,7 @@ from cat_engine.cat.data import (
     sample_indices,
 )
 from cat_engine.cat.logs import console_logging
+from cat_engine.cat.loss import step_loss
 from cat_engine.engine import checkpoint as ckpt
 from cat_engine.engine import distributed as dist
 from cat_engine.engine.errors import CatEngineError
@@ -103,7 +104,7 @@ class Trainer:
     data: CachedData
     lora: dict[str, torch.nn.Parameter]  # the trained tensors, by name
     memory: MemoryContext
-    step_fn: torch.nn.Module  # the CAT loss of a batch (CatStep), DDP-wrapped on several ranks
+    step_fn: torch.nn.Module  # the CAT loss of a batch (TrainStep), DDP-wrapped on several ranks
     optimizer: torch.optim.Optimizer
     lr_schedule: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler  # fp16 loss scaling; otherwise a disabled scaler, which does nothing
@@ -140,7 +141,7 @@ class Trainer:
         named = lora_named_parameters(model.unet)
         # The step DDP wraps: its parameters are the LoRA tensors only (see engine/distributed.py).
         step_fn = dist.data_parallel(
-            dist.CatStep(ctx.unet, list(named.values()), config.cat_weight), ranks, device
+            dist.TrainStep(ctx.unet, list(named.values()), step_loss(config.cat_weight)), ranks, device
         )
         optimizer = make_optimizer(
             list(named.values()), config.lr, ctx.plan, device, weight_decay=WEIGHT_DECAY
@@ -205,15 +206,7 @@ class Trainer:
             self.data, indices, self.generator, self.model.noise_scheduler, self.resolution, self.rows
         )
         with self.memory.autocast():
-            loss, ldm, cat = self.step_fn(
-                b.noisy_latents,
-                b.timesteps,
-                b.token_embeds,
-                b.plain_embeds,
-                b.target,
-                b.added_cond_kwargs,
-                b.plain_added_cond_kwargs,
-            )
+            loss, ldm, cat = self.step_fn(b)
         # The global batch's numbers (one process: its own), so every rank stops alike.
         losses = dist.all_mean(self.ranks, torch.stack([loss.detach(), ldm, cat]).float())
         if not torch.isfinite(losses[0]):
@@ -398,7 +391,7 @@ def memory_plan_for(
             batch or config.batch_size,
             budget,
             config.rank,
-            cat=config.cat_weight != 0,
+            loss_fn=step_loss(config.cat_weight),
             half=half,
             attention=config.memory.attention,
         )

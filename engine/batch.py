@@ -3,10 +3,14 @@
 All three row groups of a CAT step share ``z_t``, ``t`` and the noise (docs/design.md §1); they
 differ only in their conditioning: the token captions (adapter rows, LDM term), the plain captions
 (adapter rows, CAT term) and the plain captions again for the frozen base rows.
+
+The engine runs a step with the loss function its caller gives it (:data:`StepLoss`): the CAT
+maths live in ``cat/``, above the engine (docs/design.md §3).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +42,15 @@ class CatBatch:
     plain_added_cond_kwargs: dict | None = None
 
     @property
+    def plain_conditioning(self) -> dict | None:
+        """``added_cond_kwargs`` of the plain captions (the token captions' when none is given)."""
+        return (
+            self.plain_added_cond_kwargs
+            if self.plain_added_cond_kwargs is not None
+            else self.added_cond_kwargs
+        )
+
+    @property
     def rows(self) -> int:
         return int(self.noisy_latents.shape[0])
 
@@ -51,3 +64,8 @@ class CatBatch:
     def repeated(self, times: int) -> CatBatch:
         """Every tensor repeated ``times`` along dim 0: a plain-LoRA step on ``times * B`` rows."""
         return self.map(lambda t: t.repeat(times, *([1] * (t.dim() - 1))) if t.dim() else t)
+
+
+# ``loss_fn(model, batch)`` -> a tuple of tensors whose first is the differentiable loss (the others,
+# detached, are for logging): how the distributed step and the VRAM estimator run a training step.
+StepLoss = Callable[[torch.nn.Module, CatBatch], tuple[torch.Tensor, ...]]

@@ -32,17 +32,6 @@ class LatentCache:
     def __len__(self) -> int:
         return self.mean.shape[0]
 
-    def sample(
-        self, index: torch.Tensor | slice | int, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """One draw for the rows ``index``: ``[B, C, r, r]`` float32 on ``mean.device``.
-
-        ``generator`` must live on ``mean.device`` (as ``torch.randn`` requires).
-        """
-        mean, std = self.mean[index], self.std[index]
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        return mean + std * noise
-
     def to(self, device) -> LatentCache:
         return LatentCache(self.mean.to(device), self.std.to(device))
 

@@ -2,8 +2,8 @@
 
 A checkpoint holds everything needed to continue bit-exactly: the LoRA weights, the optimizer
 state, the learning-rate schedule, the RNG states, the data position and the config. It is
-written into a temporary folder and renamed into place, so a crash mid-write never leaves a
-half checkpoint under a ``step-N`` name.
+written into a temporary folder and renamed into place (``engine/files.py``), so a crash
+mid-write never leaves a half checkpoint under a ``step-N`` name.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from cat_engine.engine.errors import CatEngineError
+from cat_engine.engine.files import write_folder_atomically
 
 # File and key names: constants, so save and load cannot disagree.
 LORA_FILE = "lora.safetensors"
@@ -91,23 +91,17 @@ def save_checkpoint(
     keep: int | None = None,
 ) -> Path:
     """Write ``OUTPUT/checkpoints/step-{step}`` atomically; prune to the newest ``keep``."""
-    root = Path(output_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    target = root / f"step-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step}.tmp-", dir=root))
-    try:
-        _save_tensors(lora, tmp / LORA_FILE)
+
+    def write(folder: Path) -> None:
+        _save_tensors(lora, folder / LORA_FILE)
         opt_meta, opt_tensors = optimizer_to_files(optimizer)
-        _save_tensors(opt_tensors, tmp / OPTIMIZER_TENSORS)
-        _save_tensors(rng_states(generator), tmp / RNG_FILE)
+        _save_tensors(opt_tensors, folder / OPTIMIZER_TENSORS)
+        _save_tensors(rng_states(generator), folder / RNG_FILE)
         state = {**trainer_state, "step": step, "optimizer": opt_meta}
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True, default=str))
-        if target.exists():  # re-saving the same step (e.g. Ctrl-C right after a save)
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        (folder / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True, default=str))
+
+    # re-saving the same step (e.g. Ctrl-C right after a save) replaces it
+    target = write_folder_atomically(Path(output_dir) / CHECKPOINTS / f"step-{step}", write)
     if keep:
         for old in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

@@ -4,11 +4,11 @@ Launched by ``torchrun`` (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK`` in the enviro
 joins the group with gloo on the CPU and nccl on a GPU; launched plainly, it runs alone and every
 helper here is a no-op, so the recipe has one code path for one process and for many.
 
-The split-batch step (``cat_loss``) needs the raw UNet: it reads the UNet's split state, walks its
+The split-batch step (the CAT loss) needs the raw UNet: it reads the UNet's split state, walks its
 modules and installs its own checkpoint function for the call. So DDP does not wrap the UNet; it
-wraps :class:`CatStep`, a module whose only parameters are the LoRA tensors and whose forward calls
-``cat_loss`` on the UNet it holds. DDP then synchronises exactly those tensors: the frozen weights
-are neither broadcast at start-up nor looked at by the reducer.
+wraps :class:`TrainStep`, a module whose only parameters are the LoRA tensors and whose forward calls
+the step's loss function on the UNet it holds. DDP then synchronises exactly those tensors: the
+frozen weights are neither broadcast at start-up nor looked at by the reducer.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import sys
 from dataclasses import dataclass
 
 import torch
+
+from cat_engine.engine.batch import CatBatch, StepLoss
 
 # Environment variables torchrun sets in every process it starts.
 WORLD_ENV, RANK_ENV, LOCAL_RANK_ENV = "WORLD_SIZE", "RANK", "LOCAL_RANK"
@@ -88,7 +90,7 @@ def shutdown(ctx: DistContext) -> None:
 
     Without the barrier a rank that finished an all-gather first could tear down its gloo
     connections while a peer was still receiving; the peer then aborted at exit ("terminate called
-    without an active exception", seen about once in ten 2-rank farm runs).
+    without an active exception").
     """
     if ctx.enabled:
         import torch.distributed as dist
@@ -153,38 +155,27 @@ def local_rows(global_batch: int, ctx: DistContext) -> slice:
     return slice(ctx.rank * per_rank, (ctx.rank + 1) * per_rank)
 
 
-class CatStep(torch.nn.Module):
-    """``forward(...)`` = ``cat_loss(unet, ...)`` as ``(loss, ldm, cat)``; parameters: the LoRA tensors only.
+class TrainStep(torch.nn.Module):
+    """``forward(batch)`` = ``loss_fn(model, batch)``; parameters: the trainable tensors only.
 
-    The UNet is held outside the module tree (so DDP neither broadcasts nor inspects its frozen
-    weights); the LoRA tensors are registered here as the very ``Parameter`` objects of the UNet,
-    so gradients DDP reduces are the ones the optimizer steps.
+    ``loss_fn`` is the step's loss (:data:`~cat_engine.engine.batch.StepLoss`: a tuple of tensors,
+    the differentiable loss first). The model is held outside the module tree (so DDP neither
+    broadcasts nor inspects its frozen weights); ``params`` (the LoRA tensors) are registered here
+    as the very ``Parameter`` objects of the model, so the gradients DDP reduces are the ones the
+    optimizer steps.
     """
 
-    def __init__(self, unet: torch.nn.Module, lora: list[torch.nn.Parameter], cat_weight: float):
+    def __init__(self, model: torch.nn.Module, params: list[torch.nn.Parameter], loss_fn: StepLoss):
         super().__init__()
-        object.__setattr__(self, "unet", unet)  # not a submodule, on purpose (see the class doc)
-        self.lora = torch.nn.ParameterList(lora)
-        self.cat_weight = cat_weight
+        object.__setattr__(self, "model", model)  # not a submodule, on purpose (see the class doc)
+        self.params = torch.nn.ParameterList(params)
+        self.loss_fn = loss_fn
 
-    def forward(self, noisy, timesteps, token_embeds, plain_embeds, target, added=None, plain_added=None):
-        from cat_engine.cat.loss import cat_loss
-
-        out = cat_loss(
-            self.unet,
-            noisy,
-            timesteps,
-            token_embeds,
-            plain_embeds,
-            target,
-            cat_weight=self.cat_weight,
-            added_cond_kwargs=added,
-            plain_added_cond_kwargs=plain_added,
-        )
-        return out.loss, out.ldm, out.cat
+    def forward(self, batch: CatBatch) -> tuple[torch.Tensor, ...]:
+        return self.loss_fn(self.model, batch)
 
 
-def data_parallel(step: CatStep, ctx: DistContext, device: torch.device):
+def data_parallel(step: TrainStep, ctx: DistContext, device: torch.device):
     """``step`` wrapped in DDP when running on several ranks, else ``step`` itself.
 
     No ``static_graph`` even with gradient checkpointing: the engine's checkpoint Function

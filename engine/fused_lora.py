@@ -23,11 +23,9 @@ from __future__ import annotations
 import torch
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
-from cat_engine.engine.split_batch import SplitBatchState
+from cat_engine.engine.split_batch import STATE_ATTR, SplitBatchState
 from cat_engine.kernels import lora_linear
 from cat_engine.kernels.lora_linear import autocast_dtype
-
-STATE_ATTR = "_cat_split_state"
 
 
 class FusedLoraLinear(PeftLoraLinear):

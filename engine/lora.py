@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from cat_engine.engine.files import write_atomically
 from cat_engine.engine.split_batch import adapter_rows, split_state
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -24,7 +25,9 @@ DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 ENGINE_METADATA_KEY = "cat_engine"
 
 
-def add_lora(unet, rank: int = 16, alpha: float | None = None, targets=DEFAULT_TARGETS, seed: int | None = None):
+def add_lora(
+    unet, rank: int = 16, alpha: float | None = None, targets=DEFAULT_TARGETS, seed: int | None = None
+):
     """Add a trainable peft LoRA adapter (default name) to a frozen diffusers UNet; return the UNet.
 
     ``alpha`` defaults to ``rank`` (scale 1). ``lora_B`` starts at zero as in peft, so the adapter
@@ -133,11 +136,15 @@ def lora_state_dict(unet) -> dict[str, torch.Tensor]:
 
 def lora_config_dict(unet) -> dict:
     cfg = unet.peft_config["default"]
-    return {"r": int(cfg.r), "lora_alpha": float(cfg.lora_alpha), "target_modules": sorted(cfg.target_modules)}
+    return {
+        "r": int(cfg.r),
+        "lora_alpha": float(cfg.lora_alpha),
+        "target_modules": sorted(cfg.target_modules),
+    }
 
 
 def save_lora(unet, output_dir: str | os.PathLike, info: dict | None = None) -> Path:
-    """Write ``OUTPUT/pytorch_lora_weights.safetensors`` atomically (temporary name, then rename).
+    """Write ``OUTPUT/pytorch_lora_weights.safetensors`` atomically (``engine/files.py``).
 
     ``info`` (token, class word, cat weight, ...) goes into the safetensors metadata under
     ``cat_engine`` as JSON, next to the peft config diffusers needs to rebuild the adapter.
@@ -145,18 +152,16 @@ def save_lora(unet, output_dir: str | os.PathLike, info: dict | None = None) -> 
     from safetensors.torch import save_file
 
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     config = lora_config_dict(unet)
     metadata = {
         "format": "pt",
         DIFFUSERS_METADATA_KEY: json.dumps({f"unet.{k}": v for k, v in config.items()}, sort_keys=True),
         ENGINE_METADATA_KEY: json.dumps({**config, **(info or {})}, sort_keys=True, default=str),
     }
-    path = output_dir / LORA_WEIGHT_NAME
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(lora_state_dict(unet), str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-    return path
+    state = lora_state_dict(unet)
+    return write_atomically(
+        output_dir / LORA_WEIGHT_NAME, lambda tmp: save_file(state, str(tmp), metadata=metadata)
+    )
 
 
 def read_lora_metadata(path: str | os.PathLike) -> dict:

@@ -5,7 +5,7 @@ channels_last, fused AdamW, applied to a diffusers UNet carrying a LoRA adapter.
     ctx = apply_memory_plan(unet, plan, device)          # attention, checkpointing, casts, layout
     optimizer = make_optimizer(lora_parameters(unet), 1e-4, plan, device)
     with ctx.autocast():
-        loss = cat_loss(ctx.unet, ...).loss
+        loss = loss_fn(ctx.unet, batch)[0]               # the step's loss (engine/batch.py StepLoss)
     if ctx.scaler is not None:                           # fp16: loss scaling
         ctx.scaler.scale(loss).backward(); ctx.scaler.step(optimizer); ctx.scaler.update()
     else:
@@ -27,6 +27,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from cat_engine.engine.batch import CatBatch
+from cat_engine.engine.denoiser import unet_forward
 from cat_engine.engine.errors import CatEngineError
 
 ATTENTION_BACKENDS = ("sdpa", "xformers", "math")
@@ -268,7 +270,7 @@ def enable_checkpointing(unet, checkpoint_func: Callable | None = None):
 
 
 def apply_memory_plan(
-    unet, plan: MemoryPlan, device, *, check_inputs=None, checkpoint_func=None
+    unet, plan: MemoryPlan, device, *, check_inputs: CatBatch | None = None, checkpoint_func=None
 ) -> MemoryContext:
     """Apply ``plan`` to ``unet`` in place (move to ``device``, attention, checkpointing, casts, layout).
 
@@ -362,12 +364,6 @@ def _uncompile(modules) -> None:
         m._compiled_call_impl = None
 
 
-def _unet_call(unet, inputs):
-    latents, timesteps, text, added = inputs
-    kwargs = {"added_cond_kwargs": added} if added is not None else {}
-    return unet(latents, timesteps, encoder_hidden_states=text, return_dict=False, **kwargs)[0]
-
-
 def lora_gradients(call: Callable, params, autocast=contextlib.nullcontext) -> list[torch.Tensor]:
     """Run ``call()`` (returns the UNet output) forward and backward; return the params' gradients.
 
@@ -426,7 +422,7 @@ def _nonzero_lora_b(unet):
 def compile_unet(
     unet,
     plan: MemoryPlan,
-    check_inputs,
+    check_inputs: CatBatch,
     *,
     backend: str = "inductor",
     per_block: bool = False,
@@ -436,16 +432,14 @@ def compile_unet(
 ):
     """``torch.compile`` the UNet in place, then prove its LoRA gradients equal eager ones.
 
-    ``check_inputs``: ``(latents, timesteps, encoder_hidden_states, added_cond_kwargs or None)``,
-    small (as from ``unet_configs.example_inputs``); one forward+backward runs eager and one
-    compiled. On a mismatch above ``rtol`` (default per precision, 1e-3 for fp32), or when
-    compiling fails, it warns loudly, undoes the compilation and returns the eager UNet.
+    ``check_inputs``: a small :class:`~cat_engine.engine.batch.CatBatch`; one forward+backward of
+    the UNet on its token rows (``noisy_latents``, ``timesteps``, ``token_embeds``,
+    ``added_cond_kwargs``) runs eager and one compiled. On a mismatch above ``rtol`` (default per
+    precision, 1e-3 for fp32), or when compiling fails, it warns loudly, undoes the compilation and
+    returns the eager UNet (docs/design.md §6: inductor on CPU is known to get LoRA gradients wrong).
 
-    ``per_block=False`` (default) compiles the whole UNet as one graph: measured on the tiny UNet
-    (2 busy CPU cores, torch 2.13, compile + first forward/backward), whole-UNet inductor took
-    115 s and per-block (down/mid/up blocks) 159 s; aot_eager 35 s. Both inductor variants gave
-    LoRA gradients with max rel err 1.0 against eager there (the known CPU bug), so the check
-    falls back on that torch; aot_eager matched exactly.
+    ``per_block=False`` (default) compiles the whole UNet as one graph, which compiled faster than
+    per block (down/mid/up blocks) on the tiny UNet (bench/results/README-figures-from-code.md).
 
     The check runs on ``check_inputs``' shapes; the training shapes recompile (new graph) on the
     first real step and are trusted by the same backend. Pass training-sized inputs when affordable.
@@ -460,11 +454,16 @@ def compile_unet(
         return unet
     rtol = COMPILE_RTOL.get(plan.precision, 1e-3) if rtol is None else rtol
     modules = unet_blocks(unet) if per_block else [unet]
+    b = check_inputs
+
+    def forward():  # the same call before and after: compilation is in place
+        return unet_forward(unet, b.noisy_latents, b.timesteps, b.token_embeds, b.added_cond_kwargs)
+
     with _nonzero_lora_b(unet):
-        eager = lora_gradients(lambda: _unet_call(unet, check_inputs), params, autocast)
+        eager = lora_gradients(forward, params, autocast)
         try:
             _compile_in_place(modules, backend=backend, **compile_kwargs)
-            compiled = lora_gradients(lambda: _unet_call(unet, check_inputs), params, autocast)
+            compiled = lora_gradients(forward, params, autocast)
         except Exception as exc:  # noqa: BLE001 - inductor needs a C compiler, may hit unsupported ops, ...
             _uncompile(modules)
             warnings.warn(

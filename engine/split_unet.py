@@ -19,7 +19,7 @@ How (one call, three kinds of module call; with checkpointing, or ``no_checkpoin
   - without checkpointing and ``no_checkpoint="split"`` (diffusers' flag is switched on for the
     duration of the call only so that the units pass through our function), a row split: base rows
     under ``no_grad``, adapter rows with grad, outputs concatenated. The default without
-    checkpointing is two plain calls instead (measured below).
+    checkpointing is two plain calls instead (see below).
 
 * **Glue**: the leaf modules that run between units (the norm, ``proj_in``/``proj_out`` of
   ``Transformer2DModel``, down/up-sampling convs, ``conv_norm_out``/``conv_out``; a LoRA layer that
@@ -42,42 +42,27 @@ The LoRA layers must honour ``split_state(unet).adapter_rows``: the fused layers
 ``engine/fused_lora.py`` do; a UNet with plain peft LoRA layers is refused, since its base rows would
 silently carry the adapter.
 
-Without checkpointing (``no_checkpoint``), measured with ``OMP_NUM_THREADS=1 python -m
-cat_engine.bench.split_overhead --model small --checkpointing off --no-checkpoint-strategies split
-two_calls checkpoint`` (CPU, process time, fp32, B=1, rank 8) and ``--device cuda`` on an H200
-(fp32, B=1; small and full-size SD1.5 at 512 px). Overhead = (CAT step - LoRA step on 2B rows) in
-no-grad forwards of B rows:
-
-    strategy     FLOPs / (LoRA 2B + fwd B)   saved / LoRA 2B   CPU small   H200 small   H200 sd15
-    two_calls    1.00                        1.00              0.96-1.00   1.27         1.41
-    split        0.985 (shared rows)         1.00              0.99-1.19   1.9-2.1      1.3-1.7
-    checkpoint   ~1.25 (recompute 2B)        ~0.2              2.40        -            -
-
-``two_calls`` is the default: the same FLOPs and bytes, as fast on a CPU, and fewer, larger
-kernel launches on a GPU (``split`` runs every module twice plus a concatenation). It does not
-share the pre-LoRA work between plain and base rows (about 2% of SD1.5's FLOPs: ``conv_in`` and the
-first resnet); ``split`` does. ``checkpoint`` is checkpointing under another name.
-
-With checkpointing the one-call design above is the only one: CPU small ``0.67-0.72`` no-grad
-forwards of overhead (naive three-pass: 1.62-1.80), H200 SD1.5 ``-0.01`` against a LoRA step through the same
-checkpoint Function (the third group rides in a forward that runs anyway), engine / naive 0.69.
-Every figure, with its command, is in ``bench/results/split_overhead.jsonl``.
+Without checkpointing, ``no_checkpoint`` chooses how base rows stay out of autograd:
+``two_calls`` (the default: adapter rows with grad, then base rows under ``no_grad``) has the same
+FLOPs and saved bytes as ``split``, is as fast on a CPU, and launches fewer, larger kernels on a
+GPU (``split`` runs every module twice plus a concatenation). It does not share the pre-LoRA work
+(``conv_in`` and the first resnet) between plain and base rows; ``split`` does. ``checkpoint`` is
+checkpointing under another name: least memory, one more forward of the adapter rows. With
+checkpointing the one-call design above is the only one: the base rows ride in a forward that
+runs anyway. The measured overheads, with their commands, are in ``bench/results/`` (docs/design.md §7).
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
 import weakref
 from contextlib import contextmanager, nullcontext
 
 import torch
 
+from cat_engine.engine.denoiser import unet_forward
 from cat_engine.engine.split_batch import adapter_rows as _adapter_rows_ctx
-
-# The kernels module (not its ``lora_linear`` function, which the package re-exports under the same
-# name); looked up per call because the VRAM estimator patches ``autocast_dtype`` on it.
-_lora_kernels = importlib.import_module("cat_engine.kernels.lora_linear")
+from cat_engine.kernels.lora_linear import autocast_dtype
 
 # Row-equality checks by value are done only for tensors this small per row (elements): the time
 # embedding (1280 on SD1.5) and SDXL's added embedding input (2816) qualify, hidden states do not.
@@ -220,7 +205,7 @@ class _ValuelessFrozen(torch.autograd.Function):
             shape = (x.shape[0], module.out_channels, *spatial)
         device = x.device.type
         # Under autocast the real op would have produced the autocast dtype; match it.
-        dtype = _lora_kernels.autocast_dtype(device) or x.dtype
+        dtype = autocast_dtype(device) or x.dtype
         return x.new_empty(shape, dtype=dtype)
 
     @staticmethod
@@ -319,7 +304,7 @@ class _AdapterRowCheckpoint(torch.autograd.Function):
         device = next((a.device.type for a in args if torch.is_tensor(a)), "cpu")
         # The recompute runs in backward, outside the caller's autocast: record it to restore it.
         # (autocast_dtype is meta-safe: the VRAM estimator runs this step on the meta device.)
-        ctx.autocast = (device, _lora_kernels.autocast_dtype(device))
+        ctx.autocast = (device, autocast_dtype(device))
         return out
 
     @staticmethod
@@ -336,7 +321,9 @@ class _AdapterRowCheckpoint(torch.autograd.Function):
         n = ctx.n
         device, dtype = ctx.autocast
         restore_autocast = (
-            torch.autocast(device, dtype=dtype) if dtype is not None and device in ("cpu", "cuda") else nullcontext()
+            torch.autocast(device, dtype=dtype)
+            if dtype is not None and device in ("cpu", "cuda")
+            else nullcontext()
         )
         with (
             torch.enable_grad(),
@@ -573,11 +560,6 @@ class _SplitCall:
                     m._gradient_checkpointing_func = func
 
 
-def _unet_forward(unet, latents, timesteps, embeds, added_cond_kwargs):
-    kwargs = {"added_cond_kwargs": added_cond_kwargs} if added_cond_kwargs is not None else {}
-    return unet(latents, timesteps, encoder_hidden_states=embeds, return_dict=False, **kwargs)[0]
-
-
 def _take(obj, rows: slice):
     if obj is None:
         return None
@@ -648,7 +630,7 @@ def split_batch_call(
         per_row = torch.is_tensor(timesteps) and timesteps.dim() == 1 and timesteps.shape[0] == n_rows
         ada, base = slice(0, adapter_rows), slice(adapter_rows, n_rows)
         with _adapter_rows_ctx(unet, None):
-            pred_adapter = _unet_forward(
+            pred_adapter = unet_forward(
                 unet,
                 full[ada],
                 timesteps[ada] if per_row else timesteps,
@@ -656,7 +638,7 @@ def split_batch_call(
                 _take(added_cond_kwargs, ada),
             )
         with torch.no_grad(), _adapter_rows_ctx(unet, 0):
-            pred_base = _unet_forward(
+            pred_base = unet_forward(
                 unet,
                 full[base],
                 timesteps[base] if per_row else timesteps,
@@ -677,4 +659,4 @@ def split_batch_call(
         _adapter_rows_ctx(unet, adapter_rows),
         call.installed(force_units=not checkpointing),
     ):
-        return _unet_forward(unet, latents, timesteps, embeds, added_cond_kwargs)
+        return unet_forward(unet, latents, timesteps, embeds, added_cond_kwargs)

@@ -1,8 +1,9 @@
-"""VRAM estimator (docs/design.md §6): predict the peak GPU memory of one CAT training step.
+"""VRAM estimator (docs/design.md §6): predict the peak GPU memory of one training step.
 
-    est = estimate_peak("sd15", resolution=512, batch=1, plan=MemoryPlan(precision="bf16"), rank=16)
+    loss_fn = cat_engine.cat.loss.step_loss(cat_weight=1.0)      # the step to measure, from the caller
+    est = estimate_peak("sd15", 512, 1, MemoryPlan(precision="bf16"), rank=16, loss_fn=loss_fn)
     est.total, est.breakdown()          # weights, lora, grads, optimizer, activations, workspace
-    plan, est = best_plan("sdxl", 1024, 1, budget_bytes=12 * GiB, rank=16)
+    plan, est = best_plan("sdxl", 1024, 1, budget_bytes=12 * GiB, rank=16, loss_fn=loss_fn)
 
 What is counted, and how:
 
@@ -10,15 +11,15 @@ What is counted, and how:
 - ``lora``, ``grads``, ``optimizer``: LoRA master weights, their gradients and AdamW's two moment
   buffers, all fp32. Gradients are counted as resident for the whole step (they exist only late
   in backward with ``zero_grad(set_to_none=True)``; they are small, so the error is small and safe).
-- ``activations`` and ``workspace`` are **measured, not guessed**: the real training step
-  (``cat_engine.cat.loss.cat_loss``, forward and backward) runs on the full-size UNet on the
-  ``meta`` device (shapes and dtypes, no data, no memory) under a dispatch mode that follows every
-  tensor storage from allocation to release, the way a caching allocator sees them. ``activations``
-  is what is alive when backward starts (everything the autograd graph holds, including checkpoint
-  inputs, which ``saved_tensors_hooks`` would miss); ``workspace`` is the measured transient peak
-  above that (gradient buffers in backward, checkpoint recomputation, attention scores with math
-  attention, the no-grad base pass) plus :data:`KERNEL_WORKSPACE` for cuBLAS/cuDNN workspaces,
-  which the meta run cannot see.
+- ``activations`` and ``workspace`` are **measured, not guessed**: the real training step (the
+  caller's loss function on a :class:`~cat_engine.engine.batch.CatBatch`, forward and backward)
+  runs on the full-size UNet on the ``meta`` device (shapes and dtypes, no data, no memory)
+  under a dispatch mode that follows every tensor storage from allocation to release, the way a
+  caching allocator sees them. ``activations`` is what is alive when backward starts (everything
+  the autograd graph holds, including checkpoint inputs, which ``saved_tensors_hooks`` would
+  miss); ``workspace`` is the measured transient peak above that (gradient buffers in backward,
+  checkpoint recomputation, attention scores with math attention, the no-grad base pass) plus
+  :data:`KERNEL_WORKSPACE` for cuBLAS/cuDNN workspaces, which the meta run cannot see.
 - CUDA specifics are reproduced on meta: autocast is emulated with CUDA's cast policy (matmuls and
   convolutions in half, group/layer norm and softmax in fp32: the fp32 norm outputs are a large
   share of bf16 activation memory), and SDPA is run as the flash kernel (saves q, k, v, out and
@@ -29,12 +30,12 @@ What is counted, and how:
   GPU once latents and embeddings are cached, docs/design.md §6), ``torch.compile``'s savings.
 
 Estimates are cached per (model, resolution, batch, precision, checkpointing, attention, rank,
-cat); one SD1.5 estimate takes a few seconds on a CPU (the meta build is ~2 s the first time).
+loss function); a ``functools.partial`` counts as the same loss function as an equal one.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import warnings
 import weakref
 from dataclasses import dataclass, replace
@@ -45,9 +46,11 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
+from cat_engine.engine.batch import CatBatch, StepLoss
 from cat_engine.engine.errors import CatEngineError
-from cat_engine.engine.memory_plan import MemoryPlan, cast_frozen_weights, is_lora_name
+from cat_engine.engine.memory_plan import DTYPES, MemoryPlan, cast_frozen_weights, is_lora_name, set_attention
 from cat_engine.engine.unet_configs import ModelSpec, resolve_model
+from cat_engine.kernels.lora_linear import emulated_autocast
 
 GiB = 2**30
 MiB = 2**20
@@ -55,8 +58,8 @@ MiB = 2**20
 # algorithms ask for scratch space; both come from the caching allocator, so
 # max_memory_allocated sees them but the meta run cannot. A fixed allowance, not a measurement.
 KERNEL_WORKSPACE = 128 * MiB
-# The CUDA context and loaded kernels (~300-500 MiB with lazy loading) occupy the card but are
-# not in max_memory_allocated; a plan "fits" a budget only with this much left over.
+# The CUDA context and loaded kernels occupy the card but are not in max_memory_allocated; a plan
+# "fits" a budget only with this much left over.
 CUDA_CONTEXT_RESERVE = 512 * MiB
 # The caching allocator hands out blocks in multiples of 512 bytes.
 _ALLOC_ROUND = 512
@@ -71,7 +74,6 @@ class VramEstimate:
     resolution: int
     batch: int
     rank: int
-    cat: bool
     plan: MemoryPlan
     weights: int
     lora: int
@@ -103,7 +105,7 @@ _META_UNETS: dict[tuple[str, int, bool], torch.nn.Module] = {}
 def _meta_lora_unet(spec: ModelSpec, rank: int, fused: bool = True):
     """The full-size UNet with a rank-``rank`` LoRA adapter, on meta; built once per (config, rank).
 
-    ``fused``: LoRA layers fused as training runs them, so ``cat_loss`` takes the split-batch path;
+    ``fused``: LoRA layers fused as training runs them, so the CAT loss takes the split-batch path;
     otherwise peft's layers and the three-call reference.
     """
     key = (spec.config_json, rank, fused)
@@ -236,72 +238,42 @@ def _flash_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fals
     )[0]
 
 
-@contextlib.contextmanager
-def _autocast_query_reports(dtype: torch.dtype | None):
-    """Make the fused LoRA op see the emulated autocast on meta tensors.
-
-    ``cat_engine.kernels.lora_linear`` asks ``autocast_dtype(x.device.type)`` whether to cast its
-    inputs (as ``F.linear`` under autocast would); for ``meta`` the answer is always "no autocast",
-    which would send every layer down peft's unfused path. For the measurement only, the query
-    answers ``dtype`` for ``meta`` (module attributes that do not exist are left alone).
-    """
-    import importlib
-
-    patched = []
-    for module_name in ("cat_engine.kernels.lora_linear", "cat_engine.engine.fused_lora"):
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        original = getattr(module, "autocast_dtype", None)
-        if original is None:
-            continue
-
-        def query(device_type, _original=original):
-            return dtype if device_type == "meta" else _original(device_type)
-
-        module.autocast_dtype = query
-        patched.append((module, original))
-    try:
-        yield
-    finally:
-        for module, original in patched:
-            module.autocast_dtype = original
-
-
-def _step_inputs(spec: ModelSpec, resolution: int, batch: int, device):
+def _step_inputs(spec: ModelSpec, resolution: int, batch: int, device) -> CatBatch:
     side = resolution // spec.vae_scale_factor
     # Latents and cached text embeddings are fp32 (cast by autocast where they are used).
     latents = torch.zeros(batch, 4, side, side, device=device)
-    timesteps = torch.zeros(batch, dtype=torch.long, device=device)
-    token = torch.zeros(batch, spec.text_tokens, spec.text_width, device=device)
-    plain = torch.zeros(batch, spec.text_tokens, spec.text_width, device=device)
     added = None
     if spec.pooled_width is not None:
         added = {
             "text_embeds": torch.zeros(batch, spec.pooled_width, device=device),
             "time_ids": torch.zeros(batch, 6, device=device),
         }
-    return latents, timesteps, token, plain, added
+    return CatBatch(
+        noisy_latents=latents,
+        timesteps=torch.zeros(batch, dtype=torch.long, device=device),
+        token_embeds=torch.zeros(batch, spec.text_tokens, spec.text_width, device=device),
+        plain_embeds=torch.zeros(batch, spec.text_tokens, spec.text_width, device=device),
+        target=torch.zeros_like(latents),
+        added_cond_kwargs=added,
+    )
 
 
-def measure_step(unet, spec: ModelSpec, resolution: int, batch: int, plan: MemoryPlan, cat: bool,
+def measure_step(unet, spec: ModelSpec, resolution: int, batch: int, plan: MemoryPlan, loss_fn: StepLoss,
                  *, device="meta", device_type: str = "cuda") -> tuple[int, int]:  # fmt: skip
-    """Run one training step (``cat_loss`` forward + backward); return ``(at_backward, peak)`` bytes.
+    """Run one training step (``loss_fn(unet, batch)``, forward + backward); return ``(at_backward, peak)``.
 
+    ``loss_fn`` is the step's loss (:data:`~cat_engine.engine.batch.StepLoss`: its first output is
+    the differentiable loss) on a :class:`~cat_engine.engine.batch.CatBatch` of ``batch`` rows.
     ``at_backward``: bytes alive when backward starts; ``peak``: the highest count during the step;
     both exclude the weights. ``device="meta"`` with ``device_type="cuda"`` reproduces a CUDA
     run's allocations; a real device (CPU) with its own ``device_type`` is how this is validated.
     """
-    from diffusers.models import attention_processor as ap
-
-    from cat_engine.cat.loss import cat_loss
     from cat_engine.engine.lora import lora_parameters
 
-    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.precision)
+    half = DTYPES[plan.precision] if plan.precision in ("bf16", "fp16") else None
     unet.train()
     # xformers saves the same tensors as flash SDPA (q, k, v, out, lse); model it as sdpa.
-    unet.set_attn_processor(ap.AttnProcessor() if plan.attention == "math" else ap.AttnProcessor2_0())
+    set_attention(unet, "math" if plan.attention == "math" else "sdpa")
     if plan.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     else:
@@ -320,18 +292,15 @@ def measure_step(unet, spec: ModelSpec, resolution: int, batch: int, plan: Memor
         with (
             tracker,
             _MetaCuda(emulated, device_type, flash_sdpa=is_meta),
-            _autocast_query_reports(emulated),
+            # meta tensors have no autocast: the fused LoRA op must see the emulated one
+            emulated_autocast("meta", emulated),
             real_autocast,
         ):
-            latents, timesteps, token, plain, added = _step_inputs(spec, resolution, batch, device)
-            target = torch.zeros_like(latents)
-            out = cat_loss(
-                unet, latents, timesteps, token, plain, target, cat_weight=1.0 if cat else 0.0,
-                added_cond_kwargs=added,
-            )  # fmt: skip
-            del latents, timesteps, token, plain, added, target
+            inputs = _step_inputs(spec, resolution, batch, device)
+            out = loss_fn(unet, inputs)  # kept whole through backward, as a training loop keeps it
+            del inputs
             at_backward = tracker.current
-            _run_backward(out.loss)
+            _run_backward(out[0])
             del out
     finally:
         for p in lora_parameters(unet):
@@ -351,20 +320,29 @@ def _run_backward(loss: torch.Tensor) -> None:
 _MEASURED: dict[tuple, tuple[int, int, str]] = {}
 
 
-def _measure_cached(spec: ModelSpec, resolution: int, batch: int, plan: MemoryPlan, rank: int, cat: bool):
+def _loss_key(loss_fn: StepLoss):
+    """Equal for the same step: a ``functools.partial`` by its function and bound arguments."""
+    if isinstance(loss_fn, functools.partial):
+        return (_loss_key(loss_fn.func), loss_fn.args, tuple(sorted(loss_fn.keywords.items())))
+    return loss_fn
+
+
+def _measure_cached(
+    spec: ModelSpec, resolution: int, batch: int, plan: MemoryPlan, rank: int, loss_fn: StepLoss
+):
     """``(at_backward, peak, method)``, trying in turn: the split-batch step (as training runs it),
     the three-call reference step, then two small resolutions extrapolated by pixel count."""
     key = (spec.config_json, resolution, batch, plan.precision, plan.gradient_checkpointing,
-           plan.attention == "math", rank, cat)  # fmt: skip
+           plan.attention == "math", rank, _loss_key(loss_fn))  # fmt: skip
     if key in _MEASURED:
         return _MEASURED[key]
     failures = []
-    # The split-batch path saves about what the three-call reference saves (docs/design.md §4: 0.98x),
+    # The split-batch path saves about what the three-call reference saves (docs/design.md §4),
     # so the reference is a close stand-in when only the split-batch code fails on meta.
     for fused, method in ((True, "meta"), (False, "meta, three-call reference")):
         try:
             at_backward, peak = measure_step(
-                _meta_lora_unet(spec, rank, fused), spec, resolution, batch, plan, cat
+                _meta_lora_unet(spec, rank, fused), spec, resolution, batch, plan, loss_fn
             )
         except Exception as exc:  # noqa: BLE001 - an op without a meta kernel, code that is not meta-safe
             failures.append(f"{method}: {type(exc).__name__}: {exc}")
@@ -384,8 +362,8 @@ def _measure_cached(spec: ModelSpec, resolution: int, batch: int, plan: MemoryPl
     # Memory is affine in the pixel count (text-side tensors are fixed), so two small measurements
     # fix both terms; one measurement times the pixel ratio would also scale the fixed part.
     unet = _meta_lora_unet(spec, rank, True)
-    m1 = measure_step(unet, spec, small, batch, plan, cat)
-    m2 = measure_step(unet, spec, 2 * small, batch, plan, cat)
+    m1 = measure_step(unet, spec, small, batch, plan, loss_fn)
+    m2 = measure_step(unet, spec, 2 * small, batch, plan, loss_fn)
     units = (resolution / small) ** 2  # pixels, in units of the first measurement's
 
     def extrapolate(a: int, b: int) -> int:
@@ -421,31 +399,31 @@ def _param_bytes(unet, plan: MemoryPlan) -> tuple[int, int]:
 
 
 def estimate_peak(
-    model, resolution: int, batch: int, plan: MemoryPlan, rank: int = 16, cat: bool = True
+    model, resolution: int, batch: int, plan: MemoryPlan, rank: int = 16, *, loss_fn: StepLoss
 ) -> VramEstimate:
     """Predict peak training memory (``torch.cuda.max_memory_allocated``) of one step.
 
     Args:
         model: ``sd15``/``sd21``/``sdxl``/``builtin``, a UNet config dict, or a diffusers folder.
         resolution: image side in pixels (latents are ``resolution / vae_scale_factor``).
-        batch: images per step (CAT adds the plain-caption and base rows itself).
+        batch: images per step (the loss adds rows of its own, such as CAT's plain-caption and base rows).
         plan: the memory plan (precision ``auto`` is taken as bf16, the CUDA default).
         rank: LoRA rank (default targets: to_q, to_k, to_v, to_out.0).
-        cat: ``False`` estimates plain LoRA training (``cat_weight=0``).
+        loss_fn: the training step's loss, ``loss_fn(unet, batch: CatBatch)`` (:data:`StepLoss`),
+            e.g. ``cat_engine.cat.loss.step_loss(cat_weight)``.
     """
     spec = resolve_model(model)
     if resolution % spec.vae_scale_factor:
         raise ValueError(f"resolution must be a multiple of {spec.vae_scale_factor}, got {resolution}")
     if plan.precision == "auto":
         plan = replace(plan, precision="bf16")
-    at_backward, peak, method = _measure_cached(spec, resolution, batch, plan, rank, cat)
+    at_backward, peak, method = _measure_cached(spec, resolution, batch, plan, rank, loss_fn)
     weights, lora = _param_bytes(_meta_lora_unet(spec, rank), plan)
     return VramEstimate(
         model=spec.name,
         resolution=resolution,
         batch=batch,
         rank=rank,
-        cat=cat,
         plan=plan,
         weights=weights,
         lora=lora,
@@ -462,9 +440,9 @@ def candidate_plans(half: str = "bf16", attention: str = "sdpa") -> list[MemoryP
 
     Half precision before fp32: bf16/fp16 matmuls run at twice the TF32 tensor-core rate or more
     and move half the bytes. Without checkpointing before with: checkpointing recomputes each
-    checkpointed block's forward in backward (roughly +30% step time), which costs less than
-    falling back to fp32. Hence: half, half+ckpt, fp32, fp32+ckpt. ``half`` is ``fp16`` on GPUs
-    without bf16. Math attention is never a candidate: slower than SDPA and larger.
+    checkpointed block's forward in backward, which costs less than falling back to fp32. Hence:
+    half, half+ckpt, fp32, fp32+ckpt. ``half`` is ``fp16`` on GPUs without bf16. Math attention is
+    never a candidate: slower than SDPA and larger.
     """
     return [
         MemoryPlan(attention=attention, precision=half, gradient_checkpointing=False),
@@ -478,15 +456,16 @@ class NoPlanFits(CatEngineError):
     """No candidate plan fits the budget; the message gives the smallest estimate and what to change."""
 
 
-def plan_candidates(model, resolution: int, batch: int, rank: int = 16, *, cat: bool = True,
+def plan_candidates(model, resolution: int, batch: int, rank: int = 16, *, loss_fn: StepLoss,
                     half: str = "bf16", attention: str = "sdpa") -> list[tuple[MemoryPlan, VramEstimate]]:  # fmt: skip
     """Every candidate plan with its estimate, fastest first (see :func:`candidate_plans`)."""
     return [
-        (p, estimate_peak(model, resolution, batch, p, rank, cat)) for p in candidate_plans(half, attention)
+        (p, estimate_peak(model, resolution, batch, p, rank, loss_fn=loss_fn))
+        for p in candidate_plans(half, attention)
     ]
 
 
-def best_plan(model, resolution: int, batch: int, budget_bytes: int, rank: int = 16, *, cat: bool = True,
+def best_plan(model, resolution: int, batch: int, budget_bytes: int, rank: int = 16, *, loss_fn: StepLoss,
               half: str = "bf16", attention: str = "sdpa", reserve: int = CUDA_CONTEXT_RESERVE):  # fmt: skip
     """The fastest candidate plan whose estimate plus ``reserve`` (CUDA context) fits ``budget_bytes``.
 
@@ -495,7 +474,7 @@ def best_plan(model, resolution: int, batch: int, budget_bytes: int, rank: int =
     """
     candidates = []
     for plan in candidate_plans(half, attention):  # lazily: stop at the first that fits
-        est = estimate_peak(model, resolution, batch, plan, rank, cat)
+        est = estimate_peak(model, resolution, batch, plan, rank, loss_fn=loss_fn)
         if est.fits(budget_bytes, reserve):
             return plan, est
         candidates.append((plan, est))

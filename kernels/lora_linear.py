@@ -27,6 +27,8 @@ honoured whenever it is set before the launch (tests/kernels/conftest.py sets it
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import importlib.util
 import math
@@ -372,17 +374,12 @@ def _triton_backward(dy, x, weight, lora_A, lora_B, t, scale, rows, lora_x, need
 
 def _use_triton(x: torch.Tensor) -> bool:
     """Unset: CUDA tensors take Triton, others the PyTorch path. ``1``: Triton for every tensor
-    (CPU needs TRITON_INTERPRET=1). ``0``: the PyTorch path for every tensor, CUDA included (on the
-    H200, 2026-11-29, the untuned kernels were slower than cuBLAS at M=1024: see bench/results)."""
+    (CPU needs TRITON_INTERPRET=1). ``0``: the PyTorch path for every tensor, CUDA included (cuBLAS,
+    for shapes where the kernels lose to it: docs/design.md §5, bench/results/)."""
     forced = os.environ.get(FORCE_TRITON_ENV)
     if forced in ("0", "1"):
         return forced == "1"
     return x.is_cuda and _triton_installed()
-
-
-def _none_if_empty(t: torch.Tensor, want: bool) -> torch.Tensor:
-    # Custom ops cannot return None; a 0-element tensor stands for "not computed".
-    return t if want else t.new_empty(0)
 
 
 # Schemas spelled out: inference from annotations differs across torch versions (and these are
@@ -413,6 +410,7 @@ def _lora_linear_bwd(dy, x, weight, lora_A, lora_B, t, scale, adapter_rows, lora
     """``(dx or [0], dA, dB, d lora_x or [0])``; see the module docstring."""
     impl = _triton_backward if _use_triton(dy) else reference.lora_linear_backward
     dx, d_a, d_b, d_lx = impl(dy, x, weight, lora_A, lora_B, t, scale, adapter_rows, lora_x, need_dx)
+    # Custom ops cannot return None: a 0-element tensor stands for "not computed".
     return (dx if need_dx else dy.new_empty(0), d_a, d_b,
             d_lx if lora_x is not None else dy.new_empty(0))
 
@@ -477,16 +475,57 @@ _register_flop_formulas()
 # ----------------------------------------------------------------------------------------------
 
 
+# (device type, dtype) that autocast_dtype answers inside emulated_autocast, for a device type
+# autocast does not know.
+_EMULATED_AUTOCAST: contextvars.ContextVar[tuple[str, torch.dtype | None] | None] = contextvars.ContextVar(
+    "cat_engine_emulated_autocast", default=None
+)
+
+
+def _autocast_knows(device_type: str) -> bool:
+    try:
+        torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # "unknown device type for autocast" (meta)
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def emulated_autocast(device_type: str, dtype: torch.dtype | None):
+    """Within the block, :func:`autocast_dtype` answers ``dtype`` for ``device_type``.
+
+    For a device type autocast does not know (``meta``), where another layer reproduces autocast's
+    casts: the VRAM estimator runs a CUDA step on meta tensors (docs/design.md §6), and the fused op
+    must then cast its inputs as ``F.linear`` would under autocast. ``dtype=None`` means no
+    autocast there. A context variable, so it holds for this thread (and for autograd's backward
+    of meta tensors, which runs on the calling thread) and nests. Raises ``ValueError`` for a
+    device type that has autocast of its own (use ``torch.autocast`` there).
+    """
+    if _autocast_knows(device_type):
+        raise ValueError(f"emulated_autocast: {device_type!r} has autocast of its own; use torch.autocast")
+    token = _EMULATED_AUTOCAST.set((device_type, dtype))
+    try:
+        yield
+    finally:
+        _EMULATED_AUTOCAST.reset(token)
+
+
 def autocast_dtype(device_type: str):
-    """The autocast dtype active for ``device_type``, or None (feature-checked: torch 2.4+ API)."""
+    """The autocast dtype active for ``device_type``, or None (feature-checked: torch 2.4+ API).
+
+    For a device type autocast does not know, the dtype of the enclosing :func:`emulated_autocast`
+    (looked up only there, so ``torch.compile`` of a CPU or CUDA step never traces the lookup).
+    """
     try:
         if torch.is_autocast_enabled(device_type):
             return torch.get_autocast_dtype(device_type)
     except (TypeError, AttributeError):  # older signatures: only CUDA autocast is queryable
         if device_type == "cuda" and torch.is_autocast_enabled():
             return torch.get_autocast_gpu_dtype()
-    except RuntimeError:  # a device type autocast does not know (meta): no autocast there
-        pass
+    except RuntimeError:  # a device type autocast does not know (meta): emulated, or none
+        emulated = _EMULATED_AUTOCAST.get()
+        if emulated is not None and emulated[0] == device_type:
+            return emulated[1]
     return None
 
 

@@ -222,8 +222,8 @@ def test_compile_goes_through_the_engines_gradient_check(monkeypatch):
     spec = resolve_model("tiny")
     batch = make_batch(spec, 2, 64, "cpu")
     peft_unet, ctx = build_models(BenchConfig(compile=True), spec, torch.device("cpu"), batch)
-    (latents, timesteps, embeds, added) = calls[0]
-    assert len(calls) == 1 and latents.shape[0] == timesteps.shape[0] == embeds.shape[0] == 1
-    assert added is None
+    checked = calls[0]
+    assert len(calls) == 1 and checked.rows == checked.timesteps.shape[0] == checked.token_embeds.shape[0] == 1
+    assert checked.added_cond_kwargs is None
     assert memory_plan.compiled_modules(peft_unet) == [peft_unet]
     assert memory_plan.compiled_modules(ctx.unet) == []

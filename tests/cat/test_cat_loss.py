@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cat_engine.cat.loss import cat_loss, cat_loss_reference
+from cat_engine.cat.loss import CatLossOutput, batch_loss, cat_loss, cat_loss_reference, step_loss
+from cat_engine.engine.batch import CatBatch
 from cat_engine.engine.builtin import tiny_unet
 from cat_engine.engine.lora import add_lora, fuse_lora, lora_parameters
 
@@ -171,3 +172,20 @@ def test_unfused_unet_runs_the_reference_with_a_warning():
     with pytest.warns(UserWarning, match="not fused"):
         out, grads = _step(peft, cat_loss, **kwargs)
     _assert_close(out, grads, ref_out, ref_grads)
+
+
+@pytest.mark.parametrize("cat_weight", [1.0, 0.0])
+def test_batch_loss_and_step_loss_are_cat_loss_on_a_cat_batch(cat_weight):
+    """The CatBatch forms the trainer and the VRAM estimator run: the same loss and gradients."""
+    engine, _ = _models("sdxl", checkpointing=False)
+    kwargs = _inputs(engine, "sdxl", "distinct")
+    batch = CatBatch(**kwargs)
+    ref_out, ref_grads = _step(engine, lambda u, **kw: cat_loss(u, cat_weight=cat_weight, **kw), **kwargs)
+    out, grads = _step(engine, lambda u, **kw: batch_loss(u, batch, cat_weight=cat_weight))
+    _assert_close(out, grads, ref_out, ref_grads)
+    loss, ldm, cat = step_loss(cat_weight)(engine, batch)
+    out = CatLossOutput(loss, ldm, cat)
+    _, grads = _step(engine, lambda u: out)
+    _assert_close(out, grads, ref_out, ref_grads)
+    assert torch.equal(ldm, ref_out.ldm) and torch.equal(cat, ref_out.cat)
+    assert ldm.requires_grad is cat.requires_grad is False

@@ -41,7 +41,7 @@ def _roundtrip(tmp_path, family, pipeline_cls, alpha, targets=("to_q", "to_k", "
     expected = _outputs(unet, added)
     save_lora(unet, tmp_path, {"token": "sks", "class_word": "star"})
     assert (tmp_path / LORA_WEIGHT_NAME).is_file()
-    assert not list(tmp_path.glob("*.tmp"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LORA_WEIGHT_NAME]  # no temporary file left
 
     pipe = pipeline_cls.from_pretrained(builtin_model_dir(family), local_files_only=True)
     base = _outputs(pipe.unet, added)

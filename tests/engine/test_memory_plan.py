@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from cat_engine.engine import memory_plan as mp
+from cat_engine.engine.batch import CatBatch
 from cat_engine.engine.builtin import tiny_unet
+from cat_engine.engine.denoiser import unet_forward
 from cat_engine.engine.lora import add_lora, fuse_lora, lora_parameters
 from cat_engine.engine.memory_plan import (
     MemoryPlan,
@@ -39,15 +41,16 @@ def lora_unet(seed: int = 0):
     return unet
 
 
-def inputs(batch: int = 1, seed: int = 0):
+def inputs(batch: int = 1, seed: int = 0) -> CatBatch:
     gen = torch.Generator().manual_seed(seed)
     latents = torch.randn(batch, 4, 16, 16, generator=gen)
     text = torch.randn(batch, 77, 32, generator=gen)
-    return latents, torch.full((batch,), 500), text, None
+    return CatBatch(latents, torch.full((batch,), 500), text, text * 0.5, torch.randn_like(latents))
 
 
-def call(unet, x):
-    return mp._unet_call(unet, x)
+def call(unet, x: CatBatch):
+    """The UNet on the batch's token rows: what compile_unet's gradient check runs."""
+    return unet_forward(unet, x.noisy_latents, x.timesteps, x.token_embeds, x.added_cond_kwargs)
 
 
 # --- attention ---------------------------------------------------------------------------------
@@ -153,7 +156,7 @@ def test_frozen_weights_half_lora_fp32_and_mixed_dtypes_train_under_autocast():
 def _bf16_plan_step(fused: bool):
     from cat_engine.cat.loss import cat_loss
 
-    unet, (latents, t, text, _) = lora_unet(), inputs(batch=1)
+    unet, x = lora_unet(), inputs(batch=1)
     if fused:  # cat_loss takes the split-batch path, as training does
         fuse_lora(unet)
     with pytest.warns(UserWarning, match="bf16 on CPU"):
@@ -169,7 +172,7 @@ def _bf16_plan_step(fused: bool):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # cat_loss's "not fused" notice on the reference path
         with ctx.autocast():
-            out = cat_loss(ctx.unet, latents, t, text, text * 0.5, torch.randn_like(latents))
+            out = cat_loss(ctx.unet, x.noisy_latents, x.timesteps, x.token_embeds, x.plain_embeds, x.target)
     out.loss.backward()  # outside autocast, as a training loop does
     grads = [p.grad for p in lora_parameters(unet)]
     assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)

@@ -151,7 +151,7 @@ def test_weight_grad_row_splits(monkeypatch, splits):
 def test_dropout_on_lora_branch(monkeypatch, path):
     """Same RNG state: our op and the oracle see the same dropout mask on the LoRA input."""
     _set_path(monkeypatch, path)
-    # On a GPU machine the interpreter is off, so the Triton path needs CUDA tensors (found on the H200).
+    # On a GPU machine the interpreter is off, so the Triton path needs CUDA tensors.
     x, W, b, A, B = (t.float().to(_device()) for t in _make((3, 7), 24, 32, 4))
     rows, p, scale = 2, 0.4, 0.8
     ours = [t.clone().requires_grad_() for t in (x, A, B)]
@@ -277,6 +277,23 @@ def test_meta_tensors_give_shapes_without_compute():
     assert y.shape == (2, 9, 24) and y.device.type == "meta"
     y.backward(torch.empty_like(y))
     assert x.grad.shape == x.shape and A.grad.shape == A.shape and B.grad.shape == B.shape
+
+
+def test_emulated_autocast_makes_the_op_cast_as_under_autocast():
+    """The VRAM estimator's meta run: meta tensors have no autocast, so it is emulated (engine/vram.py)."""
+    meta = lambda *s: torch.empty(*s, device="meta")  # noqa: E731
+    args = (meta(2, 9, 16), meta(24, 16), meta(24), meta(4, 16), meta(24, 4), 0.5, 1)
+    assert ll.autocast_dtype("meta") is None and lora_linear(*args).dtype == torch.float32
+    with ll.emulated_autocast("meta", torch.bfloat16):
+        assert ll.autocast_dtype("meta") == torch.bfloat16 and ll.autocast_dtype("cpu") is None
+        assert lora_linear(*args).dtype == torch.bfloat16  # x, W, b cast; the LoRA weights stay fp32
+        with ll.emulated_autocast("meta", None):  # nests, and None means no autocast there
+            assert ll.autocast_dtype("meta") is None
+        assert ll.autocast_dtype("meta") == torch.bfloat16
+    assert ll.autocast_dtype("meta") is None
+    with pytest.raises(ValueError, match="has autocast of its own"):
+        with ll.emulated_autocast("cpu", torch.bfloat16):
+            pass
 
 
 def test_force_triton_zero_takes_the_pytorch_path_for_every_tensor(monkeypatch):
