@@ -4,14 +4,22 @@ Every option is defined once, as a field of :class:`TrainConfig` whose metadata 
 text; the CLI flags, the YAML keys and ``--help`` are derived from the fields, so they cannot drift
 apart. The memory plan is one field, ``TrainConfig.memory`` (an engine :class:`MemoryPlan`), whose
 options keep their flat names as flags and keys (``--precision``, ``precision:``), and the config's
-dict form (``train_config.json``, a checkpoint's saved config) is flat in the same way. An unknown
-YAML key is an error that names the file and the key.
+dict form (``train_config.json``, a checkpoint's saved config) is flat in the same way.
+
+Everything is checked before any work starts: an unknown or repeated YAML key, a value of the wrong
+type (YAML's ``"false"`` is a string, not a boolean; ``2.9`` is not an integer), a number that is not
+finite or out of its range (:data:`NUMERIC_BOUNDS`, one line per option); each error names the
+file or flag.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import numbers
+import os
+import re
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 
@@ -19,6 +27,7 @@ from cat_engine.cat.captions import DEFAULT_CAPTION_TEMPLATE, PLAIN_MODES
 from cat_engine.engine.errors import CatEngineError
 from cat_engine.engine.lora import DEFAULT_TARGETS
 from cat_engine.engine.memory_plan import ATTENTION_BACKENDS, PRECISIONS, MemoryPlan
+from cat_engine.kernels.lora_linear import MAX_RANK
 
 
 class ConfigError(CatEngineError):
@@ -116,23 +125,26 @@ class TrainConfig:
         default=None,
         metadata=help_metadata("'latest' (newest checkpoint in --output) or a checkpoint folder"),
     )
+    overwrite: bool = field(
+        default=False,
+        metadata=help_metadata("replace the run already in --output (its LoRA, checkpoints and log)"),
+    )
     device: str = field(default="auto", metadata=help_metadata("auto, cpu, cuda, cuda:1 ..."))
 
     def validate(self) -> TrainConfig:
+        for name, bounds in NUMERIC_BOUNDS.items():
+            value = getattr(self.memory, name) if OPTIONS[name].in_memory else getattr(self, name)
+            problem = bounds.problem(value)
+            if problem:
+                raise ConfigError(f"{_flag(name)} {problem}")
         checks = [
             (self.plain_mode in PLAIN_MODES, f"--plain-mode must be one of {', '.join(PLAIN_MODES)}"),
-            (self.cat_weight >= 0, "--cat-weight must be >= 0"),
-            (1 <= self.rank <= 1024, "--rank must be between 1 and 1024"),
-            (self.steps >= 1, "--steps must be >= 1"),
-            (self.batch_size >= 1, "--batch-size must be >= 1"),
-            (self.lr > 0, "--lr must be > 0"),
-            (self.save_every >= 0, "--save-every must be >= 0 (0: only at the end)"),
-            (self.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1"),
             (bool(self.token.strip()), "--token must not be empty"),
             (bool(self.targets), "--targets must name at least one module"),
+            (self.resolution is None or self.resolution % 8 == 0, "--resolution must be a multiple of 8"),
             (
-                self.resolution is None or (self.resolution >= 8 and self.resolution % 8 == 0),
-                "--resolution must be a multiple of 8",
+                not (self.resume and self.overwrite),
+                "--resume continues the run in --output, --overwrite replaces it: give one",
             ),
         ]
         for ok, message in checks:
@@ -152,7 +164,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
-        """A config from the flat form (not validated); simple scalars are coerced (YAML gives ints for floats)."""
+        """A config from the flat form (not validated); every value must have its option's type."""
         unknown = sorted(set(values) - set(OPTIONS))
         if unknown:
             raise ConfigError(f"unknown option {unknown[0]!r} (known: {', '.join(OPTIONS)})")
@@ -167,6 +179,50 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class Bounds:
+    """The range of a numeric option: from ``low`` (exclusive with ``above``) to ``high``, both
+    optional; a float must also be finite in float32, the precision the engine computes in."""
+
+    low: float | None = None
+    high: float | None = None
+    above: bool = False  # strictly greater than ``low``
+    why: str = ""  # said after the range in the message
+
+    def problem(self, value) -> str | None:
+        """What is wrong with ``value`` (``must be ... , got ...``), or ``None``."""
+        if value is None:
+            return None
+        finite = _is_int(value) or (math.isfinite(value) and abs(value) <= FLOAT32_MAX)
+        low_ok = self.low is None or (value > self.low if self.above else value >= self.low)
+        if finite and low_ok and (self.high is None or value <= self.high):
+            return None
+        parts = [] if self.low is None else [f"{'>' if self.above else '>='} {self.low:g}"]
+        parts += [] if self.high is None else [f"<= {self.high:g}" if self.high < 1e6 else f"<= {self.high}"]
+        why = f" ({self.why})" if self.why else ""
+        kind = "" if _is_int(value) else "a finite number "
+        return f"must be {kind}{' and '.join(parts)}{why}, got {value!r}"
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+MAX_LR = 1.0
+# Every numeric option and its range, one line each (tests check that none is missing).
+NUMERIC_BOUNDS = {
+    "cat_weight": Bounds(0),
+    "rank": Bounds(1, MAX_RANK, why="the LoRA kernels' limit"),
+    "alpha": Bounds(0, above=True),
+    "lr": Bounds(0, MAX_LR, above=True),
+    "lr_warmup_steps": Bounds(0),
+    "max_grad_norm": Bounds(0, above=True),
+    "steps": Bounds(1),
+    "batch_size": Bounds(1),
+    "resolution": Bounds(8),
+    "seed": Bounds(0, 2**64 - 1, why="64 bits"),
+    "save_every": Bounds(0, why="0: only at the end"),
+    "keep_checkpoints": Bounds(1),
+}
+
+
+@dataclass(frozen=True)
 class Option:
     """One option as the user sees it: the flag ``--name-with-dashes`` and the YAML key ``name``."""
 
@@ -177,23 +233,68 @@ class Option:
     default_text: str | None = None  # what a None default means, for --help
     in_memory: bool = False  # a field of TrainConfig.memory rather than of TrainConfig
 
+    @property
+    def optional(self) -> bool:
+        """``None`` is a value of this option (its default means something)."""
+        return self.type.endswith("| None")
+
     def coerce(self, value):
-        """``value`` as the option's simple scalar type (int, float, bool, str); others unchanged."""
+        """``value`` checked against the option's type; an int becomes a float for a float option."""
+        if value is None and not self.optional:
+            raise ConfigError(f"option {self.name}: a value is required")
         return cast(self.name, self.type, value)
 
     def help_text(self) -> str:
         return help_line(self.help, self.default, self.default_text)
 
 
-def cast(name: str, kind: str, value):
-    """``value`` as the simple scalar type ``kind`` (int, float, bool, str); other kinds and None unchanged."""
-    casts = {"int": int, "float": float, "bool": bool, "str": str}
-    if value is None or kind not in casts:
-        return value
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+# kind -> (does a value have it, the value as that kind, what the message calls it)
+TYPES = {
+    "int": (_is_int, int, "an integer"),
+    "float": (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool), float, "a number"),
+    "bool": (lambda v: isinstance(v, bool), bool, "true or false"),
+    "str": (lambda v: isinstance(v, (str, os.PathLike)), os.fspath, "a string"),
+    "list[str]": (
+        lambda v: isinstance(v, str) or (isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)),
+        lambda v: v if isinstance(v, str) else list(v),
+        "a list of names (or one comma-separated string)",
+    ),
+    "list[dict]": (lambda v: isinstance(v, list), list, "a list of mappings"),
+}
+
+
+def type_problem(kind: str, value) -> str | None:
+    """Why ``value`` is not of the option type ``kind`` (``expected ..., got ...``), or ``None``."""
+    check = TYPES.get(kind.removesuffix(" | None"))
+    if value is None or check is None or check[0](value):
+        return None
+    quoted = isinstance(value, str) and _unquoted_fits(kind.removesuffix(" | None"), value)
+    return f"expected {check[2]}, got {value!r}" + (" (a string: write it without quotes)" if quoted else "")
+
+
+def _unquoted_fits(kind: str, text: str) -> bool:
+    """Whether ``text`` written without quotes would have been a value of ``kind``."""
+    if kind == "bool":
+        return text.lower() in ("true", "false")
     try:
-        return casts[kind](value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"option {name}: expected {kind}, got {value!r}") from None
+        return kind in ("int", "float") and (float(text) is not None) and (kind == "float" or text.isdigit())
+    except ValueError:
+        return False
+
+
+def cast(name: str, kind: str, value):
+    """``value`` as the option type ``kind`` (int, float, bool, str, list[str], list[dict], or any of
+    them ``| None``); ``None`` and other kinds unchanged. A value of another type is an error, not a
+    conversion: ``bool("false")`` is True and ``int(2.9)`` is 2."""
+    problem = type_problem(kind, value)
+    if problem:
+        raise ConfigError(f"option {name}: {problem}")
+    check = TYPES.get(kind.removesuffix(" | None"))
+    return value if value is None or check is None else check[1](value)
 
 
 def help_line(text: str, default, default_text: str | None = None) -> str:
@@ -227,7 +328,15 @@ def _options() -> dict[str, Option]:
 
 OPTIONS = _options()
 # Options that describe a run rather than the trained adapter: a resume may change them freely.
-RUN_ONLY = {"steps", "resume", "output", "save_every", "keep_checkpoints", "device", "config", "compile"}
+RUN_ONLY = {
+    *("steps", "resume", "overwrite", "output", "save_every", "keep_checkpoints", "device", "config"),
+    "compile",
+}
+# Options that make a run what it is: resuming it with other values would train another adapter.
+IDENTITY = (
+    *("base", "data", "concepts", "token", "class_word", "caption_template", "plain_mode"),
+    *("rank", "alpha", "targets", "seed", "resolution", "flip"),
+)
 CONCEPT_KEYS = ("data", "token", "class_word", "caption_template")
 
 
@@ -252,6 +361,10 @@ def normalize_concepts(concepts, default_template: str) -> list[dict]:
             raise ConfigError(f"concepts[{i}]: unknown key {unknown[0]!r} (known: {', '.join(CONCEPT_KEYS)})")
         if missing:
             raise ConfigError(f"concepts[{i}]: missing {', '.join(missing)}")
+        for key in CONCEPT_KEYS:
+            problem = type_problem("str", entry.get(key))
+            if problem:
+                raise ConfigError(f"concepts[{i}]: {key}: {problem}")
         out.append(
             {
                 **{k: str(entry[k]) for k in CONCEPT_KEYS[:3]},
@@ -267,25 +380,97 @@ def normalize_concepts(concepts, default_template: str) -> list[dict]:
     return out
 
 
-def load_yaml(path: str | Path) -> dict:
-    """Read a YAML config file; every key must be an option (dashes allowed)."""
+def _strict_loader():
+    """A ``yaml.SafeLoader`` that refuses repeated keys, reads only ``true``/``false`` as booleans
+    (YAML 1.1 also takes ``yes``, ``no``, ``on``, ``off``: a token ``no`` would become False) and reads
+    ``1e-4`` as a number (YAML 1.2; YAML 1.1 wants ``1.0e-4`` and gives the string otherwise)."""
     import yaml
 
-    path = Path(path)
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    repeated = key in seen
+                    seen.add(key)
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                if repeated:
+                    raise DuplicateKey(f"key {key!r} appears twice (line {key_node.start_mark.line + 1})")
+            return super().construct_mapping(node, deep)
+
+    bool_tag, float_tag = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"
+    StrictLoader.yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag != bool_tag]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    StrictLoader.add_implicit_resolver(
+        bool_tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+    )
+    StrictLoader.add_implicit_resolver(
+        float_tag,
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+        list("-+0123456789."),
+    )
+    return StrictLoader
+
+
+class DuplicateKey(Exception):
+    """A mapping of a YAML file repeats a key."""
+
+
+def read_yaml(path: str | Path, flag: str):
+    """The content of the YAML file ``path`` (given as ``flag``), read by the strict loader.
+
+    Raises :class:`ConfigError` naming ``flag``, the file and the problem (with its line).
+    """
+    import yaml
+
+    path = Path(path).expanduser()
     if not path.is_file():
-        raise ConfigError(f"--config {path}: no such file")
+        raise ConfigError(f"{flag} {path}: no such file")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_strict_loader())
+    except DuplicateKey as exc:
+        raise ConfigError(f"{flag} {path}: {exc}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{flag} {path}: not valid YAML ({what}{where})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{flag} {path}: cannot read it ({exc})") from None
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML config file; every key must be an option (dashes allowed), once, with a value of its type."""
+    raw = read_yaml(path, "--config")
+    if raw is None:
+        return {}
     if not isinstance(raw, dict):
         raise ConfigError(f"--config {path}: expected a mapping of option: value at the top level")
+    return options_of(raw, f"--config {path}")
+
+
+def options_of(raw: dict, where: str) -> dict:
+    """``raw``'s keys as option names (dashes allowed), each known, given once and of its type.
+
+    ``where`` starts every message (``--config run.yaml``, ``--manifest farm.yaml: defaults``).
+    """
     values = {}
     for key, value in raw.items():
         name = str(key).replace("-", "_")
         if name not in OPTIONS:
             known = ", ".join(sorted(OPTIONS))
-            raise ConfigError(f"--config {path}: unknown key {key!r} (known keys: {known})")
+            raise ConfigError(f"{where}: unknown key {key!r} (known keys: {known})")
+        if name in values:
+            raise ConfigError(f"{where}: {name} is given twice (as {name} and {name.replace('_', '-')})")
+        option = OPTIONS[name]
+        problem = "a value is required" if value is None and not option.optional else None
+        problem = problem or type_problem(option.type, value)
+        if problem:
+            raise ConfigError(f"{where}: {key}: {problem}")
         values[name] = value
     return values
 
@@ -298,14 +483,35 @@ def build_config(file_values: dict, flag_values: dict) -> TrainConfig:
     return TrainConfig.from_dict(merged).validate()
 
 
-def config_differences(saved: dict, current: TrainConfig) -> list[str]:
-    """Options that differ between a checkpoint's config (flat form) and this run, ignoring run-only ones."""
+def config_differences(saved: dict, current: TrainConfig, ignore=()) -> list[str]:
+    """Options that differ between a checkpoint's config (flat form) and this run, ignoring run-only
+    ones and ``ignore``."""
     now = current.to_dict()
     return [
         f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}"
         for k in sorted(now)
-        if k not in RUN_ONLY and k in saved and saved[k] != now[k]
+        if k not in RUN_ONLY and k not in ignore and k in saved and saved[k] != now[k]
     ]
+
+
+def run_identity(flat: dict) -> dict:
+    """The :data:`IDENTITY` options of a flat config (``to_dict`` form, or a checkpoint's), as a run
+    compares them: folders absolute, ``alpha`` the effective one, targets as a set (sorted)."""
+
+    def folder(value):
+        return value if value in (None, "builtin") else str(Path(value).expanduser().resolve())
+
+    out = {k: flat[k] for k in IDENTITY if k in flat}
+    for key in ("base", "data"):
+        if key in out:
+            out[key] = folder(out[key])
+    if out.get("concepts"):
+        out["concepts"] = [{**c, "data": folder(c.get("data"))} for c in out["concepts"]]
+    if "alpha" in out and "rank" in flat:
+        out["alpha"] = float(flat["rank"] if flat["alpha"] is None else flat["alpha"])
+    if isinstance(out.get("targets"), list):
+        out["targets"] = sorted(out["targets"])
+    return out
 
 
 # ------------------------------------------------------------------------------------ the flags
