@@ -44,7 +44,9 @@ def test_no_pickle_in_checkpoint(tmp_path):
     params, opt = _setup()
     path = ckpt.save_checkpoint(tmp_path, 1, params, opt, torch.Generator(), {})
     names = sorted(p.name for p in path.iterdir())
-    assert names == sorted([ckpt.LORA_FILE, ckpt.OPTIMIZER_TENSORS, ckpt.RNG_FILE, ckpt.STATE_FILE])
+    files = [ckpt.LORA_FILE, ckpt.OPTIMIZER_TENSORS, ckpt.RNG_FILE, ckpt.STATE_FILE, ckpt.MANIFEST_FILE]
+    assert names == sorted(files)
+    json.loads((path / ckpt.MANIFEST_FILE).read_text())
     json.loads((path / ckpt.STATE_FILE).read_text())
 
 
