@@ -16,6 +16,7 @@ import torch
 
 from cat_engine.cat.config import TrainConfig
 from cat_engine.cat.dataset import builtin_concept_dir, load_concept_images
+from cat_engine.cat.token_limit import warn_tokens_past_limit
 from cat_engine.engine.batch import CatBatch
 from cat_engine.engine.cache import CaptionCache, LatentCache, encode_captions, encode_latents
 from cat_engine.engine.text import sdxl_time_ids
@@ -47,8 +48,9 @@ class TrainingImages:
     concept_index: list[int]
 
 
-def load_training_images(config: TrainConfig, resolution: int) -> TrainingImages:
-    """Load each concept's folder; its captions use its own token and class word.
+def load_training_images(config: TrainConfig, resolution: int, tokenizers=()) -> TrainingImages:
+    """Load each concept's folder; its captions use its own token and class word. With the model's
+    ``tokenizers``, an image whose trigger token its text encoder would cut off gets a warning.
 
     A multi-concept batch then mixes concepts naturally: the rows are one pool and the sampler
     shuffles over all of them (a concept weighs by its number of images).
@@ -65,6 +67,7 @@ def load_training_images(config: TrainConfig, resolution: int) -> TrainingImages
         )
         name = f"{concept['token']} {concept['class_word']}: " if config.concepts else ""
         log.info("data: %s%s", name, data.summary.line())
+        warn_tokens_past_limit(tokenizers, data.captions, data.files, concept["token"])
         pixels.append(data.pixels)
         captions += data.captions
         plain += data.plain_captions(config.plain_mode)
@@ -87,7 +90,7 @@ class CachedData:
 
 def prepare_data(config: TrainConfig, model, resolution: int, device) -> CachedData:
     """Load and check the images, then encode latents and captions once."""
-    images = load_training_images(config, resolution)
+    images = load_training_images(config, resolution, model.tokenizers)
     model.vae.to(device)
     for encoder in model.text_encoders:
         encoder.to(device)
@@ -105,7 +108,7 @@ def sample_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
     out = []
     for k in range(step * batch_size, (step + 1) * batch_size):
         epoch, pos = divmod(k, n)
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**64)  # any 64-bit --seed
         out.append(int(torch.randperm(n, generator=g)[pos]))
     return out
 

@@ -129,7 +129,7 @@ def evaluate(
     config.validate()
     device = device or dist.device_for("auto", ranks)
     lora = lora_file(config.lora)
-    meta = read_lora_metadata(lora)
+    meta = lora_metadata(lora)
     base = base_from_metadata(config.base, meta)
     token = config.token or meta.get("token") or DEFAULT_TOKEN
     class_word = config.class_word or meta.get("class_word") or DEFAULT_CLASS_WORD
@@ -183,6 +183,18 @@ def lora_file(path: str) -> Path:
             f"--lora {p}: no adapter there (expected a folder with {LORA_WEIGHT_NAME}, or the file)"
         )
     return file
+
+
+def lora_metadata(lora: Path) -> dict:
+    """The adapter file's engine metadata; a file that is not a whole safetensors file (empty,
+    truncated, garbage) is an :class:`EvalError` naming it."""
+    from safetensors import SafetensorError
+
+    try:
+        return read_lora_metadata(lora)
+    except (SafetensorError, OSError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise EvalError(f"--lora {lora}: not a readable safetensors adapter ({reason})") from None
 
 
 def check_templates(templates: list[str], where: str) -> list[str]:
@@ -264,12 +276,14 @@ def prepare_models(config: EvalConfig, base: str | None, device: torch.device):
 def load_adapted_model(base: str | None, lora: Path, dtype: str, device: torch.device):
     """The base model with the adapter loaded into its UNet, on ``device``, in ``dtype`` (``auto``:
     float16 on a GPU, else float32); the VAE stays in float32."""
+    from safetensors import SafetensorError
+
     model = load_base(base)
     try:
         model.unet.load_lora_adapter(
             str(lora.parent), prefix="unet", weight_name=lora.name, local_files_only=True
         )
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         raise EvalError(
             f"--lora {lora}: cannot load it into the --base UNet: {str(exc).splitlines()[0]}"
         ) from None

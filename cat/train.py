@@ -4,9 +4,10 @@
     captions --(once)--> text encoder(s) --> cached embeddings of y_T (token) and y (plain)
     each step: noise, t --> z_t --> CatBatch --> cat_loss (one split-batch UNet call) --> backward --> AdamW
 
-:func:`train` is the recipe: :meth:`Trainer.setup` (model, data, adapter, memory plan, optimizer,
-resume), :meth:`Trainer.train` (the loop: :meth:`Trainer.run_step` once per step, the log,
-periodic checkpoints, Ctrl-C) and :meth:`Trainer.save` (the last checkpoint and the LoRA file).
+:func:`train` is the recipe: :meth:`Trainer.setup` (the output folder claimed for this run, model,
+data, adapter, memory plan, optimizer, resume), :meth:`Trainer.train` (the loop:
+:meth:`Trainer.run_step` once per step, the log, periodic checkpoints, SIGINT/SIGTERM at step
+boundaries) and :meth:`Trainer.save` (the last checkpoint and the LoRA file).
 
 Also runnable as ``python -m cat_engine train``, and data-parallel under torchrun
 (``torchrun --nproc_per_node N -m cat_engine train ...``, or ``cat-engine train --nproc N``):
@@ -20,18 +21,19 @@ adapter per concept instead (cat/manifest.py).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import logging
+import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
 import torch
 
 from cat_engine.cat.config import (
+    IDENTITY,
     ConfigError,
     TrainConfig,
     add_config_arguments,
@@ -49,10 +51,19 @@ from cat_engine.cat.data import (
 )
 from cat_engine.cat.logs import console_logging
 from cat_engine.cat.loss import step_loss
+from cat_engine.cat.output_folder import (
+    CONFIG_FILE,
+    CONFIG_KEY,
+    LOG_FILE,
+    STEP_KEY,
+    TrainLog,
+    prepare_output,
+)
 from cat_engine.engine import checkpoint as ckpt
 from cat_engine.engine import distributed as dist
+from cat_engine.engine import signals
 from cat_engine.engine.errors import CatEngineError
-from cat_engine.engine.files import write_text_atomically
+from cat_engine.engine.files import WriteError, os_error_text, write_text_atomically
 from cat_engine.engine.lora import (
     LORA_WEIGHT_NAME,
     add_lora,
@@ -63,17 +74,14 @@ from cat_engine.engine.lora import (
 )
 from cat_engine.engine.memory_plan import MemoryContext, MemoryPlan, apply_memory_plan, make_optimizer
 from cat_engine.engine.models import BaseModel, load_base
+from cat_engine.engine.run_folder import RunLock
 
 log = logging.getLogger("cat_engine")
-LOG_FILE = "train_log.jsonl"
-CONFIG_FILE = "train_config.json"
-# The recipe's keys in a checkpoint's trainer state. engine/checkpoint.py stores the LoRA tensors,
-# the optimizer and the RNG states beside them, and adds the step under STEP_KEY.
-CONFIG_KEY = "config"
+# The recipe's keys in a checkpoint's trainer state (CONFIG_KEY, STEP_KEY: cat/output_folder.py).
+# engine/checkpoint.py stores the LoRA tensors, the optimizer and the RNG states beside them.
 DATA_POSITION_KEY = "data_position"
 LR_SCHEDULE_KEY = "lr_schedule"
 GRAD_SCALER_KEY = "grad_scaler"
-STEP_KEY = "step"
 WEIGHT_DECAY = 1e-2
 
 
@@ -81,15 +89,25 @@ class TrainingError(CatEngineError):
     """Training stopped for a reason the user must see (non-finite loss...)."""
 
 
+class NonFiniteAdapter(TrainingError):
+    """The adapter or its optimizer state holds NaN or infinite values: it is not saved."""
+
+
 def train(config: TrainConfig, progress: bool = True, ranks: dist.DistContext = dist.SINGLE) -> Path:
-    """Run the recipe; return the path of the saved LoRA. Raises the engine's user errors.
+    """Run the recipe; return the path of the saved LoRA. Raises the engine's user errors, and
+    :class:`~cat_engine.engine.signals.Interrupted` (a ``KeyboardInterrupt``) on SIGINT or SIGTERM.
 
     ``ranks``: the torchrun group this process belongs to (:func:`dist.init_distributed`); every
     rank calls ``train`` with the same config.
     """
-    trainer = Trainer.setup(config, ranks)
-    trainer.train(progress)
-    return trainer.save()
+    stop = signals.StopRequest()
+    with signals.stop_on_signals(stop):
+        trainer = Trainer.setup(config, ranks, stop)
+        try:
+            trainer.train(progress)
+            return trainer.save()
+        finally:
+            trainer.close()
 
 
 @dataclass
@@ -114,6 +132,11 @@ class Trainer:
     # abandoned (Ctrl-C, a non-finite loss) gives its draws back, so a checkpoint of the steps
     # completed resumes exactly where a straight run would be.
     step_rng: torch.Tensor | None = None
+    updating: bool = False  # the step in progress has begun to change the adapter (optimizer step)
+    stop: signals.StopRequest = field(default_factory=signals.StopRequest)  # set by SIGINT/SIGTERM
+    lock: RunLock | None = None  # rank 0's hold on the output folder
+    last_checkpoint: Path | None = None  # the newest checkpoint of this run (written or resumed from)
+    saved_step: int | None = None  # the step it holds
 
     @property
     def output(self) -> Path:
@@ -121,12 +144,35 @@ class Trainer:
 
     # -------------------------------------------------------------------------------- setup
     @classmethod
-    def setup(cls, config: TrainConfig, ranks: dist.DistContext = dist.SINGLE) -> Trainer:
+    def setup(
+        cls,
+        config: TrainConfig,
+        ranks: dist.DistContext = dist.SINGLE,
+        stop: signals.StopRequest | None = None,
+    ) -> Trainer:
+        """The output folder claimed for this run (cat/output_folder.py: lock, refusals, the
+        checkpoint to resume), then :meth:`build`. Call :meth:`close` at the end (``train`` does)."""
+        lock, resume_from = prepare_output(config, ranks)
+        try:
+            trainer = cls.build(config, ranks, resume_from)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        trainer.lock, trainer.stop = lock, stop or trainer.stop
+        return trainer
+
+    def close(self) -> None:
+        """Let the output folder go (another run may use it)."""
+        if self.lock is not None:
+            self.lock.release()
+
+    @classmethod
+    def build(cls, config: TrainConfig, ranks: dist.DistContext, resume_from: Path | None) -> Trainer:
         """Model, data (encoded once), adapter, memory plan, optimizer; then the checkpoint to resume."""
         device = dist.device_for(config.device, ranks)
         rows = rank_rows(config.batch_size, ranks)
         torch.manual_seed(config.seed)
-        resume_from = ckpt.resolve_resume(config.resume, config.output) if config.resume else None
         model = load_base(config.base)
         resolution = training_resolution(config, model)
         data = prepare_data(config, model, resolution, device)
@@ -171,7 +217,8 @@ class Trainer:
         """Continue from the checkpoint at ``path``: LoRA tensors, optimizer, schedule, RNG, loss scale, step."""
         loaded = ckpt.load_checkpoint(path)
         state = loaded["state"]
-        for line in config_differences(state.get(CONFIG_KEY, {}), self.config):
+        # the run's identity was checked before setup (cat/output_folder.py); the rest may change
+        for line in config_differences(state.get(CONFIG_KEY, {}), self.config, ignore=IDENTITY):
             log.warning("resuming from %s with a different option: %s", path, line)
         missing = sorted(set(self.lora) - set(loaded["lora"]))
         if missing:
@@ -195,6 +242,7 @@ class Trainer:
         if self.scaler.is_enabled() and state.get(GRAD_SCALER_KEY):
             self.scaler.load_state_dict(state[GRAD_SCALER_KEY])
         self.step = int(state[STEP_KEY])
+        self.last_checkpoint, self.saved_step = path, self.step
         log.info("resumed from %s at step %d", path, self.step)
 
     # ---------------------------------------------------------------------------- one step
@@ -212,7 +260,7 @@ class Trainer:
         if not torch.isfinite(losses[0]):
             self.stop_non_finite(f"loss is {losses[0].item()}")
         self.update(loss)
-        self.step, self.step_rng = self.step + 1, None
+        self.step, self.step_rng, self.updating = self.step + 1, None, False
         return losses
 
     def update(self, loss: torch.Tensor) -> None:
@@ -227,6 +275,7 @@ class Trainer:
         norm = torch.nn.utils.clip_grad_norm_(list(self.lora.values()), self.config.max_grad_norm)
         if not (self.scaler.is_enabled() or torch.isfinite(norm)):  # all-reduced: every rank sees it
             self.stop_non_finite("gradient norm is not finite")
+        self.updating = True  # from here on, abandoning the step would leave a half-updated adapter
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.lr_schedule.step()
@@ -234,14 +283,15 @@ class Trainer:
     def stop_non_finite(self, what: str) -> NoReturn:
         """Keep the adapter as it was before this step (its parameters are still untouched) and stop."""
         self.abandon_step()
-        existing = {p.name for p in ckpt.list_checkpoints(self.output)}
-        path = self.output / ckpt.CHECKPOINTS / f"step-{self.step}"
-        # Rank 0's view decides, so every rank enters the save (and its barrier) or none does.
-        if dist.broadcast_object(self.ranks, self.step > 0 and path.name not in existing):
-            path = self.save_checkpoint()
-        where = f"last good checkpoint: {path}" if self.step > 0 else "no step had completed, nothing to keep"
+        if self.step == 0:
+            kept = "no step had completed, nothing to keep"
+        else:
+            try:
+                kept = f"last good checkpoint: {self.checkpoint_of_this_step()}"
+            except NonFiniteAdapter:
+                kept = f"the adapter was already non-finite after step {self.step}, not saved; {self.last_good()}"
         raise TrainingError(
-            f"{what} at step {self.step + 1}; stopped before updating the adapter ({where}). "
+            f"{what} at step {self.step + 1}; stopped before updating the adapter ({kept}). "
             "Try a lower --lr, --precision fp32 or --max-grad-norm."
         )
 
@@ -255,8 +305,12 @@ class Trainer:
     def train(self, progress: bool = True) -> None:
         """Steps until ``config.steps``: a log line each, a checkpoint every ``save_every``.
 
-        Ctrl-C writes a checkpoint of the last completed step (``--resume latest`` continues it) and
-        re-raises.
+        A stop request (SIGINT, SIGTERM: engine/signals.py) is honoured at the next step boundary,
+        on every rank alike: a checkpoint of the steps completed, then
+        :class:`~cat_engine.engine.signals.Interrupted` naming it (``--resume latest`` continues
+        it). A second signal aborts at once (:class:`~cat_engine.engine.signals.Aborted`), keeping
+        the checkpoints already written. A ``KeyboardInterrupt`` raised inside a step by other means
+        discards the step and saves the steps before it, unless the adapter was being updated.
         """
         from tqdm.auto import tqdm
 
@@ -268,10 +322,10 @@ class Trainer:
             unit="step",
             dynamic_ncols=True,
         )
-        with open(self.output / LOG_FILE, "a") if self.ranks.main else contextlib.nullcontext() as log_file:
+        with self.stop.deferred(), TrainLog(self.output / LOG_FILE, self.ranks.main) as log_file:
             try:
                 start, t0 = self.step, time.perf_counter()
-                while self.step < self.config.steps:
+                while self.step < self.config.steps and not self.stop_agreed():
                     loss, ldm, cat = self.run_step()
                     record = {
                         "step": self.step,
@@ -281,34 +335,89 @@ class Trainer:
                         "lr": self.lr_schedule.get_last_lr()[0],
                         "it_s": round((self.step - start) / max(time.perf_counter() - t0, 1e-9), 3),
                     }
-                    if log_file is not None:
-                        log_file.write(json.dumps(record) + "\n")
-                        log_file.flush()
+                    log_file.write(record, self.last_good)
                     bar.set_postfix(ldm=f"{record['ldm']:.4f}", cat=f"{record['cat']:.2e}", refresh=False)
                     bar.update(1)
                     every = self.config.save_every
                     if every and self.step % every == 0 and self.step < self.config.steps:  # the last: save()
                         self.save_checkpoint()
-            except KeyboardInterrupt:
-                bar.close()
-                self.abandon_step()
-                path = self.save_checkpoint(sync=False)
-                if self.ranks.main:
-                    log.warning(
-                        "interrupted at step %d: checkpoint written to %s; continue with --resume latest",
-                        *(self.step, path),
-                    )
+            except signals.Aborted as exc:
+                raise signals.Aborted(
+                    exc.signum, f"{exc} during step {self.step + 1}, nothing more written; {self.last_good()}"
+                ) from None
+            except signals.Interrupted:
                 raise
+            except KeyboardInterrupt:
+                raise self.interrupted_mid_step() from None
             finally:
                 bar.close()
+        if self.step < self.config.steps:  # stopped on request
+            raise self.interrupted()
+
+    def stop_agreed(self) -> bool:
+        """Whether to stop before the next step: this process was asked to, or under torchrun any
+        rank was (every rank decides alike, so all write and wait for the same checkpoint)."""
+        if not self.ranks.enabled:
+            return self.stop.requested
+        flag = torch.tensor([float(self.stop.requested)], device=next(iter(self.lora.values())).device)
+        return bool(dist.all_mean(self.ranks, flag).item() > 0)
+
+    def interrupted(self) -> signals.Interrupted:
+        """Save the steps completed (unless saved already); the exception that says where they are."""
+        signum = self.stop.signum or signal.SIGTERM  # a rank that only learned of another's signal
+        if self.step == 0:
+            kept = "no step had completed, nothing to save"
+        else:
+            kept = f"checkpoint {self.checkpoint_of_this_step()}; continue with --resume latest"
+        return signals.Interrupted(
+            signum, f"interrupted by {signals.signal_name(signum)} after step {self.step}: {kept}"
+        )
+
+    def interrupted_mid_step(self) -> signals.Interrupted:
+        """A ``KeyboardInterrupt`` inside a step: discard the step and save the ones before it, unless
+        the adapter was being updated (then its state is half-way, and nothing is written)."""
+        if self.updating:
+            return signals.Interrupted(
+                signal.SIGINT,
+                f"interrupted while updating the adapter in step {self.step + 1}: no checkpoint written "
+                f"(the adapter may be half-updated); {self.last_good()}",
+            )
+        self.abandon_step()
+        if self.step == 0:
+            return signals.Interrupted(
+                signal.SIGINT, "interrupted before the first step completed: nothing to save"
+            )
+        path = self.checkpoint_of_this_step(sync=False)  # a rank may be gone
+        return signals.Interrupted(
+            signal.SIGINT,
+            f"interrupted during step {self.step + 1}: checkpoint {path} of the steps completed; "
+            "continue with --resume latest",
+        )
 
     # -------------------------------------------------------------------------------- save
+    def last_good(self) -> str:
+        """The phrase that names the newest checkpoint of this run, for messages."""
+        if self.last_checkpoint is None:
+            return "no checkpoint written yet"
+        return f"last good checkpoint: {self.last_checkpoint}"
+
+    def checkpoint_of_this_step(self, sync: bool = True) -> Path:
+        """The checkpoint of the current step: written now unless it already is."""
+        if self.saved_step == self.step and self.last_checkpoint is not None:
+            return self.last_checkpoint
+        return self.save_checkpoint(sync=sync)
+
     def save_checkpoint(self, sync: bool = True) -> Path:
         """``checkpoints/step-N`` of the current step.
 
-        Rank 0 writes; with ``sync`` the others wait for it (not on Ctrl-C: a rank may be gone).
+        Rank 0 writes; with ``sync`` the others wait for it and learn whether it failed (not on a
+        stray ``KeyboardInterrupt``: a rank may be gone). Raises :class:`NonFiniteAdapter` (nothing
+        written) when the adapter or optimizer state is not finite, :class:`TrainingError` when the
+        disk refuses; either way the checkpoints already there are kept, and the message names the
+        newest.
         """
         path = self.output / ckpt.CHECKPOINTS / f"step-{self.step}"
+        error = None
         if self.ranks.main:
             state = {
                 CONFIG_KEY: self.config.to_dict(),
@@ -316,27 +425,46 @@ class Trainer:
                 LR_SCHEDULE_KEY: self.lr_schedule.state_dict(),
                 GRAD_SCALER_KEY: self.scaler.state_dict() if self.scaler.is_enabled() else None,
             }
-            path = ckpt.save_checkpoint(
-                self.output,
-                self.step,
-                dict(self.lora),
-                self.optimizer,
-                self.generator,
-                state,
-                keep=self.config.keep_checkpoints,
-            )
+            try:
+                path = ckpt.save_checkpoint(
+                    self.output,
+                    self.step,
+                    dict(self.lora),
+                    self.optimizer,
+                    self.generator,
+                    state,
+                    keep=self.config.keep_checkpoints,
+                )
+            except ckpt.CheckpointError as exc:
+                error = exc
         if sync:
-            dist.barrier(self.ranks)
+            error = dist.broadcast_object(self.ranks, error)
+        if error is not None:
+            kind = NonFiniteAdapter if isinstance(error, ckpt.NonFiniteState) else TrainingError
+            raise kind(f"{error}; {self.last_good()}")
+        self.last_checkpoint, self.saved_step = path, self.step
         return path
 
     def save(self) -> Path:
-        """The last checkpoint, then the LoRA file with the metadata ``cat-engine eval`` reads; its path."""
-        self.save_checkpoint()
-        path = self.output / LORA_WEIGHT_NAME
-        if self.ranks.main:
-            info = adapter_metadata(self.config, self.model, self.resolution)
-            path = save_lora(self.model.unet, self.output, {**info, "steps": self.step})
-        dist.barrier(self.ranks)
+        """The last checkpoint, then the LoRA file with the metadata ``cat-engine eval`` reads; its path.
+
+        A signal while saving waits for the save to finish (the run is then complete).
+        """
+        with self.stop.deferred():
+            self.checkpoint_of_this_step()
+            path, error = self.output / LORA_WEIGHT_NAME, None
+            if self.ranks.main:
+                info = adapter_metadata(self.config, self.model, self.resolution)
+                try:
+                    path = save_lora(self.model.unet, self.output, {**info, "steps": self.step})
+                except OSError as exc:
+                    error = WriteError(
+                        f"{path}: cannot write it ({os_error_text(exc)}); the run is complete in "
+                        f"{self.last_checkpoint}: free space and run again with --resume latest"
+                    )
+            error = dist.broadcast_object(self.ranks, error)
+            if error is not None:
+                raise error
         return path
 
 
@@ -450,28 +578,28 @@ def launch(args: argparse.Namespace) -> int:
         rank_rows(config.batch_size, dist.DistContext(0, args.nproc))
     manifest = ["--manifest", args.manifest] if args.manifest else []
     command = dist.torchrun_command(args.nproc, "cat_engine", ["train", *manifest, *flags_of(args)])
-    return subprocess.run(command).returncode
+    # In a session of its own, so a Ctrl-C reaches torchrun once (through us), not twice.
+    with subprocess.Popen(command, start_new_session=True) as process:
+        with signals.forward_signals(process):
+            return process.wait()
 
 
 def run(args: argparse.Namespace) -> int:
     with console_logging():
-        try:
-            if args.nproc and args.nproc > 1 and not dist.launched_by_torchrun():
-                return launch(args)
-            if args.manifest:
-                from cat_engine.cat.manifest import run_manifest
+        if args.nproc and args.nproc > 1 and not dist.launched_by_torchrun():
+            return launch(args)
+        if args.manifest:
+            from cat_engine.cat.manifest import run_manifest
 
-                return run_manifest(args)
-            config = config_from_args(args)
-            ranks = dist.init_distributed(config.device)
-            if not ranks.main:
-                log.setLevel(logging.ERROR)  # rank 0 reports; the others would repeat it
-            try:
-                path = train(config, progress=True, ranks=ranks)
-            finally:
-                dist.shutdown(ranks)
-        except KeyboardInterrupt:
-            return 130
+            return run_manifest(args)
+        config = config_from_args(args)
+        ranks = dist.init_distributed(config.device)
+        if not ranks.main:
+            log.setLevel(logging.ERROR)  # rank 0 reports; the others would repeat it
+        try:
+            path = train(config, progress=True, ranks=ranks)
+        finally:
+            dist.shutdown(ranks)
     if ranks.main:
         print(f"saved LoRA: {path}" + (f" ({ranks.world} ranks)" if ranks.enabled else ""))
     return 0

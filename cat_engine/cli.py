@@ -5,7 +5,8 @@ may name them all. Sub-command modules are imported only when chosen, so ``cat-e
 stays fast and one broken optional feature cannot take the others down.
 
 Library code raises :class:`~cat_engine.engine.errors.CatEngineError` for anything the user can fix;
-here, and only here, it becomes one line on stderr and exit code 2.
+here, and only here, it becomes one line on stderr and exit code 2. A run stopped by SIGINT or
+SIGTERM ends with one line saying what was kept, and exit code 128 + the signal's number.
 """
 
 from __future__ import annotations
@@ -64,6 +65,6 @@ def main(argv: list[str] | None = None) -> int:
     except CatEngineError as exc:
         print(f"cat-engine {name}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"cat-engine {name}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # SIGINT/SIGTERM: the message says what was kept (engine/signals.py)
+        print(f"cat-engine {name}: {exc or 'interrupted'}", file=sys.stderr)
+        return getattr(exc, "exit_code", 130)

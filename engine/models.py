@@ -105,10 +105,28 @@ def load_base(base: str | Path | None = None, *, load_encoders: bool = True) -> 
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"--base {path}: cannot load it as a diffusers model: {first_line}") from None
+    check_no_missing_weights(path, {"unet": unet, "vae": vae, **dict(zip(TEXT_ENCODER_FOLDERS, encoders))})
     for module in [unet, vae, *encoders]:
         if module is not None:
             module.requires_grad_(False).eval()
     return BaseModel(path, family, unet, vae, tokenizers, encoders, scheduler)
+
+
+TEXT_ENCODER_FOLDERS = ("text_encoder", "text_encoder_2")
+
+
+def check_no_missing_weights(path: Path, modules: dict) -> None:
+    """Refuse a model whose weight files lack tensors: diffusers leaves those on the meta device
+    (no data), and the first step would fail far from the cause."""
+    for folder, module in modules.items():
+        if module is None:
+            continue
+        missing = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+        if missing:
+            raise ModelLoadError(
+                f"--base {path}: the weights in {folder}/ lack {len(missing)} tensor(s) the model needs "
+                f"(e.g. {missing[0]}); the file is incomplete or belongs to another model"
+            )
 
 
 def _quiet_loading() -> None:
