@@ -63,7 +63,7 @@ from cat_engine.engine import checkpoint as ckpt
 from cat_engine.engine import distributed as dist
 from cat_engine.engine import signals
 from cat_engine.engine.errors import CatEngineError
-from cat_engine.engine.files import WriteError, os_error_text, write_text_atomically
+from cat_engine.engine.files import WRITE_ERRORS, WriteError, os_error_text, write_text_atomically
 from cat_engine.engine.lora import (
     LORA_WEIGHT_NAME,
     add_lora,
@@ -457,7 +457,7 @@ class Trainer:
                 info = adapter_metadata(self.config, self.model, self.resolution)
                 try:
                     path = save_lora(self.model.unet, self.output, {**info, "steps": self.step})
-                except OSError as exc:
+                except WRITE_ERRORS as exc:
                     error = WriteError(
                         f"{path}: cannot write it ({os_error_text(exc)}); the run is complete in "
                         f"{self.last_checkpoint}: free space and run again with --resume latest"

@@ -31,7 +31,14 @@ from pathlib import Path
 import torch
 
 from cat_engine.engine.errors import CatEngineError
-from cat_engine.engine.files import OLD_MARK, TMP_MARK, fsync_path, write_folder_atomically
+from cat_engine.engine.files import (
+    OLD_MARK,
+    TMP_MARK,
+    WRITE_ERRORS,
+    fsync_path,
+    os_error_text,
+    write_folder_atomically,
+)
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +156,8 @@ def save_checkpoint(
 
     try:
         write_folder_atomically(target, write)
-    except OSError as exc:
-        raise CheckpointError(f"checkpoint {target}: cannot write it ({exc.strerror or exc})") from None
+    except WRITE_ERRORS as exc:
+        raise CheckpointError(f"checkpoint {target}: cannot write it ({os_error_text(exc)})") from None
     if keep:
         prune_checkpoints(output_dir, keep, step)
     return target

@@ -12,6 +12,7 @@ process's umask gives (some writers, safetensors among them, create their files 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -29,9 +30,25 @@ class WriteError(CatEngineError):
     """An output that could not be written (full disk, read-only folder...); the message names it."""
 
 
-def os_error_text(exc: OSError) -> str:
-    """The short reason of an ``OSError`` (``No space left on device``), without the path it repeats."""
-    return exc.strerror or str(exc) or type(exc).__name__
+# What a failed write raises: OSError from Python, SafetensorError from safetensors (its message
+# carries the OS error: "I/O error: No space left on device (os error 28)").
+WRITE_ERRORS: tuple[type[BaseException], ...] = (OSError,)
+try:
+    from safetensors import SafetensorError
+
+    WRITE_ERRORS += (SafetensorError,)
+except ImportError:  # pragma: no cover
+    pass
+
+
+def os_error_text(exc: BaseException) -> str:
+    """The short reason of a failed write (``No space left on device``), without the path it repeats."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    found = re.search(r"os error (\d+)", str(exc))
+    if found:
+        return os.strerror(int(found.group(1)))
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def umask() -> int:

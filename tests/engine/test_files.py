@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import pytest
 
+from cat_engine.engine import files
 from cat_engine.engine.files import write_atomically, write_folder_atomically, write_text_atomically
 
 
@@ -64,3 +68,36 @@ def test_a_failed_folder_write_leaves_the_old_folder(tmp_path, replace_existing)
     with pytest.raises(RuntimeError, match="interrupted"):
         write_folder_atomically(target, half_then_fail, replace_existing=replace_existing)
     assert (target / "a.txt").read_text() == "old" and _names(tmp_path) == ["model"]
+
+
+def test_a_failed_swap_puts_the_old_folder_back(tmp_path, monkeypatch):
+    target = write_folder_atomically(tmp_path / "model", _fill("old"))
+    real = files.os.replace
+    calls = []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the new folder into place
+            raise OSError("rename refused")
+        return real(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", replace)
+    with pytest.raises(OSError, match="rename refused"):
+        write_folder_atomically(target, _fill("new"))
+    monkeypatch.undo()
+    assert (target / "a.txt").read_text() == "old" and _names(tmp_path) == ["model"]
+
+
+def test_written_files_get_the_umask_whatever_the_writer_does(tmp_path):
+    old = os.umask(0o027)
+    try:
+        # safetensors, like mkstemp, creates its files 0600
+        write_atomically(
+            tmp_path / "f.bin", lambda tmp: os.close(os.open(tmp, os.O_CREAT | os.O_WRONLY, 0o600))
+        )
+        write_folder_atomically(tmp_path / "d", _fill("x"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "f.bin").stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o750
+    assert stat.S_IMODE((tmp_path / "d" / "a.txt").stat().st_mode) == 0o640
