@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
-import numbers
-import os
-import re
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 
 from cat_engine.cat.captions import DEFAULT_CAPTION_TEMPLATE, PLAIN_MODES
+from cat_engine.cat.option_values import TYPES, Bounds, DuplicateKey, strict_loader, type_problem
 from cat_engine.engine.errors import CatEngineError
 from cat_engine.engine.lora import DEFAULT_TARGETS
 from cat_engine.engine.memory_plan import ATTENTION_BACKENDS, PRECISIONS, MemoryPlan
@@ -178,32 +175,6 @@ class TrainConfig:
         return cls(**top, memory=dataclasses.replace(default_memory_plan(), **plan))
 
 
-@dataclass(frozen=True)
-class Bounds:
-    """The range of a numeric option: from ``low`` (exclusive with ``above``) to ``high``, both
-    optional; a float must also be finite in float32, the precision the engine computes in."""
-
-    low: float | None = None
-    high: float | None = None
-    above: bool = False  # strictly greater than ``low``
-    why: str = ""  # said after the range in the message
-
-    def problem(self, value) -> str | None:
-        """What is wrong with ``value`` (``must be ... , got ...``), or ``None``."""
-        if value is None:
-            return None
-        finite = _is_int(value) or (math.isfinite(value) and abs(value) <= FLOAT32_MAX)
-        low_ok = self.low is None or (value > self.low if self.above else value >= self.low)
-        if finite and low_ok and (self.high is None or value <= self.high):
-            return None
-        parts = [] if self.low is None else [f"{'>' if self.above else '>='} {self.low:g}"]
-        parts += [] if self.high is None else [f"<= {self.high:g}" if self.high < 1e6 else f"<= {self.high}"]
-        why = f" ({self.why})" if self.why else ""
-        kind = "" if _is_int(value) else "a finite number "
-        return f"must be {kind}{' and '.join(parts)}{why}, got {value!r}"
-
-
-FLOAT32_MAX = 3.4028234663852886e38
 MAX_LR = 1.0
 # Every numeric option and its range, one line each (tests check that none is missing).
 NUMERIC_BOUNDS = {
@@ -246,44 +217,6 @@ class Option:
 
     def help_text(self) -> str:
         return help_line(self.help, self.default, self.default_text)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-# kind -> (does a value have it, the value as that kind, what the message calls it)
-TYPES = {
-    "int": (_is_int, int, "an integer"),
-    "float": (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool), float, "a number"),
-    "bool": (lambda v: isinstance(v, bool), bool, "true or false"),
-    "str": (lambda v: isinstance(v, (str, os.PathLike)), os.fspath, "a string"),
-    "list[str]": (
-        lambda v: isinstance(v, str) or (isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)),
-        lambda v: v if isinstance(v, str) else list(v),
-        "a list of names (or one comma-separated string)",
-    ),
-    "list[dict]": (lambda v: isinstance(v, list), list, "a list of mappings"),
-}
-
-
-def type_problem(kind: str, value) -> str | None:
-    """Why ``value`` is not of the option type ``kind`` (``expected ..., got ...``), or ``None``."""
-    check = TYPES.get(kind.removesuffix(" | None"))
-    if value is None or check is None or check[0](value):
-        return None
-    quoted = isinstance(value, str) and _unquoted_fits(kind.removesuffix(" | None"), value)
-    return f"expected {check[2]}, got {value!r}" + (" (a string: write it without quotes)" if quoted else "")
-
-
-def _unquoted_fits(kind: str, text: str) -> bool:
-    """Whether ``text`` written without quotes would have been a value of ``kind``."""
-    if kind == "bool":
-        return text.lower() in ("true", "false")
-    try:
-        return kind in ("int", "float") and (float(text) is not None) and (kind == "float" or text.isdigit())
-    except ValueError:
-        return False
 
 
 def cast(name: str, kind: str, value):
@@ -380,46 +313,6 @@ def normalize_concepts(concepts, default_template: str) -> list[dict]:
     return out
 
 
-def _strict_loader():
-    """A ``yaml.SafeLoader`` that refuses repeated keys, reads only ``true``/``false`` as booleans
-    (YAML 1.1 also takes ``yes``, ``no``, ``on``, ``off``: a token ``no`` would become False) and reads
-    ``1e-4`` as a number (YAML 1.2; YAML 1.1 wants ``1.0e-4`` and gives the string otherwise)."""
-    import yaml
-
-    class StrictLoader(yaml.SafeLoader):
-        def construct_mapping(self, node, deep=False):
-            seen = set()
-            for key_node, _ in node.value:
-                key = self.construct_object(key_node, deep=True)
-                try:
-                    repeated = key in seen
-                    seen.add(key)
-                except TypeError:  # an unhashable key: the base class reports it
-                    continue
-                if repeated:
-                    raise DuplicateKey(f"key {key!r} appears twice (line {key_node.start_mark.line + 1})")
-            return super().construct_mapping(node, deep)
-
-    bool_tag, float_tag = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"
-    StrictLoader.yaml_implicit_resolvers = {
-        first: [(tag, rx) for tag, rx in resolvers if tag != bool_tag]
-        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-    }
-    StrictLoader.add_implicit_resolver(
-        bool_tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-    )
-    StrictLoader.add_implicit_resolver(
-        float_tag,
-        re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
-        list("-+0123456789."),
-    )
-    return StrictLoader
-
-
-class DuplicateKey(Exception):
-    """A mapping of a YAML file repeats a key."""
-
-
 def read_yaml(path: str | Path, flag: str):
     """The content of the YAML file ``path`` (given as ``flag``), read by the strict loader.
 
@@ -431,7 +324,7 @@ def read_yaml(path: str | Path, flag: str):
     if not path.is_file():
         raise ConfigError(f"{flag} {path}: no such file")
     try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=_strict_loader())
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=strict_loader())
     except DuplicateKey as exc:
         raise ConfigError(f"{flag} {path}: {exc}") from None
     except yaml.YAMLError as exc:

@@ -24,7 +24,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,10 +58,10 @@ from cat_engine.cat.output_folder import (
     TrainLog,
     prepare_output,
 )
+from cat_engine.cat.stopping import NonFiniteAdapter, Stopping, TrainingError
 from cat_engine.engine import checkpoint as ckpt
 from cat_engine.engine import distributed as dist
 from cat_engine.engine import signals
-from cat_engine.engine.errors import CatEngineError
 from cat_engine.engine.files import WRITE_ERRORS, WriteError, os_error_text, write_text_atomically
 from cat_engine.engine.lora import (
     LORA_WEIGHT_NAME,
@@ -85,14 +84,6 @@ GRAD_SCALER_KEY = "grad_scaler"
 WEIGHT_DECAY = 1e-2
 
 
-class TrainingError(CatEngineError):
-    """Training stopped for a reason the user must see (non-finite loss...)."""
-
-
-class NonFiniteAdapter(TrainingError):
-    """The adapter or its optimizer state holds NaN or infinite values: it is not saved."""
-
-
 def train(config: TrainConfig, progress: bool = True, ranks: dist.DistContext = dist.SINGLE) -> Path:
     """Run the recipe; return the path of the saved LoRA. Raises the engine's user errors, and
     :class:`~cat_engine.engine.signals.Interrupted` (a ``KeyboardInterrupt``) on SIGINT or SIGTERM.
@@ -111,8 +102,9 @@ def train(config: TrainConfig, progress: bool = True, ranks: dist.DistContext = 
 
 
 @dataclass
-class Trainer:
-    """The state of one training run; :func:`train` calls its methods in order."""
+class Trainer(Stopping):
+    """The state of one training run; :func:`train` calls its methods in order (how a run stops
+    and says what it kept: :class:`~cat_engine.cat.stopping.Stopping`)."""
 
     config: TrainConfig
     ranks: dist.DistContext
@@ -303,14 +295,8 @@ class Trainer:
 
     # ---------------------------------------------------------------------------- the loop
     def train(self, progress: bool = True) -> None:
-        """Steps until ``config.steps``: a log line each, a checkpoint every ``save_every``.
-
-        A stop request (SIGINT, SIGTERM: engine/signals.py) is honoured at the next step boundary,
-        on every rank alike: a checkpoint of the steps completed, then
-        :class:`~cat_engine.engine.signals.Interrupted` naming it (``--resume latest`` continues
-        it). A second signal aborts at once (:class:`~cat_engine.engine.signals.Aborted`), keeping
-        the checkpoints already written. A ``KeyboardInterrupt`` raised inside a step by other means
-        discards the step and saves the steps before it, unless the adapter was being updated.
+        """Steps until ``config.steps``: a log line each, a checkpoint every ``save_every``; a stop
+        request (SIGINT, SIGTERM) at the next step boundary, a second signal at once (cat/stopping.py).
         """
         from tqdm.auto import tqdm
 
@@ -354,68 +340,12 @@ class Trainer:
         if self.step < self.config.steps:  # stopped on request
             raise self.interrupted()
 
-    def stop_agreed(self) -> bool:
-        """Whether to stop before the next step: this process was asked to, or under torchrun any
-        rank was (every rank decides alike, so all write and wait for the same checkpoint)."""
-        if not self.ranks.enabled:
-            return self.stop.requested
-        flag = torch.tensor([float(self.stop.requested)], device=next(iter(self.lora.values())).device)
-        return bool(dist.all_mean(self.ranks, flag).item() > 0)
-
-    def interrupted(self) -> signals.Interrupted:
-        """Save the steps completed (unless saved already); the exception that says where they are."""
-        signum = self.stop.signum or signal.SIGTERM  # a rank that only learned of another's signal
-        if self.step == 0:
-            kept = "no step had completed, nothing to save"
-        else:
-            kept = f"checkpoint {self.checkpoint_of_this_step()}; continue with --resume latest"
-        return signals.Interrupted(
-            signum, f"interrupted by {signals.signal_name(signum)} after step {self.step}: {kept}"
-        )
-
-    def interrupted_mid_step(self) -> signals.Interrupted:
-        """A ``KeyboardInterrupt`` inside a step: discard the step and save the ones before it, unless
-        the adapter was being updated (then its state is half-way, and nothing is written)."""
-        if self.updating:
-            return signals.Interrupted(
-                signal.SIGINT,
-                f"interrupted while updating the adapter in step {self.step + 1}: no checkpoint written "
-                f"(the adapter may be half-updated); {self.last_good()}",
-            )
-        self.abandon_step()
-        if self.step == 0:
-            return signals.Interrupted(
-                signal.SIGINT, "interrupted before the first step completed: nothing to save"
-            )
-        path = self.checkpoint_of_this_step(sync=False)  # a rank may be gone
-        return signals.Interrupted(
-            signal.SIGINT,
-            f"interrupted during step {self.step + 1}: checkpoint {path} of the steps completed; "
-            "continue with --resume latest",
-        )
-
     # -------------------------------------------------------------------------------- save
-    def last_good(self) -> str:
-        """The phrase that names the newest checkpoint of this run, for messages."""
-        if self.last_checkpoint is None:
-            return "no checkpoint written yet"
-        return f"last good checkpoint: {self.last_checkpoint}"
-
-    def checkpoint_of_this_step(self, sync: bool = True) -> Path:
-        """The checkpoint of the current step: written now unless it already is."""
-        if self.saved_step == self.step and self.last_checkpoint is not None:
-            return self.last_checkpoint
-        return self.save_checkpoint(sync=sync)
-
     def save_checkpoint(self, sync: bool = True) -> Path:
-        """``checkpoints/step-N`` of the current step.
-
-        Rank 0 writes; with ``sync`` the others wait for it and learn whether it failed (not on a
-        stray ``KeyboardInterrupt``: a rank may be gone). Raises :class:`NonFiniteAdapter` (nothing
-        written) when the adapter or optimizer state is not finite, :class:`TrainingError` when the
-        disk refuses; either way the checkpoints already there are kept, and the message names the
-        newest.
-        """
+        """``checkpoints/step-N`` of the current step. Rank 0 writes; with ``sync`` the others wait and
+        learn whether it failed (not on a stray ``KeyboardInterrupt``: a rank may be gone). A
+        non-finite state (:class:`NonFiniteAdapter`) or a refusing disk (:class:`TrainingError`)
+        writes nothing; the message names the newest checkpoint, which is kept."""
         path = self.output / ckpt.CHECKPOINTS / f"step-{self.step}"
         error = None
         if self.ranks.main:
@@ -447,9 +377,7 @@ class Trainer:
 
     def save(self) -> Path:
         """The last checkpoint, then the LoRA file with the metadata ``cat-engine eval`` reads; its path.
-
-        A signal while saving waits for the save to finish (the run is then complete).
-        """
+        A signal while saving waits for the save to finish (the run is then complete)."""
         with self.stop.deferred():
             self.checkpoint_of_this_step()
             path, error = self.output / LORA_WEIGHT_NAME, None

@@ -141,12 +141,22 @@ def test_nproc_relaunches_the_same_options_under_torchrun(monkeypatch):
     )
     seen = {}
 
-    def fake_run(command, **kwargs):
-        seen["command"] = command
-        return subprocess.CompletedProcess(command, 0)
+    class FakePopen:  # torchrun, started in its own session (signals reach it through the launcher)
+        def __init__(self, command, **kwargs):
+            seen["command"], seen["kwargs"] = command, kwargs
 
-    monkeypatch.setattr(subprocess, "run", fake_run)
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", FakePopen)
     assert train_mod.launch(args) == 0
+    assert seen["kwargs"].get("start_new_session") is True
     command = seen["command"]
     assert command[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     rest = command[command.index("cat_engine") + 2 :]

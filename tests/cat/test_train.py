@@ -372,23 +372,26 @@ def test_two_signals_at_once_are_one_request(tmp_path, monkeypatch):
         _run(tmp_path)
 
 
-def test_an_interrupt_while_the_adapter_is_updated_writes_nothing(tmp_path, monkeypatch):
-    """A KeyboardInterrupt raised inside optimizer.step by other means than the engine's handlers
-    (they defer signals) would leave half-updated tensors: no checkpoint of that state is written."""
-    real_make = train_mod.make_optimizer
-    steps = itertools.count()
+def _inside_optimizer_step(monkeypatch, call, action):
+    """Run ``action(params)`` inside the ``call``-th optimizer step (0-based), after the update."""
+    real_make, calls = train_mod.make_optimizer, itertools.count()
 
     def make_optimizer(params, *args, **kwargs):
         optimizer = real_make(params, *args, **kwargs)
-
-        def interrupt(*_):
-            if next(steps) == 3:
-                raise KeyboardInterrupt
-
-        optimizer.register_step_post_hook(interrupt)
+        optimizer.register_step_post_hook(lambda *_: action(params) if next(calls) == call else None)
         return optimizer
 
     monkeypatch.setattr(train_mod, "make_optimizer", make_optimizer)
+
+
+def test_an_interrupt_while_the_adapter_is_updated_writes_nothing(tmp_path, monkeypatch):
+    """A KeyboardInterrupt raised inside optimizer.step by other means than the engine's handlers
+    (they defer signals) would leave half-updated tensors: no checkpoint of that state is written."""
+
+    def interrupt(params):
+        raise KeyboardInterrupt
+
+    _inside_optimizer_step(monkeypatch, 3, interrupt)
     with pytest.raises(
         KeyboardInterrupt, match="while updating the adapter in step 4: no checkpoint written"
     ):
@@ -400,21 +403,7 @@ def test_an_interrupt_while_the_adapter_is_updated_writes_nothing(tmp_path, monk
 def test_a_non_finite_adapter_is_never_saved_as_the_last_good_checkpoint(tmp_path, monkeypatch, save_every):
     """The update of step 2 turns the adapter infinite (as --lr inf did): step-2 is not written, and
     the stop names the checkpoint that is still good (step-1), or says there is none."""
-    real_make = train_mod.make_optimizer
-    steps = itertools.count()
-
-    def make_optimizer(params, *args, **kwargs):
-        optimizer = real_make(params, *args, **kwargs)
-
-        def poison(*_):
-            if next(steps) == 1:
-                with torch.no_grad():
-                    params[0].fill_(float("inf"))
-
-        optimizer.register_step_post_hook(poison)
-        return optimizer
-
-    monkeypatch.setattr(train_mod, "make_optimizer", make_optimizer)
+    _inside_optimizer_step(monkeypatch, 1, lambda params: params[0].data.fill_(float("inf")))
     with pytest.raises(train_mod.TrainingError) as info:
         _run(tmp_path, save_every=save_every)
     out = tmp_path / "run"
