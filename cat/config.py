@@ -129,6 +129,17 @@ class TrainConfig:
     device: str = field(default="auto", metadata=help_metadata("auto, cpu, cuda, cuda:1 ..."))
 
     def validate(self) -> TrainConfig:
+        """Check every option (its type, a number's range, the choices); returns self."""
+        for name, option in OPTIONS.items():  # a config built in Python did not pass from_dict
+            value = getattr(self.memory, name) if option.in_memory else getattr(self, name)
+            problem = "a value is required" if value is None and not option.optional else None
+            problem = problem or type_problem(option.type, value)
+            if problem:
+                raise ConfigError(f"{_flag(name)}: {problem}")
+            if not option.in_memory:  # a path as a string, an int as a float where a float is meant
+                setattr(self, name, cast(name, option.type, value))
+        if isinstance(self.targets, str):
+            self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
         for name, bounds in NUMERIC_BOUNDS.items():
             value = getattr(self.memory, name) if OPTIONS[name].in_memory else getattr(self, name)
             problem = bounds.problem(value)

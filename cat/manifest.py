@@ -99,7 +99,9 @@ def read_manifest(path: str | Path) -> dict:
     kps = raw.get("kps", {})
     if kps is not False:
         if not isinstance(kps or {}, dict):
-            raise ConfigError(f"--manifest {path}: kps: expected a mapping of eval options or false, got {kps!r}")
+            raise ConfigError(
+                f"--manifest {path}: kps: expected a mapping of eval options or false, got {kps!r}"
+            )
         kps = {str(k).replace("-", "_"): v for k, v in (kps or {}).items()}
         bad = sorted(set(kps) - set(KPS_OPTIONS))
         if bad:
@@ -109,7 +111,9 @@ def read_manifest(path: str | Path) -> dict:
         kps = {**KPS_DEFAULTS, **kps}
     defaults = _options(raw.get("defaults") or {}, f"--manifest {path}: defaults")
     if not isinstance(raw["concepts"], list):
-        raise ConfigError(f"--manifest {path}: concepts: expected a list of concepts, got {raw['concepts']!r}")
+        raise ConfigError(
+            f"--manifest {path}: concepts: expected a list of concepts, got {raw['concepts']!r}"
+        )
     concepts, names = [], set()
     for i, entry in enumerate(raw["concepts"]):
         if not isinstance(entry, dict):

@@ -78,7 +78,10 @@ def apply_umask(path: Path) -> None:
 
 def fsync_path(path: Path) -> None:
     """Flush ``path`` (a file or a folder's entries) to the disk."""
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # a folder cannot be opened on every system; nothing to flush then
+        return
     try:
         os.fsync(fd)
     except OSError:  # some file systems refuse fsync on folders; the data is flushed all the same

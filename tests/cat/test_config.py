@@ -1,4 +1,5 @@
 import argparse
+from pathlib import Path
 
 import pytest
 
@@ -225,3 +226,13 @@ def test_run_identity_compares_folders_resolved_and_alpha_effective(tmp_path, mo
     assert a == b
     assert run_identity(TrainConfig(seed=1).to_dict()) != run_identity(TrainConfig().to_dict())
     assert set(run_identity(TrainConfig().to_dict())) == set(IDENTITY)
+
+
+def test_a_config_built_in_python_is_checked_as_strictly():
+    with pytest.raises(ConfigError, match=r"--rank: expected an integer, got 4\.5"):
+        TrainConfig(rank=4.5).validate()
+    with pytest.raises(ConfigError, match=r"--steps: a value is required"):
+        TrainConfig(steps=None).validate()
+    config = TrainConfig(output=Path("out"), lr=1, targets="to_q, to_v").validate()
+    assert (config.output, config.lr, config.targets) == ("out", 1.0, ["to_q", "to_v"])
+    assert isinstance(config.lr, float)
