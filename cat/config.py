@@ -71,9 +71,13 @@ class TrainConfig:
     # the adapter
     rank: int = field(default=16, metadata=help_metadata("LoRA rank"))
     alpha: float | None = field(default=None, metadata=help_metadata("LoRA alpha", "the rank, i.e. scale 1"))
-    targets: list[str] = field(
-        default_factory=lambda: list(DEFAULT_TARGETS),
-        metadata=help_metadata("comma-separated module names to adapt"),
+    targets: list[str] | None = field(
+        default=None,
+        metadata=help_metadata(
+            "comma-separated module names to adapt",
+            f"the base model family's: {','.join(DEFAULT_TARGETS)} for SD/SDXL, the attention (and Flux's "
+            "feed-forward) projections for SD3, Flux and Z-Image",
+        ),
     )
     # optimisation
     lr: float = field(default=1e-4, metadata=help_metadata("learning rate"))
@@ -129,7 +133,7 @@ class TrainConfig:
             (self.save_every >= 0, "--save-every must be >= 0 (0: only at the end)"),
             (self.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1"),
             (bool(self.token.strip()), "--token must not be empty"),
-            (bool(self.targets), "--targets must name at least one module"),
+            (self.targets is None or bool(self.targets), "--targets must name at least one module"),
             (
                 self.resolution is None or (self.resolution >= 8 and self.resolution % 8 == 0),
                 "--resolution must be a multiple of 8",

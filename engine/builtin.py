@@ -213,8 +213,17 @@ def builtin_model_dir(
     SD-family epsilon-prediction (the default) with ``pretrained``: the toy world
     (:data:`TOYWORLD_DIR`). Otherwise the random tiny pipeline, written once into the cache and
     reused. Its folder name carries a fingerprint of the components' configs, so a cache written by an
-    older definition of the model is never picked up by mistake.
+    older definition of the model is never picked up by mistake. The diffusion-transformer families
+    (``sd3``, ``flux``, ``zimage``) have only a random tiny pipeline (``engine/builtin_dit.py``);
+    ``prediction_type`` does not apply to them (they predict the flow velocity).
     """
+    if family not in FAMILIES:
+        from cat_engine.engine import builtin_dit
+
+        target = cache_root() / builtin_dit.tiny_dit_name(family)
+        if not (target / "model_index.json").exists():
+            save_pipeline_atomically(builtin_dit.tiny_dit_pipeline(family), target)
+        return target
     if (
         pretrained
         and (family, prediction_type) == ("sd", "epsilon")
