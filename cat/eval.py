@@ -106,7 +106,10 @@ class EvalConfig:
     batch_size: int = field(default=8, metadata=help_metadata("(prompt, seed) jobs per denoising batch"))
     dtype: str = field(
         default="auto",
-        metadata=help_metadata("UNet and text encoder precision; auto: float16 on a GPU, else float32"),
+        metadata=help_metadata(
+            "denoiser and text encoder precision; auto: float16 on a GPU (bfloat16 for SD3, Flux, Z-Image), "
+            "else float32"
+        ),
     )
 
     def validate(self) -> EvalConfig:
@@ -293,8 +296,9 @@ def load_adapted_model(base: str | None, lora: Path, dtype: str, device: torch.d
         ) from None
     if not has_peft_adapter(model.unet):
         raise EvalError(f"--lora {lora}: no LoRA weights for this --base's {lora_prefix(model.unet)} in it")
-    if dtype == "auto":  # half precision where it is fast
-        dtype = "float16" if device.type == "cuda" else "float32"
+    if dtype == "auto":  # half precision where it is fast; transformers (and T5) in bf16, as released
+        half = "bfloat16" if dit_family(model.family) is not None else "float16"
+        dtype = half if device.type == "cuda" else "float32"
     for module in [model.unet, *model.text_encoders]:
         _move(module, device, DTYPES[dtype])
     _move(model.vae, device, torch.float32)  # the SD VAE overflows in float16; decoding is a small share

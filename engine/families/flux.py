@@ -12,9 +12,10 @@ scheduler config's ``base_shift`` at ``base_image_seq_len`` and ``max_shift`` at
 ``max_image_seq_len``, then the scheduler's exponential time shift): Flux's resolution-dependent
 shift. LoRA targets: those of diffusers' ``train_dreambooth_lora_flux.py`` (attention of both
 streams and the double blocks' feed-forwards). Flux.1-dev is guidance-distilled and is trained at
-the fixed guidance :data:`TRAIN_GUIDANCE`, as kohya's sd-scripts recommend for LoRAs (diffusers'
-script defaults to 3.5); schnell has no guidance input. Sampling uses the embedded guidance (3.5
-by default) and no classifier-free guidance, as the pipeline does.
+the fixed guidance :data:`TRAIN_GUIDANCE`, the default of diffusers' script and of kohya's
+sd-scripts, and the value the pipeline samples with, so the CAT term holds the adapter to the base
+model where it is used; schnell has no guidance input. Sampling uses the embedded guidance and no
+classifier-free guidance, as the pipeline does.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from cat_engine.engine.families import flow
 from cat_engine.engine.families.base import DitFamily, per_row, tokenize
 
-TRAIN_GUIDANCE = 1.0  # the guidance embedding's value in training (guidance-distilled models)
+TRAIN_GUIDANCE = 3.5  # the guidance embedding's value in training (guidance-distilled models)
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
