@@ -14,37 +14,14 @@ keyword arguments by the family (``engine/families/``). The maths past the model
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from cat_engine.cat.loss import CatLossOutput, batch_loss, cat_loss_reference
 from cat_engine.engine.batch import CatBatch
 from cat_engine.engine.families import denoiser_family
 from cat_engine.engine.text import PromptEmbeds
-
-
-def flow_batch(
-    transformer,
-    noisy_latents: torch.Tensor,
-    timesteps: torch.Tensor,
-    token: PromptEmbeds,
-    plain: PromptEmbeds,
-    target: torch.Tensor,
-) -> CatBatch:
-    """The :class:`CatBatch` of a transformer family's step from its captions' embeddings."""
-    family = denoiser_family(transformer)
-    if family is None:
-        raise ValueError(
-            f"flow_cat_loss: {type(transformer).__name__} is not a transformer family of the engine"
-        )
-    return CatBatch(
-        noisy_latents,
-        timesteps,
-        token.embeds,
-        plain.embeds,
-        target,
-        family.conditioning(token),
-        family.conditioning(plain),
-    )
 
 
 def flow_cat_loss(
@@ -56,6 +33,7 @@ def flow_cat_loss(
     target: torch.Tensor,
     *,
     cat_weight: float = 1.0,
+    reference: bool = False,
 ) -> CatLossOutput:
     """The CAT loss of one flow-matching batch: one split-batch call (docs/design.md §4).
 
@@ -68,23 +46,28 @@ def flow_cat_loss(
         plain: the same captions without it.
         target: ``noise - x_0``, shaped like ``noisy_latents``.
         cat_weight: ``lambda``; 0 gives plain LoRA training.
+        reference: run the three-call reference instead (:data:`flow_cat_loss_reference`).
 
-    Equals :func:`flow_cat_loss_reference` (tests/cat/test_flow_loss.py); call ``loss.backward()``.
+    Equals :data:`flow_cat_loss_reference` (tests/cat/test_flow_loss.py); call ``loss.backward()``.
     """
-    batch = flow_batch(transformer, noisy_latents, timesteps, token, plain, target)
+    family = denoiser_family(transformer)
+    if family is None:
+        raise ValueError(
+            f"flow_cat_loss: {type(transformer).__name__} is not a transformer family of the engine"
+        )
+    batch = CatBatch(
+        noisy_latents,
+        timesteps,
+        token.embeds,
+        plain.embeds,
+        target,
+        family.conditioning(token),
+        family.conditioning(plain),
+    )
+    if reference:
+        return cat_loss_reference(transformer, **vars(batch), cat_weight=cat_weight)
     return batch_loss(transformer, batch, cat_weight)
 
 
-def flow_cat_loss_reference(
-    transformer,
-    noisy_latents: torch.Tensor,
-    timesteps: torch.Tensor,
-    token: PromptEmbeds,
-    plain: PromptEmbeds,
-    target: torch.Tensor,
-    *,
-    cat_weight: float = 1.0,
-) -> CatLossOutput:
-    """Three transformer calls: adapter/token, adapter/plain, base/plain under no_grad."""
-    batch = flow_batch(transformer, noisy_latents, timesteps, token, plain, target)
-    return cat_loss_reference(transformer, **vars(batch), cat_weight=cat_weight)
+# Three transformer calls: adapter/token, adapter/plain, base/plain under no_grad.
+flow_cat_loss_reference = functools.partial(flow_cat_loss, reference=True)

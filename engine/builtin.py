@@ -94,10 +94,11 @@ def tiny_unet(family: str = "sd", **overrides):
     return UNet2DConditionModel(**config)
 
 
-def tiny_vae():
+def tiny_vae(**overrides):
+    """The tiny 4x VAE (4 latent channels; ``overrides`` change its config, as for the transformers')."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(
+    config = dict(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 3,
@@ -108,6 +109,7 @@ def tiny_vae():
         norm_num_groups=8,
         sample_size=NATIVE_RESOLUTION,
     )
+    return AutoencoderKL(**{**config, **overrides})
 
 
 def tiny_scheduler(prediction_type: str = "epsilon"):

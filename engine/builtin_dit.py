@@ -103,19 +103,12 @@ def tiny_transformer(family: str, **overrides):
 
 
 def tiny_flow_vae(family: str):
-    from diffusers import AutoencoderKL
+    """The tiny VAE with 16 latent channels and the family's scaling and shift, no quant convs."""
+    from cat_engine.engine.builtin import tiny_vae
 
     scaling, shift = VAE_SCALING[family]
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 32),
-        layers_per_block=1,
+    return tiny_vae(
         latent_channels=LATENT_CHANNELS,
-        norm_num_groups=8,
-        sample_size=NATIVE_RESOLUTION,
         scaling_factor=scaling,
         shift_factor=shift,
         use_quant_conv=False,
@@ -179,51 +172,52 @@ def _scheduler(family: str):
     return FlowMatchEulerDiscreteScheduler(**SCHEDULERS[family])
 
 
-def tiny_dit_pipeline(family: str, seed: int = 0):
-    """The family's diffusers pipeline at a tiny size, random weights from ``seed``."""
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline, ZImagePipeline
+def _text_side(family: str) -> dict:
+    """The family's tokenizers and text encoders, by pipeline component name."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from cat_engine.engine.builtin import _text_config, clip_tokenizer
 
+    if family == "sd3":  # two CLIPs with projections of 16 (pooled 32), then T5
+        t5_tok = t5_tokenizer()
+        clips = {
+            f"text_encoder{k}": CLIPTextModelWithProjection(_text_config(16, projection=16))
+            for k in ("", "_2")
+        }
+        return {
+            **clips,
+            "tokenizer": clip_tokenizer(),
+            "tokenizer_2": clip_tokenizer(),
+            "text_encoder_3": _t5(len(t5_tok)),
+            "tokenizer_3": t5_tok,
+        }
+    if family == "flux":  # CLIP (pooled 32), then T5
+        t5_tok = t5_tokenizer()
+        return {
+            "text_encoder": CLIPTextModel(_text_config(32)),
+            "tokenizer": clip_tokenizer(),
+            "text_encoder_2": _t5(len(t5_tok)),
+            "tokenizer_2": t5_tok,
+        }
+    tok = qwen_tokenizer()
+    return {"text_encoder": _qwen3(len(tok), tok.pad_token_id), "tokenizer": tok}
+
+
+def tiny_dit_pipeline(family: str, seed: int = 0):
+    """The family's diffusers pipeline at a tiny size, random weights from ``seed``."""
+    import diffusers
+
+    from cat_engine.engine.families import DIT_FAMILIES
+
+    if family not in DIT_FAMILIES:
+        raise ValueError(f"no tiny pipeline for family {family!r}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        transformer = tiny_transformer(family)
-        vae = tiny_flow_vae(family)
-        if family == "sd3":
-            t5_tok = t5_tokenizer()
-            return StableDiffusion3Pipeline(
-                transformer=transformer,
-                scheduler=_scheduler(family),
-                vae=vae,
-                text_encoder=CLIPTextModelWithProjection(_text_config(16, projection=16)),
-                tokenizer=clip_tokenizer(),
-                text_encoder_2=CLIPTextModelWithProjection(_text_config(16, projection=16)),
-                tokenizer_2=clip_tokenizer(),
-                text_encoder_3=_t5(len(t5_tok)),
-                tokenizer_3=t5_tok,
-            )
-        if family == "flux":
-            t5_tok = t5_tokenizer()
-            return FluxPipeline(
-                scheduler=_scheduler(family),
-                vae=vae,
-                text_encoder=CLIPTextModel(_text_config(32)),
-                tokenizer=clip_tokenizer(),
-                text_encoder_2=_t5(len(t5_tok)),
-                tokenizer_2=t5_tok,
-                transformer=transformer,
-            )
-        if family == "zimage":
-            tok = qwen_tokenizer()
-            return ZImagePipeline(
-                scheduler=_scheduler(family),
-                vae=vae,
-                text_encoder=_qwen3(len(tok), tok.pad_token_id),
-                tokenizer=tok,
-                transformer=transformer,
-            )
-    raise ValueError(f"no tiny pipeline for family {family!r}")
+        components = dict(
+            transformer=tiny_transformer(family), vae=tiny_flow_vae(family), **_text_side(family)
+        )
+    pipeline_cls = getattr(diffusers, DIT_FAMILIES[family].pipeline_class)
+    return pipeline_cls(scheduler=_scheduler(family), **components)
 
 
 def _tokenizer_files_hash() -> str:
