@@ -41,7 +41,8 @@ class TrainConfig:
     base: str = field(
         default="builtin",
         metadata=help_metadata(
-            "local diffusers model folder (SD1.x/SD2.x/SDXL), or builtin: the built-in tiny model"
+            "local diffusers model folder (SD1.x/SD2.x/SDXL, SD3/3.5, Flux.1, Z-Image), builtin: the built-in "
+            "tiny model, or builtin-tiny-<sd|sdxl|sd3|flux|zimage>: a random tiny pipeline of that family"
         ),
     )
     data: str | None = field(
