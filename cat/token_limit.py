@@ -1,7 +1,7 @@
 """Captions whose trigger token the text encoder never sees.
 
-A CLIP text encoder reads a fixed number of tokens (77 with the start and end tokens); the rest of a
-longer caption is cut off. When the trigger token falls past the cut, its image trains as if it had
+A CLIP text encoder reads a fixed number of tokens (77 with the start and end tokens; a T5 beside it
+reads more); the rest of a longer caption is cut off. When the trigger token falls past the cut, its image trains as if it had
 no token, which silently weakens the concept; :func:`warn_tokens_past_limit` names such images.
 """
 
@@ -34,7 +34,8 @@ def warn_tokens_past_limit(tokenizers, captions: list[str], files: list[Path], t
     limits = sorted({t.model_max_length for t in tokenizers if t.model_max_length < NO_LIMIT})
     if not limits:
         return past
-    tokenizer, limit = next(t for t in tokenizers if t.model_max_length == limits[0]), limits[0]
+    # the longest reader decides: with a T5 beside CLIP (SD3, Flux) the token is lost only past T5's limit
+    tokenizer, limit = next(t for t in tokenizers if t.model_max_length == limits[-1]), limits[-1]
     needed_by_caption: dict[str, int | None] = {}
     for caption, file in zip(captions, files):
         if caption not in needed_by_caption:
