@@ -405,7 +405,8 @@ def config_differences(saved: dict, current: TrainConfig, ignore=()) -> list[str
 
 def run_identity(flat: dict) -> dict:
     """The :data:`IDENTITY` options of a flat config (``to_dict`` form, or a checkpoint's), as a run
-    compares them: folders absolute, ``alpha`` the effective one, targets as a set (sorted)."""
+    compares them: folders absolute, ``alpha`` the effective one, targets as a set (sorted; left out
+    when not given, as the model decides them)."""
 
     def folder(value):
         return value if value in (None, "builtin") else str(Path(value).expanduser().resolve())
@@ -420,6 +421,8 @@ def run_identity(flat: dict) -> dict:
         out["alpha"] = float(flat["rank"] if flat["alpha"] is None else flat["alpha"])
     if isinstance(out.get("targets"), list):
         out["targets"] = sorted(out["targets"])
+    elif "targets" in out:  # the family's default, known once the model is loaded: the checkpoint's
+        del out["targets"]  # tensors are checked against the adapter then (Trainer.restore)
     return out
 
 

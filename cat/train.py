@@ -221,6 +221,12 @@ class Trainer(Stopping):
                 f"--resume {path}: the checkpoint lacks {len(missing)} LoRA tensors of this model (e.g. {missing[0]}); "
                 "was it trained with other --targets or --rank?"
             )
+        extra = sorted(set(loaded["lora"]) - set(self.lora))
+        if extra:  # they would be dropped without a word
+            raise ckpt.CheckpointError(
+                f"--resume {path}: the checkpoint has {len(extra)} LoRA tensors this model does not adapt "
+                f"(e.g. {extra[0]}); was it trained with other --targets?"
+            )
         with torch.no_grad():
             for name, param in self.lora.items():
                 saved = loaded["lora"][name]

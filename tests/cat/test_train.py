@@ -462,3 +462,14 @@ def test_resuming_an_older_checkpoint_puts_the_newer_ones_aside(tmp_path, straig
 
 def test_a_64_bit_seed_trains():
     assert len(train_mod.sample_indices(3, 2, 6, 2**64 - 1)) == 2
+
+
+def test_resuming_with_the_default_targets_checks_them_against_the_checkpoint(tmp_path):
+    """Not given, --targets are the model family's (known once it is loaded): a checkpoint trained on
+    more modules is refused then, not resumed with its extra tensors dropped."""
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.2"]
+    _run(tmp_path, steps=1, save_every=1, targets=targets)
+    with pytest.raises(
+        ckpt.CheckpointError, match=r"LoRA tensors this model does not adapt .*other --targets"
+    ):
+        _run(tmp_path, steps=2, resume="latest", targets=None)
