@@ -69,6 +69,16 @@ def init_distributed(device: str = "auto") -> DistContext:
     return DistContext(dist.get_rank(), dist.get_world_size(), local)
 
 
+def current_context() -> DistContext:
+    """This process's place in the initialised ``torch.distributed`` group, whoever set it up
+    (torchrun with :func:`init_distributed`, accelerate, the caller); :data:`SINGLE` when none is."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return SINGLE
+    return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get(LOCAL_RANK_ENV, "0")))
+
+
 def _wants_cuda(device: str) -> bool:
     if device == "auto":
         return torch.cuda.is_available()

@@ -67,16 +67,28 @@ def _peft_lora_layer():
     return LoraLayer
 
 
-def adapter_parameter_ids(model: torch.nn.Module) -> set[int]:
-    """Ids of the parameters that make a module's rows differ between adapter and base rows.
+def _row_aware_forward(module) -> bool:
+    owner = getattr(module.__dict__.get("forward"), "__self__", None)
+    return owner is not None and owner is not module and is_row_aware(owner)
 
-    LoRA tensors by name (``lora_``, frozen ones included: sampling with a loaded adapter), every
-    trainable parameter, and every parameter of a row-aware layer, whatever its names.
+
+def adapter_module_ids(model: torch.nn.Module) -> set[int]:
+    """Ids of the modules whose rows differ between adapter and base rows (a module containing
+    one of them does too).
+
+    Modules holding LoRA tensors by name (``lora_``, frozen ones included: sampling with a loaded
+    adapter) or trainable tensors, row-aware layers, and modules whose ``forward`` a row-aware
+    layer replaced (kohya-style: the adapter's tensors live outside the model).
     """
-    ids = {id(p) for n, p in model.named_parameters() if "lora_" in n or p.requires_grad}
-    for m in model.modules():
-        if is_row_aware(m):
-            ids.update(id(p) for p in m.parameters())
+    ids = set()
+    for module in model.modules():
+        own = module.named_parameters(recurse=False)
+        if (
+            is_row_aware(module)
+            or _row_aware_forward(module)
+            or any("lora_" in n or p.requires_grad for n, p in own)
+        ):
+            ids.add(id(module))
     return ids
 
 
@@ -114,8 +126,7 @@ def _foreign_forward(name: str, module) -> str | None:
     forward = module.__dict__.get("forward")
     if forward is None or hasattr(module, "_hf_hook"):  # accelerate's device hooks move tensors only
         return None
-    owner = getattr(forward, "__self__", None)
-    if owner is not None and is_row_aware(owner):
+    if _row_aware_forward(module):
         return None
     what = getattr(forward, "__qualname__", type(forward).__name__)
     return (

@@ -66,7 +66,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 from cat_engine.engine.denoiser import unet_forward
-from cat_engine.engine.row_aware import adapter_parameter_ids, check_adapter_layers, is_row_aware
+from cat_engine.engine.row_aware import adapter_module_ids, check_adapter_layers, is_row_aware
 from cat_engine.engine.split_batch import adapter_rows as _adapter_rows_ctx
 from cat_engine.kernels.lora_linear import autocast_dtype
 
@@ -441,7 +441,7 @@ class _SplitCall:
         self.dropout = dropout  # LoRA dropout draws masks: each unit's recompute replays its RNG state
         self.token = next(_call_ids)
         self.depth = 0  # > 0 inside a unit or a split/shared module: its submodules run plainly
-        self._lora_ids = adapter_parameter_ids(unet)
+        self._adapter_modules = adapter_module_ids(unet)
         self._has_lora: dict[int, bool] = {}
         self._copies: dict[int, tuple] = {}  # id(x) -> (weakref(x), weakref(adapter-row copy))
         self._dummy = None
@@ -459,7 +459,7 @@ class _SplitCall:
     def has_lora(self, module) -> bool:
         key = id(module)
         if key not in self._has_lora:
-            self._has_lora[key] = any(id(p) in self._lora_ids for p in module.parameters())
+            self._has_lora[key] = any(id(m) in self._adapter_modules for m in module.modules())
         return self._has_lora[key]
 
     def dummy(self):
