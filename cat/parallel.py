@@ -40,19 +40,10 @@ class CatLoss(dist.TrainStep):
         super().__init__(unet, params, step_loss())
 
     def forward(
-        self,
-        noisy_latents: torch.Tensor,
-        timesteps: torch.Tensor,
-        token_embeds: torch.Tensor,
-        plain_embeds: torch.Tensor,
-        target: torch.Tensor,
-        *,
-        cat_weight: float = 1.0,
-        reduction: str = "mean",
-        **conditioning,
+        self, *args, cat_weight: float = 1.0, reduction: str = "mean", **conditioning
     ) -> CatLossOutput:
-        batch = cat_batch(noisy_latents, timesteps, token_embeds, plain_embeds, target, **conditioning)
-        return batch_loss(self.model, batch, cat_weight, reduction)
+        """``cat_loss(unet, *args, cat_weight=..., reduction=..., **conditioning)``."""
+        return batch_loss(self.model, cat_batch(*args, **conditioning), cat_weight, reduction)
 
 
 def data_parallel_cat_loss(unet: torch.nn.Module, params=None, device: torch.device | None = None):

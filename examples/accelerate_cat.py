@@ -69,9 +69,12 @@ def encode_text(model, caption: str) -> torch.Tensor:
     return model.text_encoders[0](ids.input_ids)[0]  # [1, 77, D]
 
 
-def prepare(args, device):
-    """The frozen model with a fused LoRA adapter on ``device``, the concept's latents and the two
-    captions' embeddings. The same on every rank: the adapter's init comes from ``--seed``."""
+def prepare(args, device, world: int):
+    """``(model, latents, token_embeds, plain_embeds)``: the frozen model with a fused LoRA adapter
+    on ``device``, the concept's latents and the two captions' embeddings. The same on every rank:
+    the adapter's init comes from ``--seed``."""
+    if args.batch_size % world:
+        raise SystemExit(f"--batch-size {args.batch_size} must divide by the {world} ranks")
     model = load_base(args.base)  # frozen, float32
     latents = encode_images(model, args.data, model.native_resolution)
     caption = f"a photo of {args.token} {args.class_word}"
@@ -113,18 +116,9 @@ def save(args, model, rank: int, main: bool) -> None:
         save_file(adapter, str(output / f"rank-{rank}.safetensors"))
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    if args.batch_size % world:
-        raise SystemExit(f"--batch-size {args.batch_size} must divide by the {world} ranks")
-    model, latents, token_embeds, plain_embeds = prepare(args, device)
-
-    loss_fn = CatLoss(model.unet)  # cat_loss as a module; parameters: the LoRA tensors only
-    optimizer = torch.optim.AdamW(loss_fn.parameters(), lr=args.lr)
-    loss_fn, optimizer = accelerator.prepare(loss_fn, optimizer)  # DDP around CatLoss, not the UNet
-
+def train(args, data, loss_fn, optimizer, backward, rank: int, world: int, device) -> None:
+    """The loop: each rank draws the same global batch and trains on its own slice of the rows."""
+    model, latents, token_embeds, plain_embeds = data
     per_rank = args.batch_size // world
     mine = slice(rank * per_rank, (rank + 1) * per_rank)
     generator = torch.Generator().manual_seed(args.seed)  # the same global batch on every rank
@@ -134,13 +128,26 @@ def main(argv=None) -> None:
         )
         token, plain = token_embeds.expand(per_rank, -1, -1), plain_embeds.expand(per_rank, -1, -1)
         out = loss_fn(noisy, t, token, plain, target, reduction="none")  # per-sample losses
-        accelerator.backward((out.loss * weights).mean())
+        backward((out.loss * weights).mean())  # DDP averages the LoRA gradients here
         optimizer.step()
         optimizer.zero_grad()
-        accelerator.print(f"step {step}: ldm {out.ldm.mean():.4f} cat {out.cat.mean():.2e}")
+        if rank == 0:
+            print(f"step {step}: ldm {out.ldm.mean():.4f} cat {out.cat.mean():.2e}")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    data = prepare(args, device, world)
+
+    loss_fn = CatLoss(data[0].unet)  # cat_loss as a module; parameters: the LoRA tensors only
+    optimizer = torch.optim.AdamW(loss_fn.parameters(), lr=args.lr)
+    loss_fn, optimizer = accelerator.prepare(loss_fn, optimizer)  # DDP around CatLoss, not the UNet
+    train(args, data, loss_fn, optimizer, accelerator.backward, rank, world, device)
 
     accelerator.wait_for_everyone()
-    save(args, model, rank, accelerator.is_main_process)
+    save(args, data[0], rank, accelerator.is_main_process)
     accelerator.end_training()
 
 

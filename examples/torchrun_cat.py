@@ -15,7 +15,7 @@ import os
 
 import torch
 import torch.distributed as dist
-from accelerate_cat import draw, parse_args, prepare, save
+from accelerate_cat import parse_args, prepare, save, train
 
 from cat_engine.cat import data_parallel_cat_loss
 
@@ -29,29 +29,15 @@ def main(argv=None) -> None:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    model, latents, token_embeds, plain_embeds = prepare(args, device)
+    data = prepare(args, device, world)
 
-    loss_fn = data_parallel_cat_loss(model.unet)  # DDP over the LoRA tensors when several ranks run
+    loss_fn = data_parallel_cat_loss(data[0].unet)  # DDP over the LoRA tensors when several ranks run
     optimizer = torch.optim.AdamW(loss_fn.parameters(), lr=args.lr)
-
-    per_rank = args.batch_size // world
-    mine = slice(rank * per_rank, (rank + 1) * per_rank)
-    generator = torch.Generator().manual_seed(args.seed)  # the same global batch on every rank
-    for step in range(1, args.steps + 1):
-        noisy, t, target, weights = (
-            x[mine].to(device) for x in draw(model, latents, args.batch_size, generator)
-        )
-        token, plain = token_embeds.expand(per_rank, -1, -1), plain_embeds.expand(per_rank, -1, -1)
-        out = loss_fn(noisy, t, token, plain, target, reduction="none")
-        (out.loss * weights).mean().backward()  # DDP averages the LoRA gradients here
-        optimizer.step()
-        optimizer.zero_grad()
-        if rank == 0:
-            print(f"step {step}: ldm {out.ldm.mean():.4f} cat {out.cat.mean():.2e}")
+    train(args, data, loss_fn, optimizer, torch.Tensor.backward, rank, world, device)
 
     if dist.is_initialized():
         dist.barrier()
-    save(args, model, rank, rank == 0)
+    save(args, data[0], rank, rank == 0)
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -33,15 +33,20 @@ def _outputs(unet, added=None):
         return unet(lat, torch.tensor([10, 500]), encoder_hidden_states=emb, **kwargs).sample
 
 
-def _roundtrip(tmp_path, family, pipeline_cls, alpha, targets=("to_q", "to_k", "to_v", "to_out.0")):
-    unet = load_base(builtin_model_dir(family), load_encoders=False).unet
+def _trained(base_dir, family, alpha, targets):
+    """A fused UNet of ``base_dir`` with a random rank-4 adapter, its added conditioning and outputs."""
+    unet = load_base(base_dir, load_encoders=False).unet
     add_lora(unet, rank=4, alpha=alpha, targets=targets, seed=0)
     _randomise_lora(unet)
     fuse_lora(unet)
     added = None
     if family == "sdxl":
         added = {"text_embeds": torch.randn(2, 32), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
-    expected = _outputs(unet, added)
+    return unet, added, _outputs(unet, added)
+
+
+def _roundtrip(tmp_path, family, pipeline_cls, alpha, targets=("to_q", "to_k", "to_v", "to_out.0")):
+    unet, added, expected = _trained(builtin_model_dir(family), family, alpha, targets)
     save_lora(unet, tmp_path, {"token": "sks", "class_word": "star"})
     assert (tmp_path / LORA_WEIGHT_NAME).is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == [LORA_WEIGHT_NAME]  # no temporary file left
@@ -287,15 +292,8 @@ def test_kohya_file_loads_in_diffusers_like_the_diffusers_file(tmp_path, family)
 
     pipeline_cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     base_dir = builtin_model_dir(family, pretrained=False)
-    unet = load_base(base_dir, load_encoders=False).unet
     targets = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
-    add_lora(unet, rank=4, alpha=8, targets=targets, seed=0)  # alpha != rank: the scale is 2
-    _randomise_lora(unet)
-    fuse_lora(unet)
-    added = None
-    if family == "sdxl":
-        added = {"text_embeds": torch.randn(2, 32), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
-    expected = _outputs(unet, added)
+    unet, added, expected = _trained(base_dir, family, 8, targets)  # alpha != rank: the scale is 2
     out = tmp_path / "my-dog"
     info = {"token": "sks", "class_word": "dog", "resolution": 64, "base": str(base_dir), "steps": 3}
     diffusers_file, kohya_file = save_lora_files(unet, out, "both", info)
