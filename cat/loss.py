@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from cat_engine.engine.batch import CatBatch, StepLoss
 from cat_engine.engine.denoiser import unet_forward
 from cat_engine.engine.lora import adapters_disabled
-from cat_engine.engine.row_aware import check_adapter_layers, check_bare_model
+from cat_engine.engine.row_aware import check_adapter_layers, check_bare_model, verified
 from cat_engine.engine.split_batch import adapter_rows
 from cat_engine.engine.split_unet import row_unaware_layers, split_batch_call
 
@@ -210,7 +210,8 @@ def batch_loss(unet, batch: CatBatch, cat_weight: float = 1.0, reduction: str = 
         )
     plain = batch.plain_kwargs
     kwargs = _row_groups([batch.unet_kwargs or {}, plain, plain], b, "unet_kwargs")
-    pred = split_batch_call(unet, batch.noisy_latents, batch.timesteps, embeds, 2 * b, added, **kwargs)
+    with verified(unet):  # checked above
+        pred = split_batch_call(unet, batch.noisy_latents, batch.timesteps, embeds, 2 * b, added, **kwargs)
     ldm = mse(pred[:b], batch.target, reduction)
     cat = mse(pred[b : 2 * b], pred[2 * b :].detach(), reduction)
     return CatLossOutput(ldm + cat_weight * cat, ldm.detach(), cat.detach())

@@ -26,11 +26,15 @@ refuses them (see ``engine/split_unet.py``).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 
 from cat_engine.engine.errors import CatEngineError
 
 _ROW_AWARE: list[type] = []
+_VERIFIED: ContextVar[int | None] = ContextVar("cat_engine_verified_model", default=None)
 # Module wrappers that hide the model a split batch needs: class name -> what to say instead.
 _WRAPPERS = ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel", "FSDPModule")
 
@@ -112,13 +116,9 @@ def check_bare_model(model, caller: str) -> None:
         )
 
 
-def _known_layer_parameter_ids(model) -> set[int]:
-    known = (*_row_aware_classes(), *((_peft_lora_layer(),) if _peft_lora_layer() else ()))
-    ids: set[int] = set()
-    for m in model.modules():
-        if isinstance(m, known):
-            ids.update(id(p) for p in m.parameters())
-    return ids
+def _known_layers() -> tuple[type, ...]:
+    peft_layer = _peft_lora_layer()
+    return (*_row_aware_classes(), *((peft_layer,) if peft_layer else ()))
 
 
 def _foreign_forward(name: str, module) -> str | None:
@@ -138,27 +138,46 @@ def _foreign_forward(name: str, module) -> str | None:
 def adapter_layer_problem(model: torch.nn.Module) -> str | None:
     """What makes ``model`` unfit for a split batch, in one line; ``None`` when nothing does.
 
-    Checked: a submodule whose ``forward`` was replaced by something that is not row-aware, and a
-    trainable parameter outside every LoRA layer the engine knows (fused, registered row-aware,
-    or peft's).
+    Checked, in one pass over the modules: a submodule whose ``forward`` was replaced by something
+    that is not row-aware, and a trainable parameter outside every LoRA layer the engine knows
+    (fused, registered row-aware, or peft's).
     """
+    known = _known_layers()
+    inside: set[int] = set()  # modules within a known layer (named_modules visits parents first)
     for name, module in model.named_modules():
         if name:  # the root's own forward may be wrapped (accelerate's autocast): it is not a layer
             problem = _foreign_forward(name, module)
             if problem:
                 return problem
-    known = _known_layer_parameter_ids(model)
-    for name, p in model.named_parameters():
-        if p.requires_grad and id(p) not in known:
-            return (
-                f"trainable parameter {name} is not part of a LoRA layer the split batch knows: the frozen "
-                "base rows would use it too"
-            )
+        if isinstance(module, known):
+            inside.update(id(m) for m in module.modules())
+        if id(module) in inside:
+            continue
+        for param_name, p in module._parameters.items():
+            if p is not None and p.requires_grad:
+                full = f"{name}.{param_name}" if name else param_name
+                return (
+                    f"trainable parameter {full} is not part of a LoRA layer the split batch knows: the frozen "
+                    "base rows would use it too"
+                )
     return None
+
+
+@contextmanager
+def verified(model: torch.nn.Module):
+    """Within the block, :func:`check_adapter_layers` of ``model`` passes without a second walk
+    (for a caller that has just checked it and calls into code that checks again)."""
+    token = _VERIFIED.set(id(model))
+    try:
+        yield
+    finally:
+        _VERIFIED.reset(token)
 
 
 def check_adapter_layers(model: torch.nn.Module, caller: str) -> None:
     """Raise :class:`SplitBatchError` when :func:`adapter_layer_problem` finds something."""
+    if _VERIFIED.get() == id(model):
+        return
     problem = adapter_layer_problem(model)
     if problem is not None:
         raise SplitBatchError(
