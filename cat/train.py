@@ -54,7 +54,7 @@ from cat_engine.engine import checkpoint as ckpt
 from cat_engine.engine import distributed as dist
 from cat_engine.engine.errors import CatEngineError
 from cat_engine.engine.files import write_text_atomically
-from cat_engine.engine.kohya import kohya_file_name
+from cat_engine.engine.kohya import kohya_file_name, kohya_module_names
 from cat_engine.engine.lora import (
     LORA_WEIGHT_NAME,
     add_lora,
@@ -363,6 +363,8 @@ def add_adapter(unet, config: TrainConfig) -> None:
     add_lora(unet, config.rank, config.alpha, config.targets, seed=config.seed)
     if not lora_parameters(unet):
         raise ConfigError(f"--targets {','.join(config.targets)}: matched no module of the UNet")
+    if config.save_format != "diffusers":
+        kohya_module_names(unet)  # a target the kohya format cannot name fails now, not at the first save
     fuse_lora(unet)
 
 

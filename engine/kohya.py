@@ -174,6 +174,12 @@ def _adapter_layers(unet) -> list[tuple[str, object, str]]:
     return out
 
 
+def kohya_module_names(unet) -> dict[str, str]:
+    """``{diffusers path: kohya module name}`` of every module carrying the adapter; raises
+    :class:`KohyaFormatError` for one the format cannot name."""
+    return {path: kohya_module_name(path, unet.config) for path, _, _ in _adapter_layers(unet)}
+
+
 def kohya_state_dict(unet) -> dict[str, torch.Tensor]:
     """The adapter of ``unet`` (peft LoRA, fused or not) under kohya keys, float32 on the CPU."""
     state = {}

@@ -329,3 +329,12 @@ def test_save_format_kohya_alone_and_a_bad_format(tmp_path):
     assert [p.name for p in paths] == ["run.safetensors"] == [p.name for p in (tmp_path / "run").iterdir()]
     with pytest.raises(ValueError, match="save format must be one of diffusers, kohya, both"):
         save_lora_files(unet, tmp_path, "ckpt")
+
+
+def test_an_adapter_the_kohya_format_cannot_name_is_refused_in_one_line():
+    from cat_engine.engine.kohya import KohyaFormatError, kohya_module_names
+
+    unet = _kohya_unet("sdxl", alpha=4, layers_per_block=(1, 2))  # no LDM block numbering for that
+    with pytest.raises(KohyaFormatError, match="different layers per block") as exc:
+        kohya_module_names(unet)
+    assert "\n" not in str(exc.value)
