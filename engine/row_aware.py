@@ -35,7 +35,7 @@ from cat_engine.engine.errors import CatEngineError
 
 _ROW_AWARE: list[type] = []
 _VERIFIED: ContextVar[int | None] = ContextVar("cat_engine_verified_model", default=None)
-# Module wrappers that hide the model a split batch needs: class name -> what to say instead.
+# Class names of the wrappers that hide the model a split batch needs (DDP, FSDP 1 and 2, DataParallel).
 _WRAPPERS = ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel", "FSDPModule")
 
 
@@ -67,7 +67,7 @@ def _peft_lora_layer():
     try:
         from peft.tuners.lora.layer import LoraLayer
     except ImportError:  # peft absent: there can be no peft layers
-        return ()
+        return None
     return LoraLayer
 
 
