@@ -86,10 +86,13 @@ def cat_loss_reference(
 ) -> CatLossOutput:
     """Three UNet calls: adapter/token, adapter/plain, base/plain under no_grad. Same arguments as
     :func:`cat_loss`."""
-    return _reference(unet, cat_batch(*args, **kwargs), cat_weight, reduction)
+    return batch_loss_reference(unet, cat_batch(*args, **kwargs), cat_weight, reduction)
 
 
-def _reference(unet, batch: CatBatch, cat_weight: float, reduction: str) -> CatLossOutput:
+def batch_loss_reference(
+    unet, batch: CatBatch, cat_weight: float = 1.0, reduction: str = "mean"
+) -> CatLossOutput:
+    """:func:`cat_loss_reference` of one :class:`~cat_engine.engine.batch.CatBatch`."""
     z, t = batch.noisy_latents, batch.timesteps
     token = batch.unet_kwargs or {}
     ldm = mse(
@@ -198,7 +201,7 @@ def batch_loss(unet, batch: CatBatch, cat_weight: float = 1.0, reduction: str = 
         # peft layers that are not fused would put the delta on the base rows: the reference is the
         # only correct path for them (fuse_lora(unet) makes this fast).
         _warn_unfused()
-        return _reference(unet, batch, cat_weight, reduction)
+        return batch_loss_reference(unet, batch, cat_weight, reduction)
     b = batch.rows
     base_embeds, base_added = batch.base_conditioning
     # One split batch (docs/design.md §4): token rows, plain rows (adapter), base rows.

@@ -156,9 +156,22 @@ def kohya_module_name(path: str, config) -> str:
     return PREFIX + path.replace(".", "_")
 
 
+def kohya_supported(model) -> bool:
+    """The format as written here covers diffusers' ``UNet2DConditionModel`` (SD1.x/2.x/SDXL)."""
+    from diffusers import UNet2DConditionModel
+
+    return isinstance(model, UNet2DConditionModel)
+
+
 def _adapter_layers(unet) -> list[tuple[str, object, str]]:
     """``(path, peft LoRA layer, adapter name)`` of every module carrying the adapter."""
     from peft.tuners.lora.layer import LoraLayer
+
+    if not kohya_supported(unet):
+        raise KohyaFormatError(
+            f"--save-format kohya: written for SD1.x/2.x/SDXL UNets, not a {type(unet).__name__}; "
+            "use --save-format diffusers"
+        )
 
     out = []
     for path, module in unet.named_modules():

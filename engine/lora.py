@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from cat_engine.engine.families import denoiser_family, lora_prefix
 from cat_engine.engine.files import write_atomically
 from cat_engine.engine.split_batch import adapter_rows, split_state
 
@@ -60,6 +61,13 @@ def add_lora(
     return unet
 
 
+def default_targets(model) -> tuple[str, ...]:
+    """The LoRA targets of ``model``'s family: :data:`DEFAULT_TARGETS` for UNets, the family's
+    own for a diffusion transformer (``engine/families/``)."""
+    family = denoiser_family(model)
+    return DEFAULT_TARGETS if family is None else family.default_targets
+
+
 def lora_named_parameters(unet) -> dict[str, torch.nn.Parameter]:
     """The trainable LoRA parameters by name, in a stable (module) order."""
     return {n: p for n, p in unet.named_parameters() if "lora_" in n and p.requires_grad}
@@ -83,7 +91,8 @@ def fuse_lora(unet):
     ``adapter_rows``. The trainable tensors stay the same ``Parameter`` objects, so an optimizer
     built before the call keeps working, and state-dict keys do not change. LoRA on convolutions
     stays peft's. Calling it twice is harmless; :func:`unfuse_lora` undoes it. Raises
-    ``ValueError`` when the UNet has no LoRA adapter.
+    ``ValueError`` when the UNet has no LoRA adapter, and ``UnsupportedTargets`` (a user error) for
+    LoRA on a transformer's modules that see all rows' tokens flattened (``engine/families/``).
     """
     from cat_engine.engine.fused_lora import fuse_lora_layers
 
@@ -92,6 +101,9 @@ def fuse_lora(unet):
             "fuse_lora: the UNet carries no LoRA adapter; add one first with "
             "unet.add_adapter(peft.LoraConfig(...)) or cat_engine.engine.add_lora(unet)"
         )
+    family = denoiser_family(unet)
+    if family is not None:  # a transformer: LoRA only where every input row is one sample's
+        family.check_targets([n for n, m in unet.named_modules() if hasattr(m, "lora_A")])
     fuse_lora_layers(unet, split_state(unet))  # every fused call reads its adapter rows from here
     object.__setattr__(unet, "_cat_fused", True)
     return unet
@@ -130,7 +142,8 @@ def adapters_disabled(unet):
 def lora_state_dict(unet) -> dict[str, torch.Tensor]:
     """The adapter's weights under the keys diffusers' ``load_lora_weights`` reads (peft form).
 
-    ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` for every targeted module. (diffusers'
+    ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` for every targeted module (``transformer.``
+    for a diffusion transformer, ``engine/families/``). (diffusers'
     ``convert_state_dict_to_diffusers`` renames attention keys to the old ``lora.down/up`` form but
     leaves others, such as ``proj_in`` or ``ff.net.2``, as ``lora_A/B``; the loader then reads the
     file as peft's and drops the renamed attention weights. Keeping one form avoids that.)
@@ -138,7 +151,8 @@ def lora_state_dict(unet) -> dict[str, torch.Tensor]:
     from peft.utils import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(unet)
-    return {f"unet.{k}": v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+    prefix = lora_prefix(unet)
+    return {f"{prefix}.{k}": v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
 
 
 def lora_config_dict(unet) -> dict:
@@ -168,7 +182,9 @@ def save_lora(unet, output_dir: str | os.PathLike, info: dict | None = None) -> 
     config = lora_config_dict(unet)
     metadata = {
         "format": "pt",
-        DIFFUSERS_METADATA_KEY: json.dumps({f"unet.{k}": v for k, v in config.items()}, sort_keys=True),
+        DIFFUSERS_METADATA_KEY: json.dumps(
+            {f"{lora_prefix(unet)}.{k}": v for k, v in config.items()}, sort_keys=True
+        ),
         ENGINE_METADATA_KEY: json.dumps({**config, **(info or {})}, sort_keys=True, default=str),
     }
     state = lora_state_dict(unet)
@@ -178,6 +194,16 @@ def save_lora(unet, output_dir: str | os.PathLike, info: dict | None = None) -> 
 
 
 SAVE_FORMATS = ("diffusers", "kohya", "both")
+
+
+def writes_kohya(unet, save_format: str) -> bool:
+    """Whether ``save_format`` writes a kohya file for ``unet``: ``kohya`` always (refused for a
+    model the format does not cover), ``both`` for the UNets it covers (SD1.x/2.x/SDXL)."""
+    from cat_engine.engine.kohya import kohya_supported
+
+    if save_format not in SAVE_FORMATS:
+        raise ValueError(f"save format must be one of {', '.join(SAVE_FORMATS)}, got {save_format!r}")
+    return save_format == "kohya" or (save_format == "both" and kohya_supported(unet))
 
 
 def save_lora_files(
@@ -193,16 +219,15 @@ def save_lora_files(
     ``diffusers``: :func:`save_lora` (``pytorch_lora_weights.safetensors``, for ``load_lora_weights``).
     ``kohya``: ``<name>.safetensors`` with kohya keys, per-module alphas and ``ss_*`` metadata, for
     ComfyUI, AUTOMATIC1111/Forge and sd-scripts (``engine/kohya.py``); ``name`` defaults to the
-    folder's name. ``both``: the two. Returns the paths written, the diffusers file first.
+    folder's name. ``both``: the two (the kohya file for SD1.x/2.x/SDXL UNets only: the format is
+    not defined here for diffusion transformers). Returns the paths written, the diffusers file first.
     """
     from cat_engine.engine.kohya import save_kohya
 
-    if save_format not in SAVE_FORMATS:
-        raise ValueError(f"save format must be one of {', '.join(SAVE_FORMATS)}, got {save_format!r}")
     paths = []
     if save_format in ("diffusers", "both"):
         paths.append(save_lora(unet, output_dir, info))
-    if save_format in ("kohya", "both"):
+    if writes_kohya(unet, save_format):
         record = json.dumps({**lora_config_dict(unet), **(info or {})}, sort_keys=True, default=str)
         paths.append(
             save_kohya(unet, output_dir, info, name=name, extra_metadata={ENGINE_METADATA_KEY: record})
