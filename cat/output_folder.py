@@ -24,6 +24,7 @@ from cat_engine.cat.config import ConfigError, TrainConfig, run_identity
 from cat_engine.engine import checkpoint as ckpt
 from cat_engine.engine import distributed as dist
 from cat_engine.engine.files import WriteError, os_error_text, write_text_atomically
+from cat_engine.engine.kohya import kohya_file_name
 from cat_engine.engine.lora import LORA_WEIGHT_NAME
 from cat_engine.engine.run_folder import RunFolderError, RunLock, claim, identity_differences
 
@@ -33,7 +34,7 @@ CONFIG_FILE = "train_config.json"
 # The recipe's keys in a checkpoint's trainer state (engine/checkpoint.py adds STEP_KEY itself).
 CONFIG_KEY = "config"
 STEP_KEY = "step"
-# What a run leaves in its folder; one of them there means the folder holds a run.
+# What a run leaves in its folder (and its kohya LoRA file); one of them there: the folder holds a run.
 RUN_OUTPUTS = (ckpt.CHECKPOINTS, LORA_WEIGHT_NAME, LOG_FILE)
 SUPERSEDED = ".superseded"
 
@@ -56,7 +57,8 @@ def prepare_output(config: TrainConfig, ranks: dist.DistContext) -> tuple[RunLoc
 def _prepare(config: TrainConfig) -> tuple[RunLock, Path | None]:
     output = Path(config.output)
     identity = run_identity(config.to_dict())
-    lock = claim(output, identity, RUN_OUTPUTS, resume=bool(config.resume), overwrite=config.overwrite)
+    outputs = (*RUN_OUTPUTS, kohya_file_name(output))  # --save-format kohya or both
+    lock = claim(output, identity, outputs, resume=bool(config.resume), overwrite=config.overwrite)
     try:
         for line in ckpt.tidy_checkpoints(output):
             log.warning("%s", line)

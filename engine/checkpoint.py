@@ -14,8 +14,9 @@ safe to rely on:
 - ``--resume latest`` (:func:`resolve_resume`) takes the newest checkpoint that verifies and
   loads, and names each newer one it skips.
 
-Extra files: ``save_checkpoint(..., extra_tensors={"name.safetensors": {...}})`` stores more tensor
-groups; the manifest covers them and :func:`load_checkpoint` returns them under ``"extra"``.
+Extra files: ``save_checkpoint(..., extra=write)`` lets ``write(folder)`` add files (the run's
+loadable LoRA files); the manifest covers them, and :func:`load_checkpoint` returns the tensors of
+every other ``.safetensors`` file under ``"extra"``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -131,22 +133,26 @@ def save_checkpoint(
     generator: torch.Generator,
     trainer_state: dict,
     keep: int | None = None,
-    extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+    extra: Callable[[Path], object] | None = None,
 ) -> Path:
     """Write ``OUTPUT/checkpoints/step-{step}`` atomically; then prune older ones to the newest ``keep``.
 
-    Raises :class:`NonFiniteState` (nothing written) when a LoRA or optimizer tensor is not
-    finite, and :class:`CheckpointError` naming the folder when the disk refuses the write (the
-    checkpoints already there are untouched).
+    ``extra(folder)`` writes further files into the checkpoint before it is complete (the loadable
+    LoRA files of the run's ``--save-format``); the manifest covers them like the rest. Raises
+    :class:`NonFiniteState` (nothing written) when a LoRA or optimizer tensor is not finite, and
+    :class:`CheckpointError` naming the folder when the disk refuses the write (the checkpoints
+    already there are untouched).
     """
     opt_meta, opt_tensors = optimizer_to_files(optimizer)
-    tensor_files = {LORA_FILE: lora, OPTIMIZER_TENSORS: opt_tensors, **(extra_tensors or {})}
+    tensor_files = {LORA_FILE: lora, OPTIMIZER_TENSORS: opt_tensors}
     bad = first_non_finite(tensor_files)
     target = Path(output_dir) / CHECKPOINTS / f"step-{step}"
     if bad:
         raise NonFiniteState(f"checkpoint {target}: not written, {bad} holds NaN or infinite values")
 
     def write(folder: Path) -> None:
+        if extra is not None:
+            extra(folder)
         for name, tensors in tensor_files.items():
             _save_tensors(tensors, folder / name)
         _save_tensors(rng_states(generator), folder / RNG_FILE)

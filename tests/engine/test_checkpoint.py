@@ -213,9 +213,13 @@ def test_a_failed_save_names_the_folder_and_keeps_the_checkpoints(tmp_path, monk
     assert _bytes(first) == before
 
 
-def test_extra_tensor_files_are_saved_verified_and_loaded(tmp_path):
-    extra = {"text_encoder_lora.safetensors": {"t.lora_A.weight": torch.ones(2, 3)}}
-    path = _save(tmp_path, 1, extra_tensors=extra)
+def test_extra_files_are_saved_verified_and_loaded(tmp_path):
+    from safetensors.torch import save_file
+
+    def write_extra(folder):
+        save_file({"t.lora_A.weight": torch.ones(2, 3)}, str(folder / "text_encoder_lora.safetensors"))
+
+    path = _save(tmp_path, 1, extra=write_extra)
     assert "text_encoder_lora.safetensors" in json.loads((path / ckpt.MANIFEST_FILE).read_text())["files"]
     loaded = ckpt.load_checkpoint(path)
     assert torch.equal(loaded["extra"]["text_encoder_lora.safetensors"]["t.lora_A.weight"], torch.ones(2, 3))

@@ -52,16 +52,25 @@ def test_a_full_disk_at_the_final_lora_keeps_the_earlier_lora_and_the_final_chec
     out = disk.root / "run"
     assert run_cli(capsys, train_argv(out, "--steps", "2"))[0] == 0
     earlier = (out / LORA_WEIGHT_NAME).read_bytes()
+    real_write, earlier_files = train_mod.Trainer.write_lora, snapshot(out)
+
+    def write_lora(self, folder):  # the disk fills before the final LoRA files (not a checkpoint's)
+        if folder == self.output:
+            disk.fill()
+        return real_write(self, folder)
+
     with monkeypatch.context() as patch:
-        _fill_before_call(patch, train_mod, "save_lora", disk, call=0)
+        patch.setattr(train_mod.Trainer, "write_lora", write_lora)
         code, lines = run_cli(capsys, train_argv(out, "--steps", "4", "--resume", "latest"))
     step4 = out / ckpt.CHECKPOINTS / "step-4"
     assert code == 2
     assert one_error(lines) == (
-        f"cat-engine train: error: {out / LORA_WEIGHT_NAME}: cannot write it (No space left on device); "
+        f"cat-engine train: error: {out}: cannot write the LoRA files (No space left on device); "
         f"the run is complete in {step4}: free space and run again with --resume latest"
     )
     assert (out / LORA_WEIGHT_NAME).read_bytes() == earlier and ckpt.verify_checkpoint(step4) is None
+    after = snapshot(out)
+    assert all(after[k] == v for k, v in earlier_files.items() if k.endswith(".safetensors") and "/" not in k)
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".") and "tmp" in p.name) == []
     disk.free()  # as the message says: then the LoRA of step 4, nothing trained again
     code, lines = run_cli(capsys, train_argv(out, "--steps", "4", "--resume", "latest"))
