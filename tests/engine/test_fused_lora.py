@@ -21,9 +21,11 @@ from cat_engine.engine.lora import (
 REL = 1e-4  # float32: max error over max |reference|; the fused op only reorders sums
 
 
-def close(got, want):
+def close(got, want, rel=REL):
     err = (got - want).abs().max().item()
-    assert err <= REL * want.abs().max().item(), f"max error {err:.3g} vs max |want| {want.abs().max().item():.3g}"
+    assert err <= rel * want.abs().max().item(), (
+        f"max error {err:.3g} vs max |want| {want.abs().max().item():.3g}"
+    )
 
 
 def tiny_unet(seed=0):
@@ -31,8 +33,14 @@ def tiny_unet(seed=0):
 
     torch.manual_seed(seed)
     return UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, sample_size=8,
-        norm_num_groups=8, attention_head_dim=8, in_channels=4, out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        cross_attention_dim=32,
+        sample_size=8,
+        norm_num_groups=8,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
     )
@@ -49,8 +57,11 @@ def lora_unet(rank=4, alpha=8.0, targets=DEFAULT_TARGETS + FEED_FORWARD_TARGETS,
 
 def inputs(batch=3, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(batch, 4, 8, 8, generator=g), torch.tensor([10, 500, 999][:batch]),
-            torch.randn(batch, 5, 32, generator=g))
+    return (
+        torch.randn(batch, 4, 8, 8, generator=g),
+        torch.tensor([10, 500, 999][:batch]),
+        torch.randn(batch, 5, 32, generator=g),
+    )
 
 
 def run(unet, sample, t, ctx, grad=True):
@@ -61,13 +72,15 @@ def run(unet, sample, t, ctx, grad=True):
     if not grad:
         return out.detach(), []
     (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-    return out.detach(), [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in lora_parameters(unet)]
+    return out.detach(), [
+        p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in lora_parameters(unet)
+    ]
 
 
-def assert_all_close(a, b):
+def assert_all_close(a, b, rel=REL):
     assert len(a) == len(b) and len(a) > 0
     for x, y in zip(a, b):
-        close(x, y)
+        close(x, y, rel)
 
 
 def count_op_calls(monkeypatch):
@@ -185,8 +198,15 @@ def test_gradient_checkpointing_with_split_rows():
 def test_dropout_and_scaling_follow_peft():
     unet = tiny_unet()
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=3, lora_alpha=7.0, lora_dropout=0.3, init_lora_weights="gaussian",
-                                target_modules=list(DEFAULT_TARGETS)))
+    unet.add_adapter(
+        LoraConfig(
+            r=3,
+            lora_alpha=7.0,
+            lora_dropout=0.3,
+            init_lora_weights="gaussian",
+            target_modules=list(DEFAULT_TARGETS),
+        )
+    )
     with torch.no_grad():
         for n, p in unet.named_parameters():
             if "lora_B" in n:
@@ -200,22 +220,24 @@ def test_dropout_and_scaling_follow_peft():
         torch.manual_seed(11)  # same dropout masks: both draw them in the same order and shapes
         results.append(run(model, *inputs()))
     close(results[1][0], results[0][0])
-    assert_all_close(results[1][1], results[0][1])
+    # A scale of 7/3 applied at another point of the sums (alpha of addmm_ vs peft's multiply)
+    # rounds differently; in float64 the two agree to 1e-12. A wrong mask would be off by O(1).
+    assert_all_close(results[1][1], results[0][1], rel=5e-4)
     torch.manual_seed(12)
     other, _ = run(fused, *inputs(), grad=False)
     assert (other - results[1][0]).abs().max() > 1e-4  # dropout is really on
 
 
 def test_fused_unet_through_triton_kernels(monkeypatch):
-    """The same equivalence with every LoRA linear on the Triton code (interpreter on CPU)."""
-    monkeypatch.setenv("CAT_ENGINE_FORCE_TRITON", "1")
+    """The same equivalence with every LoRA linear on the Triton path (interpreter on CPU)."""
+    monkeypatch.setenv("CAT_ENGINE_LORA_PATH", "triton")
     if not torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", "1")  # kernels are jitted per setting at first launch
-    import cat_engine.kernels.reference as ref
+    import importlib
 
-    # Poison the reference path: any layer that silently used it would break the comparison.
-    monkeypatch.setattr(ref, "lora_linear_forward", None)
-    monkeypatch.setattr(ref, "lora_linear_backward", None)
+    ll = importlib.import_module("cat_engine.kernels.lora_linear")  # the package exports the function
+    # Poison the torch path: any layer that silently used it would break the comparison.
+    monkeypatch.setattr(ll, "TorchLoraLinear", None)
     calls = count_op_calls(monkeypatch)
     peft_unet = lora_unet(targets=DEFAULT_TARGETS)
     fused = fuse_lora(copy.deepcopy(peft_unet))
