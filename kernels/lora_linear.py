@@ -167,34 +167,38 @@ def lora_linear(
         dtype (the LoRA weights are cast to it, as autocast casts them for peft's layers) and
         accumulate in float32 inside cuBLAS/Triton; the LoRA gradients come back in their own dtype.
     """
-    amp = autocast_dtype(x.device.type)
-    if amp is not None and x.dtype != amp:
-        x = x.to(amp)
-    if amp is not None and weight.dtype != amp:
-        weight = weight.to(amp)
-        bias = bias.to(amp) if bias is not None else None
-    rows_b = x.shape[0] if adapter_rows is None else int(adapter_rows)
+    device_type = x.device.type
+    amp = autocast_dtype(device_type)
+    if amp is not None:
+        if x.dtype != amp:
+            x = x.to(amp)
+        if weight.dtype != amp:
+            weight = weight.to(amp)
+            bias = bias.to(amp) if bias is not None else None
+    batch = x.shape[0]
+    rows_b = batch if adapter_rows is None else int(adapter_rows)
     scale = float(scale)
     _check_inputs(x, weight, bias, lora_A, lora_B, scale, rows_b)
-    if rows_b == 0:
+    numel = x.numel()
+    if rows_b == 0 or numel == 0:
         return F.linear(x, weight, bias)
-    rows = rows_b * (x.numel() // (x.shape[0] * x.shape[-1])) if x.numel() else 0
+    rows = rows_b * (numel // (batch * x.shape[-1]))
     lora_x = None
     if dropout_p > 0.0 and training:
         lora_x = F.dropout(x[:rows_b], p=dropout_p, training=True).reshape(rows, x.shape[-1])
-    if rows == 0:  # no elements at all
-        return F.linear(x, weight, bias)
-    if _path(x, weight, bias, lora_A, rows, lora_x) == "triton":
+    forced = dispatch.forced_path()
+    if forced == "triton" or (
+        forced is None
+        and device_type == "cuda"
+        and _measured_path(x, weight, bias, lora_A, rows, lora_x) == "triton"
+    ):
         return triton_lora_linear(x, weight, bias, lora_A, lora_B, scale, rows, lora_x)
     return TorchLoraLinear.apply(x, weight, bias, lora_A, lora_B, scale, rows, lora_x)
 
 
-def _path(x, weight, bias, lora_A, rows, lora_x) -> str:
-    """``torch`` or ``triton`` for this call (see the module docstring)."""
-    forced = dispatch.forced_path()
-    if forced is not None:
-        return forced
-    if x.device.type != "cuda" or not triton_installed() or dispatch._compiling():
+def _measured_path(x, weight, bias, lora_A, rows, lora_x) -> str:
+    """The measured path for a CUDA call under ``auto`` (see the module docstring)."""
+    if not triton_installed() or dispatch._compiling():
         return "torch"
     grad = torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad)
     M, K = x.numel() // x.shape[-1], x.shape[-1]

@@ -43,8 +43,8 @@ class TorchLoraLinear(torch.autograd.Function):
         x2 = x.reshape(-1, shape[-1])
         y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2.mm(weight.t())
         dt = x.dtype
-        a = lora_A.to(dt)
-        b = lora_B.to(dt)
+        a = lora_A if lora_A.dtype == dt else lora_A.to(dt)
+        b = lora_B if lora_B.dtype == dt else lora_B.to(dt)
         if lora_x is not None:
             xa = lora_x
         else:
@@ -52,33 +52,31 @@ class TorchLoraLinear(torch.autograd.Function):
         t = xa.mm(a.t())
         (y if rows == y.shape[0] else y[:rows]).addmm_(t, b.t(), alpha=scale)
         ctx.save_for_backward(xa, t, weight, a, b)
-        ctx.scale, ctx.x_shape, ctx.dropout = scale, shape, lora_x is not None
-        ctx.lora_dtypes = (lora_A.dtype, lora_B.dtype)
-        return y.view(*shape[:-1], y.shape[-1])
+        ctx.meta = (scale, shape, lora_x is not None, lora_A.dtype, lora_B.dtype)
+        return y.view(*shape[:-1], y.shape[1])
 
     @staticmethod
     def backward(ctx, dy):
         xa, t, weight, a, b = ctx.saved_tensors
-        scale = ctx.scale
+        scale, x_shape, dropout, dtype_a, dtype_b = ctx.meta
         dy2 = dy.reshape(-1, dy.shape[-1])
         rows = t.shape[0]
         dy_a = dy2 if rows == dy2.shape[0] else dy2[:rows]
         u = dy_a.mm(b)
         need = ctx.needs_input_grad
         dx = d_lora_x = None
-        if ctx.dropout:
+        if dropout:
             if need[7]:
                 d_lora_x = torch.addmm(xa, u, a, beta=0, alpha=scale)
             if need[0]:
-                dx = dy2.mm(weight).view(ctx.x_shape)
+                dx = dy2.mm(weight).view(x_shape)
         elif need[0]:
             dx2 = dy2.mm(weight)
             (dx2 if rows == dx2.shape[0] else dx2[:rows]).addmm_(u, a, alpha=scale)
-            dx = dx2.view(ctx.x_shape)
+            dx = dx2.view(x_shape)
         # beta=0: the first argument only gives the shape and dtype; its values are ignored.
         d_a = torch.addmm(a, u.t(), xa, beta=0, alpha=scale) if need[3] else None
         d_b = torch.addmm(b, dy_a.t(), t, beta=0, alpha=scale) if need[4] else None
-        dtype_a, dtype_b = ctx.lora_dtypes
         if d_a is not None and d_a.dtype != dtype_a:
             d_a = d_a.to(dtype_a)
         if d_b is not None and d_b.dtype != dtype_b:

@@ -276,3 +276,63 @@ def test_fallback_to_peft_inside_a_split_batch_is_refused_not_silent():
             layer(x)
     with adapters_disabled(unet):  # base everywhere: the fallback is right there
         layer(x.float())
+
+
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")
+def test_the_layer_route_follows_peft_state_changes(monkeypatch):
+    """The fused layer keeps its route (fusable? which adapter?) between calls; every peft state
+    change must reach it: a second adapter, set_adapter, merge/unmerge, disable, delete."""
+    from peft import inject_adapter_in_model
+
+    from cat_engine.engine.split_batch import SplitBatchState
+
+    calls = count_op_calls(monkeypatch)
+
+    class One(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.to_q = torch.nn.Linear(8, 6)
+
+        def forward(self, x):
+            return self.to_q(x)
+
+    torch.manual_seed(0)
+    model = inject_adapter_in_model(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"]), One())
+    from cat_engine.engine.fused_lora import fuse_lora_layers
+
+    fuse_lora_layers(model, SplitBatchState())
+    layer = model.to_q
+    x = torch.randn(3, 4, 8)
+
+    def expected(name):
+        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+        base = layer.base_layer(x)
+        return base + layer.scaling[name] * (x @ a.t() @ b.t())
+
+    with torch.no_grad():
+        for p in layer.lora_B["default"].parameters():
+            p.normal_()
+        close(model(x), expected("default"))
+        assert len(calls) == 1
+        inject_adapter_in_model(
+            LoraConfig(r=3, lora_alpha=6, target_modules=["to_q"]), model, adapter_name="other"
+        )
+        assert type(layer) is FusedLoraLinear
+        for p in layer.lora_B["other"].parameters():
+            p.normal_()
+        layer.set_adapter("other")
+        want = expected("other")
+        close(model(x), want)
+        assert len(calls) == 2
+        layer.merge()  # merged: peft's forward (the base weight carries the delta)
+        close(model(x), want)
+        assert len(calls) == 2
+        layer.unmerge()
+        close(model(x), expected("other"))
+        layer.enable_adapters(False)
+        close(model(x), layer.base_layer(x))
+        layer.enable_adapters(True)
+        layer.set_adapter("default")
+        layer.delete_adapter("other")
+        close(model(x), expected("default"))
+        assert len(calls) == 4
