@@ -51,6 +51,7 @@ from cat_engine.cat.logs import console_logging
 from cat_engine.cat.loss import step_loss
 from cat_engine.engine import checkpoint as ckpt
 from cat_engine.engine import distributed as dist
+from cat_engine.engine.cuda_graphs import GraphedTrainStep, check_cuda_graphs
 from cat_engine.engine.errors import CatEngineError
 from cat_engine.engine.files import write_text_atomically
 from cat_engine.engine.lora import (
@@ -61,7 +62,13 @@ from cat_engine.engine.lora import (
     lora_parameters,
     save_lora,
 )
-from cat_engine.engine.memory_plan import MemoryContext, MemoryPlan, apply_memory_plan, make_optimizer
+from cat_engine.engine.memory_plan import (
+    MemoryContext,
+    MemoryPlan,
+    apply_memory_plan,
+    make_optimizer,
+    resolve_precision,
+)
 from cat_engine.engine.models import BaseModel, load_base
 
 log = logging.getLogger("cat_engine")
@@ -114,6 +121,7 @@ class Trainer:
     # abandoned (Ctrl-C, a non-finite loss) gives its draws back, so a checkpoint of the steps
     # completed resumes exactly where a straight run would be.
     step_rng: torch.Tensor | None = None
+    graphed: GraphedTrainStep | None = None  # --cuda-graphs: the captured step, else None
 
     @property
     def output(self) -> Path:
@@ -125,6 +133,11 @@ class Trainer:
         """Model, data (encoded once), adapter, memory plan, optimizer; then the checkpoint to resume."""
         device = dist.device_for(config.device, ranks)
         rows = rank_rows(config.batch_size, ranks)
+        if config.cuda_graphs:  # refused here, before anything loads, when it cannot run
+            precision = resolve_precision(config.memory, device).name if device.type == "cuda" else None
+            check_cuda_graphs(
+                device, world=ranks.world, compile_mode=config.memory.compile, precision=precision
+            )
         torch.manual_seed(config.seed)
         resume_from = ckpt.resolve_resume(config.resume, config.output) if config.resume else None
         model = load_base(config.base)
@@ -143,8 +156,9 @@ class Trainer:
         step_fn = dist.data_parallel(
             dist.TrainStep(ctx.unet, list(named.values()), step_loss(config.cat_weight)), ranks, device
         )
+        graphs = {"capturable": True} if config.cuda_graphs else {}
         optimizer = make_optimizer(
-            list(named.values()), config.lr, ctx.plan, device, weight_decay=WEIGHT_DECAY
+            list(named.values()), config.lr, ctx.plan, device, weight_decay=WEIGHT_DECAY, **graphs
         )
         trainer = cls(
             config=config,
@@ -163,6 +177,15 @@ class Trainer:
         )
         if resume_from is not None:
             trainer.restore(resume_from)
+        if config.cuda_graphs:
+            check_cuda_graphs(device, precision=ctx.plan.precision)  # --vram-budget may have chosen it
+            trainer.graphed = GraphedTrainStep(
+                step_fn,
+                list(named.values()),
+                optimizer,
+                max_grad_norm=config.max_grad_norm,
+                autocast=ctx.autocast,
+            )
         if ranks.main:
             write_text_atomically(trainer.output / CONFIG_FILE, json.dumps(config.to_dict(), indent=1))
         return trainer
@@ -205,6 +228,8 @@ class Trainer:
         b = draw_batch(
             self.data, indices, self.generator, self.model.noise_scheduler, self.resolution, self.rows
         )
+        if self.graphed is not None:
+            return self.run_graphed_step(b)
         with self.memory.autocast():
             loss, ldm, cat = self.step_fn(b)
         # The global batch's numbers (one process: its own), so every rank stops alike.
@@ -212,6 +237,23 @@ class Trainer:
         if not torch.isfinite(losses[0]):
             self.stop_non_finite(f"loss is {losses[0].item()}")
         self.update(loss)
+        self.step, self.step_rng = self.step + 1, None
+        return losses
+
+    def run_graphed_step(self, b) -> torch.Tensor:
+        """The step through the captured CUDA graph (forward to optimizer in one replay); a step whose
+        loss or gradient norm is not finite is undone before the run stops."""
+        loss, ldm, cat, norm = self.graphed(b)
+        losses = torch.stack([loss, ldm, cat]).float()
+        if not (torch.isfinite(losses[0]) and torch.isfinite(norm)):
+            self.graphed.undo()
+            what = (
+                f"loss is {losses[0].item()}"
+                if not torch.isfinite(losses[0])
+                else "gradient norm is not finite"
+            )
+            self.stop_non_finite(what)
+        self.lr_schedule.step()
         self.step, self.step_rng = self.step + 1, None
         return losses
 

@@ -23,9 +23,15 @@ from __future__ import annotations
 import torch
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
+from cat_engine.engine.errors import CatEngineError
 from cat_engine.engine.split_batch import STATE_ATTR, SplitBatchState
-from cat_engine.kernels import lora_linear
+from cat_engine.kernels import dispatch, lora_linear
 from cat_engine.kernels.lora_linear import autocast_dtype
+
+
+class LoraPathError(CatEngineError):
+    """``CAT_ENGINE_LORA_PATH`` names no path; the message says which values it takes."""
+
 
 # Where a fused layer keeps its route (see FusedLoraLinear._cat_route).
 ROUTE_ATTR = "_cat_route_cache"
@@ -138,7 +144,13 @@ def fuse_lora_layers(model: torch.nn.Module, state: SplitBatchState) -> int:
 
     Returns how many layers are fused (already fused ones included). Subclasses of peft's Linear
     (quantized and other backends) are left alone: their forward is not plain ``F.linear``.
+    Raises :class:`LoraPathError` when ``CAT_ENGINE_LORA_PATH`` is set to no known path, so a typo
+    stops the run here, in one line, rather than at the first layer call.
     """
+    try:
+        dispatch.forced_path()
+    except ValueError as exc:
+        raise LoraPathError(str(exc)) from None
     count = 0
     for module in model.modules():
         if type(module) is PeftLoraLinear:

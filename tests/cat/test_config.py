@@ -12,6 +12,7 @@ from cat_engine.cat.config import (
     flags_of,
     load_yaml,
 )
+from cat_engine.engine.errors import CatEngineError
 from cat_engine.engine.memory_plan import MemoryPlan
 
 
@@ -125,3 +126,37 @@ def test_flags_of_gives_back_the_same_options():
     args = parser.parse_args(argv)
     again = parser.parse_args(flags_of(args))
     assert vars(again) == vars(args)
+
+
+@pytest.mark.parametrize(
+    "flags, yaml, mode",
+    [
+        ([], "", False),
+        (["--compile"], "", "default"),  # a plain --compile, as before
+        (["--compile", "reduce-overhead"], "", "reduce-overhead"),
+        (["--compile", "max-autotune"], "", "max-autotune"),
+        (["--no-compile"], "compile: true\n", False),
+        ([], "compile: true\n", "default"),  # old YAML
+        ([], "compile: max-autotune\n", "max-autotune"),
+        (["--compile"], "compile: false\n", "default"),
+    ],
+)
+def test_compile_takes_a_mode_and_old_forms_still_work(tmp_path, flags, yaml, mode):
+    from cat_engine.cat.config import config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    f = tmp_path / "run.yaml"
+    f.write_text(yaml or "rank: 4\n")
+    args = parser.parse_args(["--config", str(f), *flags])
+    config = config_from_args(args)
+    assert config.memory.compile == mode
+    assert config_from_args(parser.parse_args(flags_of(args))).memory.compile == mode  # relaunch (--nproc)
+    assert TrainConfig.from_dict(config.to_dict()).memory.compile == mode
+
+
+def test_a_bad_compile_mode_is_a_one_line_error():
+    with pytest.raises(
+        CatEngineError, match=r"compile must be one of default, reduce-overhead, max-autotune"
+    ):
+        build_config({"compile": "fastest"}, {})

@@ -336,3 +336,11 @@ def test_the_layer_route_follows_peft_state_changes(monkeypatch):
         layer.delete_adapter("other")
         close(model(x), expected("default"))
         assert len(calls) == 4
+
+
+def test_a_bad_lora_path_setting_stops_fusing_with_a_one_line_error(monkeypatch):
+    from cat_engine.engine.errors import CatEngineError
+
+    monkeypatch.setenv("CAT_ENGINE_LORA_PATH", "cuda")
+    with pytest.raises(CatEngineError, match="CAT_ENGINE_LORA_PATH='cuda': expected auto, torch or triton"):
+        fuse_lora(lora_unet())
