@@ -250,3 +250,51 @@ def test_graphed_cat_steps_equal_eager_cat_steps(device, checkpointing):
         torch.testing.assert_close(graphed_p, eager, **tol)
         moved = max(moved, (eager - start).abs().max().item())
     assert moved > 1e-4  # the steps did train the adapter
+
+
+def _trainer(tmp_path, name):
+    from cat_engine.cat import train as train_mod
+    from cat_engine.cat.config import TrainConfig
+    from cat_engine.engine.builtin import builtin_model_dir
+
+    fast = dict(rank=4, steps=3, save_every=0, batch_size=2, lr=1e-3, lr_warmup_steps=2)
+    config = TrainConfig(output=str(tmp_path / name), base=str(builtin_model_dir(pretrained=False)), **fast)
+    return train_mod, train_mod.Trainer.setup(config.validate())
+
+
+def test_the_trainer_runs_graphed_steps_as_it_runs_eager_ones(tmp_path):
+    """cat/train.py's graphed path (the replaying stand-in on a CPU): the same adapter as eager
+    training, learning-rate warm-up included."""
+    _, eager = _trainer(tmp_path, "eager")
+    eager.train(progress=False)
+    _, trainer = _trainer(tmp_path, "graphed")
+    params, opt = list(trainer.lora.values()), trainer.optimizer
+    ReplayedGraph.tensors = staticmethod(
+        lambda: [*params, *[t for p in params for t in opt.state.get(p, {}).values()]]
+    )
+    trainer.graphed = GraphedTrainStep(
+        trainer.step_fn, params, opt, max_grad_norm=trainer.config.max_grad_norm, autocast=trainer.memory.autocast,
+        graph=ReplayedGraph,
+    )  # fmt: skip
+    trainer.train(progress=False)
+    assert trainer.step == 3 and trainer.lr_schedule.get_last_lr() == eager.lr_schedule.get_last_lr()
+    for name, p in trainer.lora.items():
+        torch.testing.assert_close(p, eager.lora[name], rtol=1e-5, atol=1e-7)
+
+
+def test_a_non_finite_graphed_step_is_undone_before_the_run_stops(tmp_path):
+    train_mod, trainer = _trainer(tmp_path, "nan")
+
+    class NanStep:
+        undone = False
+
+        def __call__(self, batch):
+            return torch.tensor(float("nan")), torch.tensor(0.0), torch.tensor(0.0), torch.tensor(1.0)
+
+        def undo(self):
+            self.undone = True
+
+    trainer.graphed = NanStep()
+    with pytest.raises(train_mod.TrainingError, match="loss is nan at step 1"):
+        trainer.run_step()
+    assert trainer.graphed.undone and trainer.step == 0
