@@ -47,8 +47,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpointing", action="store_true", help="unet.enable_gradient_checkpointing()")
     parser.add_argument(
         "--compile",
+        nargs="?",
+        const="default",
+        default=False,
+        metavar="MODE",
+        help="torch.compile the UNets, in mode default or MODE (reduce-overhead, max-autotune); "
+        "on CPU for profiling only: known wrong LoRA gradients",
+    )
+    parser.add_argument(
+        "--cuda-graphs",
         action="store_true",
-        help="torch.compile the UNets (on CPU for profiling only: known wrong LoRA gradients)",
+        help="also run the engine's CAT and LoRA steps captured as CUDA graphs (CUDA only)",
     )
     parser.add_argument("--steps", type=int, help="timed steps per variant (default 10; --quick 5)")
     parser.add_argument("--warmup", type=int, help="untimed steps per variant first (default 2; --quick 1)")
@@ -86,6 +95,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         attention=args.attention,
         checkpointing=args.checkpointing,
         compile=args.compile,
+        cuda_graphs=args.cuda_graphs,
         steps=args.steps if args.steps is not None else defaults["steps"],
         warmup=args.warmup if args.warmup is not None else defaults["warmup"],
         cat_weight=args.cat_weight,

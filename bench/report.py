@@ -103,7 +103,9 @@ def chart_name(config: dict) -> str:
     if config["checkpointing"]:
         knobs.append("ckpt")
     if config["compile"]:
-        knobs.append("compile")
+        knobs.append("compile" if config["compile"] in (True, "default") else f"compile-{config['compile']}")
+    if config.get("cuda_graphs"):
+        knobs.append("graphs")
     device = str(config["device"]).split(":")[0]
     return f"bench_{preset}_{config['resolution']}px_b{config['batch']}_r{config['rank']}_{'_'.join(knobs)}_{device}.png"
 

@@ -121,11 +121,11 @@ class GraphedStep:
         max_grad_norm: float | None = None,
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
         warmup: int = WARMUP_STEPS,
-        graph: Callable[[torch.device], object] = CudaGraph,
+        graph: Callable[[torch.device], object] | None = None,
     ):
         self.compute, self.params, self.optimizer = compute, list(params), optimizer
         self.max_grad_norm = float("inf") if max_grad_norm is None else float(max_grad_norm)
-        self.autocast, self.warmup, self._make_graph = autocast, warmup, graph
+        self.autocast, self.warmup, self._make_graph = autocast, warmup, graph or CudaGraph
         self.device = self.params[0].device
         self._graph = None
         self._outputs: tuple = ()
