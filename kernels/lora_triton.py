@@ -21,7 +21,8 @@ autotuning), the custom ops with their fake implementations, autograd and FLOP f
 :func:`triton_lora_linear`.
 
 On a GPU every kernel is wrapped in ``triton.autotune`` over a few block configurations, keyed
-on its sizes; under ``TRITON_INTERPRET=1`` (CPU tests) one configuration runs. Triton decorates
+on its sizes; under ``TRITON_INTERPRET=1`` (CPU tests) or ``CAT_ENGINE_TRITON_AUTOTUNE=0`` one
+configuration runs. Triton decorates
 its own jitted helpers once, at import, in the mode the environment then says, and torch, peft and
 diffusers import triton early; so the kernels here use only core builtins (``tl.full``, plain
 integer division) and are decorated lazily, per setting, at launch.
@@ -261,22 +262,29 @@ def _weight_grads_kernel(
 # Launchers
 # ----------------------------------------------------------------------------------------------
 
-# Block configurations tried by triton.autotune on a GPU, and the one the interpreter runs.
-# (meta-parameters, num_warps, num_stages)
+# Block configurations tried by triton.autotune on a GPU, and the one the interpreter (or
+# CAT_ENGINE_TRITON_AUTOTUNE=0) runs: (meta-parameters, num_warps, num_stages).
 _CONFIGS = {
     "shrink": (
-        [({"BLOCK_M": bm, "BLOCK_K": bk}, 4, s) for bm in (32, 64, 128) for bk in (32, 64) for s in (2, 3)],
+        [({"BLOCK_M": 32, "BLOCK_K": 64}, 4, 3), ({"BLOCK_M": 64, "BLOCK_K": 64}, 4, 3),
+         ({"BLOCK_M": 128, "BLOCK_K": 32}, 4, 3), ({"BLOCK_M": 64, "BLOCK_K": 128}, 4, 2)],
         {"BLOCK_M": 32, "BLOCK_K": 32},
     ),
     "expand": (
-        [({"BLOCK_M": bm, "BLOCK_N": bn}, w, 2) for bm in (32, 64, 128) for bn in (64, 128) for w in (4, 8)],
+        [({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 2), ({"BLOCK_M": 128, "BLOCK_N": 64}, 4, 2),
+         ({"BLOCK_M": 64, "BLOCK_N": 128}, 4, 2), ({"BLOCK_M": 128, "BLOCK_N": 128}, 8, 2)],
         {"BLOCK_M": 32, "BLOCK_N": 64},
     ),
     "weight_grads": (
-        [({"BLOCK_M": bm, "BLOCK_P": bp}, 4, s) for bm in (32, 64) for bp in (32, 64, 128) for s in (2, 3)],
+        [({"BLOCK_M": 32, "BLOCK_P": 64}, 4, 3), ({"BLOCK_M": 64, "BLOCK_P": 64}, 4, 3),
+         ({"BLOCK_M": 64, "BLOCK_P": 128}, 4, 2), ({"BLOCK_M": 32, "BLOCK_P": 128}, 4, 3)],
         {"BLOCK_M": 32, "BLOCK_P": 32},
     ),
-}
+}  # fmt: skip
+AUTOTUNE_ENV = "CAT_ENGINE_TRITON_AUTOTUNE"
+# Milliseconds of warm-up and of timed runs per configuration while autotuning (triton's defaults,
+# 25 and 100, make a first call of a new shape cost seconds).
+_AUTOTUNE_MS = {"warmup": 5, "rep": 20}
 _KEYS = {"shrink": ["M", "K", "R"], "expand": ["M", "N", "R"], "weight_grads": ["ROWS", "P1", "P2", "R"]}
 _FUNCTIONS = {"shrink": _shrink_kernel, "expand": _expand_kernel, "weight_grads": _weight_grads_kernel}
 # In-place kernels: autotuning runs them several times, so their output is restored after each.
@@ -307,21 +315,24 @@ def interpreting() -> bool:
 
 
 def _kernel(name: str):
-    """``(launchable kernel, fixed meta-parameters)`` for the current TRITON_INTERPRET setting.
+    """``(launchable kernel, fixed meta-parameters)`` for the current settings.
 
-    On a GPU: the autotuned kernel (no fixed meta-parameters). Under the interpreter: the plain
-    jitted kernel and the one configuration it runs. Decorated once per setting.
+    On a GPU: the autotuned kernel (no fixed meta-parameters). Under the interpreter, or with
+    ``CAT_ENGINE_TRITON_AUTOTUNE=0`` (the GPU kernel tests: one compile per kernel, not one per
+    configuration): the plain jitted kernel and the one configuration it runs. Decorated once per
+    setting.
     """
-    interp = interpreting()
-    key = (name, interp)
+    single_config = interpreting() or os.environ.get(AUTOTUNE_ENV) == "0"
+    key = (name, interpreting(), single_config)
     if key not in _KERNELS:
         jitted = triton.jit(_FUNCTIONS[name])
         configs, single = _CONFIGS[name]
-        if interp:
+        if single_config:
             _KERNELS[key] = (jitted, dict(single))
         else:
-            options = {}
-            if name in _RESTORE and "restore_value" in inspect.signature(triton.autotune).parameters:
+            accepted = inspect.signature(triton.autotune).parameters
+            options = {k: v for k, v in _AUTOTUNE_MS.items() if k in accepted}
+            if name in _RESTORE and "restore_value" in accepted:
                 options["restore_value"] = _RESTORE[name]
             elif name in _RESTORE:  # an old triton: no way to undo a trial run, so no trials
                 configs = configs[:1]

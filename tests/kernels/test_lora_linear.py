@@ -426,3 +426,21 @@ def test_emulated_autocast_makes_the_op_cast_as_under_autocast():
     with pytest.raises(ValueError, match="has autocast of its own"):
         with ll.emulated_autocast("cpu", torch.bfloat16):
             pass
+
+
+@pytest.mark.skipif(not CUDA, reason="autotuning times compiled kernels on a GPU")
+def test_autotuned_kernels_on_a_gpu(monkeypatch):
+    """With autotuning on, every configuration is tried on the real buffers: the in-place expand
+    must come out as if it ran once, and the whole op must still match the oracle."""
+    monkeypatch.setenv(lt.AUTOTUNE_ENV, "1")
+    _set_path(monkeypatch, "triton")
+    g = torch.Generator().manual_seed(6)
+    y = torch.randn(300, 256, generator=g).cuda().half()
+    before = y.clone()
+    s, lo = torch.randn(200, 16, generator=g).cuda(), torch.randn(16, 256, generator=g).cuda().half()
+    lt.expand(s, lo, 0.5, out=y[:200])
+    want = before[:200].float() + 0.5 * s @ lo.float()
+    torch.testing.assert_close(y[:200].float(), want, rtol=1e-2, atol=2e-2)
+    assert torch.equal(y[200:], before[200:])
+    errs = _run(*_make((4, 300), 320, 640, 16), 1.0, 3, torch.float16)
+    assert max(errs) <= TOL[torch.float16], errs
