@@ -27,7 +27,6 @@ frozen model on B). Results append to ``bench/results/op_counts.jsonl``.
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -131,7 +130,6 @@ def run(cfg: BenchConfig, rounds: int, argv: list[str]) -> dict:
         "bench": "op_counts",
         **environment("cpu"),
         "command": "python -m cat_engine.bench.op_counts " + shlex.join(argv),
-        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "config": {"preset": cfg.preset, "batch": cfg.batch, "rank": cfg.rank, "checkpointing": cfg.checkpointing,
                    "resolution": cfg.resolution, "host_resolution": smallest_resolution(cfg), "rounds": rounds},
         "variants": {
