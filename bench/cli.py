@@ -67,6 +67,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads on a CPU (default 1: ratios side by side)"
     )
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu", "cuda_events"),
+        default="wall",
+        help="wall (default; the device synchronised around each step), cpu (the process's CPU time: "
+        "steadier on a shared CPU, one thread) or cuda_events",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny preset, few steps: a quick check on a CPU")
     parser.add_argument(
         "--results-dir",
@@ -102,6 +109,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         seed=args.seed,
         device=device,
         threads=args.threads,
+        clock=args.clock,
     )
 
 

@@ -95,6 +95,7 @@ class BenchConfig:
     seed: int = 0
     device: str = "cpu"
     threads: int | None = 1  # torch threads on a CPU (docs/design.md §7); None: as set
+    clock: str = "wall"  # measure.CLOCKS; "cpu": the process's CPU time, steadier on a shared CPU
 
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
@@ -108,6 +109,8 @@ class BenchConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if self.clock not in measure.CLOCKS:
+            raise ValueError(f"clock must be one of {', '.join(measure.CLOCKS)}, got {self.clock!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
 
@@ -541,7 +544,7 @@ def run_bench(cfg: BenchConfig, log=print, flops_cache: Path | None = None) -> d
             f"{cfg.attention}, checkpointing {'on' if cfg.checkpointing else 'off'}, "
             f"compile {MemoryPlan(compile=cfg.compile).compile or 'off'}, "
             f"CUDA graphs {'on' if cfg.cuda_graphs else 'off'}, on {device}; "
-            f"{max(cfg.warmup, 1)} warm-up + {cfg.steps} timed steps per variant, interleaved"
+            f"{max(cfg.warmup, 1)} warm-up + {cfg.steps} timed steps per variant, interleaved, {cfg.clock} clock"
         )
 
         def step(v: Variant) -> None:
@@ -571,7 +574,7 @@ def run_bench(cfg: BenchConfig, log=print, flops_cache: Path | None = None) -> d
             {name: (lambda v=variants[name]: step(v)) for name in names},
             cfg.steps,
             device,
-            clock="wall",
+            clock=cfg.clock,
             threads=cfg.threads,
             around=_memory_probe(memory, results) if memory is not None else None,
         )

@@ -29,21 +29,10 @@ def close(got, want, rel=REL):
 
 
 def tiny_unet(seed=0):
-    from diffusers import UNet2DConditionModel
+    from cat_engine.engine import builtin
 
     torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        cross_attention_dim=32,
-        sample_size=8,
-        norm_num_groups=8,
-        attention_head_dim=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    )
+    return builtin.tiny_unet("sd", sample_size=8)
 
 
 def lora_unet(rank=4, alpha=8.0, targets=DEFAULT_TARGETS + FEED_FORWARD_TARGETS, seed=0):
