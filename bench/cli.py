@@ -74,6 +74,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="wall (default; the device synchronised around each step), cpu (the process's CPU time: "
         "steadier on a shared CPU, one thread) or cuda_events",
     )
+    parser.add_argument(
+        "--variants",
+        help="comma-separated variants to run (default all), e.g. peft_lora,engine_lora for an A/B",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny preset, few steps: a quick check on a CPU")
     parser.add_argument(
         "--results-dir",
@@ -110,6 +114,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         device=device,
         threads=args.threads,
         clock=args.clock,
+        variants=tuple(v.strip() for v in args.variants.split(",")) if args.variants else None,
     )
 
 

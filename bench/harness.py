@@ -96,6 +96,7 @@ class BenchConfig:
     device: str = "cpu"
     threads: int | None = 1  # torch threads on a CPU (docs/design.md §7); None: as set
     clock: str = "wall"  # measure.CLOCKS; "cpu": the process's CPU time, steadier on a shared CPU
+    variants: tuple[str, ...] | None = None  # run only these (e.g. an A/B of two); None: all
 
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
@@ -109,6 +110,11 @@ class BenchConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        unknown = sorted(set(self.variants or ()) - set(VARIANTS) - set(GRAPHED_VARIANTS))
+        if unknown:
+            raise ValueError(
+                f"unknown variant {unknown[0]!r}; known: {', '.join((*VARIANTS, *GRAPHED_VARIANTS))}"
+            )
         if self.clock not in measure.CLOCKS:
             raise ValueError(f"clock must be one of {', '.join(measure.CLOCKS)}, got {self.clock!r}")
         if self.threads is not None and self.threads < 1:
@@ -392,7 +398,9 @@ def _ratio(a, b):
 
 
 def ratios(results: dict[str, VariantResult]) -> dict:
-    t = {k: r.median_s for k, r in results.items()}
+    """The ratios between variants; None where a variant did not run (failed, or not selected)."""
+    t = {name: None for name in (*VARIANTS, *GRAPHED_VARIANTS)} | {k: r.median_s for k, r in results.items()}
+    results = {name: VariantResult(name, "", 0, 0) for name in VARIANTS} | results
     out = {
         "engine_cat_over_naive_cat_time": _ratio(t["engine_cat"], t["naive_cat"]),
         "engine_lora_over_peft_lora_time": _ratio(t["engine_lora"], t["peft_lora"]),
@@ -410,7 +418,7 @@ def ratios(results: dict[str, VariantResult]) -> dict:
         ),
     }
     for graphed in GRAPHED_VARIANTS:
-        if graphed in t:
+        if t[graphed] is not None:
             out[f"{graphed}_over_peft_lora_time"] = _ratio(t[graphed], t["peft_lora"])
     for who, cat, lora in (
         ("engine", "engine_cat", "engine_lora_2b"),
@@ -534,6 +542,8 @@ def run_bench(cfg: BenchConfig, log=print, flops_cache: Path | None = None) -> d
         variants, (peft_unet, ctx) = build_variants(
             cfg, spec, device, resolution, checkpoint_func=measure.counting_checkpoint
         )
+        if cfg.variants:
+            variants = {name: variants[name] for name in cfg.variants}
         unets = (peft_unet, ctx.unet)
         if cfg.compile and not compiled_modules(ctx.unet):  # the gradient check refused it
             warnings.append(

@@ -70,7 +70,7 @@ def fastest(seconds: Mapping[str, float]) -> str:
     return "torch"
 
 
-def _compiling() -> bool:
+def compiling() -> bool:
     check = getattr(getattr(torch, "compiler", None), "is_compiling", None)
     return bool(check()) if check is not None else False
 
@@ -78,7 +78,7 @@ def _compiling() -> bool:
 def measuring_allowed() -> bool:
     """False inside ``torch.compile`` tracing, CUDA graph capture, a dispatch mode or saved-tensor
     hooks (see the module docstring)."""
-    if _compiling():
+    if compiling():
         return False
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return False

@@ -198,7 +198,7 @@ def lora_linear(
 
 def _measured_path(x, weight, bias, lora_A, rows, lora_x) -> str:
     """The measured path for a CUDA call under ``auto`` (see the module docstring)."""
-    if not triton_installed() or dispatch._compiling():
+    if not triton_installed() or dispatch.compiling():
         return "torch"
     grad = torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad)
     M, K = x.numel() // x.shape[-1], x.shape[-1]
