@@ -21,6 +21,7 @@
 #   compile          --compile default and reduce-overhead on CUDA, through the gradient check
 #   nccl             the data-parallel recipe on nccl with one rank
 #   resident         what the bench process keeps on the GPU, by owner
+#   bench_sdxl_b4    cat-engine bench, SDXL 1024 px, B=4, checkpointing, eager and CUDA graphs (MFU)
 # Everything lands under OUTDIR: one log per step, steps.tsv (step, exit code, seconds), the JSON
 # lines of every measurement, the charts, the profiler table, cache/lora_paths.json (the LoRA path
 # chosen per shape); the last lines printed are the step table and the summary against targets.
@@ -166,6 +167,8 @@ fi
 gpu_check compile 200 compile --preset small --modes default,reduce-overhead --out "$OUT/compile.jsonl"
 gpu_check nccl 90 nccl --out "$OUT/nccl.jsonl"
 gpu_check resident 90 resident --preset sd15 --resolution 512 --checkpointing --out "$OUT/resident.jsonl"
+# The MFU target is at SDXL 1024 px, B=4, with CUDA graphs: last, as the longest run.
+step bench_sdxl_b4 240 "${BENCH[@]}" "${SDXL[@]}" --batch 4 "${GRAPHS[@]}"
 
 # 6. Last: what ran, and the figures against the targets.
 echo
