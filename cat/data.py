@@ -4,7 +4,9 @@
 
 After :func:`prepare_data` the VAE and text encoders are no longer needed: each step takes the
 samples :func:`sample_indices` names from the cached latent distributions and caption embeddings,
-and :func:`draw_batch` turns them into the step's :class:`~cat_engine.engine.batch.CatBatch`.
+and :func:`draw_batch` turns them into the step's :class:`~cat_engine.engine.batch.CatBatch`:
+DDPM noise for the UNet families, flow matching for the transformer families
+(:func:`draw_flow_batch`, docs/design.md §7b).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from cat_engine.cat.config import TrainConfig
 from cat_engine.cat.dataset import builtin_concept_dir, load_concept_images
 from cat_engine.engine.batch import CatBatch
 from cat_engine.engine.cache import CaptionCache, LatentCache, encode_captions, encode_latents
+from cat_engine.engine.families import DitFamily, dit_family
+from cat_engine.engine.families.flow import TRAIN_TIMESTEPS, flow_noisy, flow_target
 from cat_engine.engine.text import sdxl_time_ids
 
 log = logging.getLogger("cat_engine")
@@ -80,6 +84,7 @@ class CachedData:
     texts: CaptionCache  # embeddings of the distinct token and plain captions
     captions: list[str]
     concept_index: list[int] = field(default_factory=list)  # which concept each row shows
+    family: str = "sd"  # the base model's family (engine/families/): how batches are drawn
 
     def __len__(self) -> int:
         return len(self.latents)
@@ -93,7 +98,9 @@ def prepare_data(config: TrainConfig, model, resolution: int, device) -> CachedD
         encoder.to(device)
     latents = encode_latents(model.vae, images.pixels)
     texts = encode_captions(model, images.captions, images.plain_captions)
-    return CachedData(latents.to(device), texts.to(device), images.captions, images.concept_index)
+    return CachedData(
+        latents.to(device), texts.to(device), images.captions, images.concept_index, model.family
+    )
 
 
 def sample_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
@@ -123,8 +130,11 @@ def draw_batch(
     All randomness comes from ``generator``, a CPU one: identical draws on any device, and
     resumable. The draws cover the whole global batch on every rank, so the generator advances
     alike everywhere (and a checkpoint from any rank count resumes on any other); ``rows`` is this
-    rank's slice of it.
+    rank's slice of it. A transformer family's batch is drawn by :func:`draw_flow_batch`.
     """
+    family = dit_family(data.family)
+    if family is not None:
+        return draw_flow_batch(data, indices, generator, noise_scheduler, family, rows)
     idx = torch.tensor(indices)
     mean, std = data.latents.mean[idx], data.latents.std[idx]
     device = mean.device
@@ -150,8 +160,56 @@ def draw_batch(
     return CatBatch(noisy, t, token.embeds, plain.embeds, target, added, plain_added)
 
 
+def draw_flow_batch(
+    data: CachedData,
+    indices: list[int],
+    generator,
+    noise_scheduler,
+    family: DitFamily,
+    rows: slice = slice(None),
+) -> CatBatch:
+    """The flow-matching :class:`CatBatch` of samples ``indices`` (docs/design.md §7b).
+
+    ``x_t = (1 - sigma) x_0 + sigma noise``, target ``noise - x_0``, sigma drawn by the family's own
+    recipe from ``noise_scheduler``'s config; ``timesteps`` are ``1000 * sigma``. The three row groups
+    of the CAT step share ``x_t``, ``t`` and the noise, as for the UNets. Randomness as in
+    :func:`draw_batch`: all from ``generator``, for the whole global batch.
+    """
+    idx = torch.tensor(indices)
+    mean, std = data.latents.mean[idx], data.latents.std[idx]
+    device = mean.device
+    latents = mean + std * torch.randn(mean.shape, generator=generator).to(device)
+    noise = torch.randn(mean.shape, generator=generator).to(device)
+    sigma = family.training_sigmas(noise_scheduler.config, len(idx), generator, mean.shape).to(device)
+    idx, latents, noise, sigma = idx[rows], latents[rows], noise[rows], sigma[rows]
+    token, plain = data.texts.token(idx), data.texts.plain(idx)
+    return CatBatch(
+        flow_noisy(latents, noise, sigma),
+        sigma * TRAIN_TIMESTEPS,
+        token.embeds,
+        plain.embeds,
+        flow_target(latents, noise),
+        family.conditioning(token),
+        family.conditioning(plain),
+    )
+
+
 def compile_check_inputs(data: CachedData, resolution: int):
     """One real sample, for the compiled-vs-eager gradient check of ``--compile``."""
+    family = dit_family(data.family)
+    if family is not None:
+        token, plain = data.texts.token([0]), data.texts.plain([0])
+        z = data.latents.mean[:1]
+        t = torch.full((1,), TRAIN_TIMESTEPS / 2, device=z.device)
+        return CatBatch(
+            z,
+            t,
+            token.embeds,
+            plain.embeds,
+            torch.zeros_like(z),
+            family.conditioning(token),
+            family.conditioning(plain),
+        )
     token = data.texts.token([0])
     added = None
     if token.pooled is not None:

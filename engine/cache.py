@@ -71,7 +71,7 @@ class CaptionCache:
     """Text embeddings of the distinct captions, and which one each image row uses.
 
     ``embeds``: ``PromptEmbeds`` of U distinct captions (``[U, 77, D]``, SDXL also pooled
-    ``[U, P]``), float32. ``captions``: those U strings, in order of first appearance.
+    ``[U, P]``; a transformer family's own shapes, ``engine/families/``), float32. ``captions``: those U strings, in order of first appearance.
     ``token_index``, ``plain_index``: ``[N]`` int64 on the CPU, the row of ``embeds`` for image
     ``i``'s token caption and plain caption.
     """
@@ -90,8 +90,7 @@ class CaptionCache:
         return self.embeds.rows(self.plain_index[index].to(self.embeds.embeds.device))
 
     def to(self, device) -> CaptionCache:
-        e = self.embeds
-        moved = PromptEmbeds(e.embeds.to(device), None if e.pooled is None else e.pooled.to(device))
+        moved = self.embeds.map(lambda t: t.to(device))
         return CaptionCache(moved, self.captions, self.token_index, self.plain_index)
 
 
