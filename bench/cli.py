@@ -47,8 +47,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpointing", action="store_true", help="unet.enable_gradient_checkpointing()")
     parser.add_argument(
         "--compile",
+        nargs="?",
+        const="default",
+        default=False,
+        metavar="MODE",
+        help="torch.compile the UNets, in mode default or MODE (reduce-overhead, max-autotune); "
+        "on CPU for profiling only: known wrong LoRA gradients",
+    )
+    parser.add_argument(
+        "--cuda-graphs",
         action="store_true",
-        help="torch.compile the UNets (on CPU for profiling only: known wrong LoRA gradients)",
+        help="also run the engine's CAT and LoRA steps captured as CUDA graphs (CUDA only)",
     )
     parser.add_argument("--steps", type=int, help="timed steps per variant (default 10; --quick 5)")
     parser.add_argument("--warmup", type=int, help="untimed steps per variant first (default 2; --quick 1)")
@@ -57,6 +66,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads on a CPU (default 1: ratios side by side)"
+    )
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu", "cuda_events"),
+        default="wall",
+        help="wall (default; the device synchronised around each step), cpu (the process's CPU time: "
+        "steadier on a shared CPU, one thread) or cuda_events",
+    )
+    parser.add_argument(
+        "--variants",
+        help="comma-separated variants to run (default all), e.g. peft_lora,engine_lora for an A/B",
     )
     parser.add_argument("--quick", action="store_true", help="tiny preset, few steps: a quick check on a CPU")
     parser.add_argument(
@@ -86,12 +106,15 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         attention=args.attention,
         checkpointing=args.checkpointing,
         compile=args.compile,
+        cuda_graphs=args.cuda_graphs,
         steps=args.steps if args.steps is not None else defaults["steps"],
         warmup=args.warmup if args.warmup is not None else defaults["warmup"],
         cat_weight=args.cat_weight,
         seed=args.seed,
         device=device,
         threads=args.threads,
+        clock=args.clock,
+        variants=tuple(v.strip() for v in args.variants.split(",")) if args.variants else None,
     )
 
 

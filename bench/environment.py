@@ -86,10 +86,13 @@ def device_info(device: torch.device | str) -> dict:
 
 
 def environment(device: torch.device | str) -> dict:
-    """``time`` (UTC), ``device``, ``versions`` and ``git`` of a measurement made now on ``device``."""
+    """``time`` (UTC), ``device``, ``versions``, ``git`` and the machine's ``load_average`` (1, 5 and
+    15 minutes; how busy the machine was, which timings on a shared CPU depend on) of a measurement
+    made now on ``device``."""
     return {
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device_info(device),
         "versions": versions(),
         "git": git_info(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }

@@ -11,6 +11,7 @@ Variants (every step = forward + loss + backward + AdamW step on the LoRA parame
 | peft_lora_2b   | plain LoRA on 2B rows: what naive CAT's overhead is taken from | 2B |
 | engine_lora_2b | the engine's plain LoRA on 2B rows: the same for the engine  | 2B   |
 | base_forward   | one no-grad forward of the frozen model: the overhead's unit | B    |
+| engine_cat_graphs, engine_lora_graphs | with ``--cuda-graphs``: the engine's steps captured as one CUDA graph and replayed (engine/cuda_graphs.py) | B |
 
 CAT overhead, in no-grad forwards (target <= 1.0):
 
@@ -39,6 +40,7 @@ from cat_engine.bench import measure, peers
 from cat_engine.bench.presets import build_unet, make_batch, shared_weights_copy
 from cat_engine.cat import cat_loss
 from cat_engine.engine.batch import CatBatch
+from cat_engine.engine.cuda_graphs import GraphedStep, check_cuda_graphs
 from cat_engine.engine.files import write_text_atomically
 from cat_engine.engine.lora import add_lora, fuse_lora, lora_parameters
 from cat_engine.engine.memory_plan import (
@@ -55,6 +57,8 @@ from cat_engine.engine.unet_configs import ModelSpec, resolve_model
 MAIN_VARIANTS = ("peft_lora", "naive_cat", "engine_cat", "engine_lora")
 AUX_VARIANTS = ("peft_lora_2b", "engine_lora_2b", "base_forward")
 VARIANTS = MAIN_VARIANTS + AUX_VARIANTS
+# With --cuda-graphs (CUDA only): graphed twins of engine variants, by name -> the eager variant.
+GRAPHED_VARIANTS = {"engine_cat_graphs": "engine_cat", "engine_lora_graphs": "engine_lora"}
 LABELS = {
     "peft_lora": "diffusers+peft LoRA",
     "naive_cat": "naive 3-pass CAT (peft)",
@@ -63,6 +67,8 @@ LABELS = {
     "peft_lora_2b": "peft LoRA, 2B rows",
     "engine_lora_2b": "engine LoRA, 2B rows",
     "base_forward": "no-grad forward, B rows",
+    "engine_cat_graphs": "engine CAT, CUDA graph",
+    "engine_lora_graphs": "engine LoRA, CUDA graph",
 }
 CPU_COMPILE_WARNING = (
     "torch.compile on CPU: torch 2.13's inductor is known to give wrong LoRA gradients for "
@@ -80,7 +86,8 @@ class BenchConfig:
     precision: str = "fp32"  # memory_plan.PRECISIONS: autocast, frozen weights in it, LoRA fp32
     attention: str = "sdpa"  # memory_plan.ATTENTION_BACKENDS
     checkpointing: bool = False
-    compile: bool = False
+    compile: bool | str = False  # False or a torch.compile mode (memory_plan.COMPILE_MODES; True: default)
+    cuda_graphs: bool = False  # add the engine's variants as captured CUDA graphs (GRAPHED_VARIANTS)
     steps: int = 5  # timed steps per variant
     warmup: int = 2  # untimed steps per variant first (at least one is always run)
     cat_weight: float = 1.0
@@ -88,6 +95,8 @@ class BenchConfig:
     seed: int = 0
     device: str = "cpu"
     threads: int | None = 1  # torch threads on a CPU (docs/design.md §7); None: as set
+    clock: str = "wall"  # measure.CLOCKS; "cpu": the process's CPU time, steadier on a shared CPU
+    variants: tuple[str, ...] | None = None  # run only these (e.g. an A/B of two); None: all
 
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
@@ -101,6 +110,13 @@ class BenchConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        unknown = sorted(set(self.variants or ()) - set(VARIANTS) - set(GRAPHED_VARIANTS))
+        if unknown:
+            raise ValueError(
+                f"unknown variant {unknown[0]!r}; known: {', '.join((*VARIANTS, *GRAPHED_VARIANTS))}"
+            )
+        if self.clock not in measure.CLOCKS:
+            raise ValueError(f"clock must be one of {', '.join(measure.CLOCKS)}, got {self.clock!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
 
@@ -119,6 +135,24 @@ class Variant:
     rows: int  # UNet rows of the training batch (B or 2B); the CAT passes add their own
     loss: object  # () -> loss tensor (for base_forward: the prediction)
     trainer: Trainer | None  # None: a no-grad forward, no backward, no optimizer step
+
+
+class GraphedTrainer:
+    """The same step as :class:`Trainer`, captured as a CUDA graph per loss function and replayed
+    (``engine/cuda_graphs.py``); the optimizer must be capturable. No gradient clipping: the
+    eager trainers do none either."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self.graphs: dict = {}
+
+    def step(self, loss_fn, autocast) -> None:
+        if loss_fn not in self.graphs:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            self.graphs[loss_fn] = GraphedStep(
+                lambda: (loss_fn(),), params, self.optimizer, autocast=autocast
+            )
+        self.graphs[loss_fn]()
 
 
 class Trainer:
@@ -229,6 +263,20 @@ def build_variants(
         name: Variant(name, rows, loss, trainers.get(which) if which else None)
         for name, (rows, loss, which) in variant_losses(peft_unet, ctx.unet, batch, cfg.cat_weight).items()
     }
+    if cfg.cuda_graphs and device.type == "cuda":
+        graphed = GraphedTrainer(
+            make_optimizer(
+                lora_parameters(ctx.unet),
+                cfg.lr,
+                ctx.plan,
+                device,
+                weight_decay=WEIGHT_DECAY,
+                capturable=True,
+            )
+        )
+        for name, eager in GRAPHED_VARIANTS.items():
+            v = variants[eager]
+            variants[name] = Variant(name, v.rows, v.loss, graphed)
     return variants, (peft_unet, ctx)
 
 
@@ -350,10 +398,13 @@ def _ratio(a, b):
 
 
 def ratios(results: dict[str, VariantResult]) -> dict:
-    t = {k: r.median_s for k, r in results.items()}
+    """The ratios between variants; None where a variant did not run (failed, or not selected)."""
+    t = {name: None for name in (*VARIANTS, *GRAPHED_VARIANTS)} | {k: r.median_s for k, r in results.items()}
+    results = {name: VariantResult(name, "", 0, 0) for name in VARIANTS} | results
     out = {
         "engine_cat_over_naive_cat_time": _ratio(t["engine_cat"], t["naive_cat"]),
         "engine_lora_over_peft_lora_time": _ratio(t["engine_lora"], t["peft_lora"]),
+        "engine_cat_over_peft_lora_time": _ratio(t["engine_cat"], t["peft_lora"]),
         "engine_cat_over_engine_lora_time": _ratio(t["engine_cat"], t["engine_lora"]),
         "naive_cat_over_peft_lora_time": _ratio(t["naive_cat"], t["peft_lora"]),
         "engine_cat_over_naive_cat_saved_bytes": _ratio(
@@ -366,6 +417,9 @@ def ratios(results: dict[str, VariantResult]) -> dict:
             results["engine_cat"].cuda_step_bytes, results["naive_cat"].cuda_step_bytes
         ),
     }
+    for graphed in GRAPHED_VARIANTS:
+        if t[graphed] is not None:
+            out[f"{graphed}_over_peft_lora_time"] = _ratio(t[graphed], t["peft_lora"])
     for who, cat, lora in (
         ("engine", "engine_cat", "engine_lora_2b"),
         ("naive", "naive_cat", "peft_lora_2b"),
@@ -477,13 +531,19 @@ def run_bench(cfg: BenchConfig, log=print, flops_cache: Path | None = None) -> d
     if cfg.compile and device.type == "cpu":
         warnings.append(CPU_COMPILE_WARNING)
         log(f"warning: {CPU_COMPILE_WARNING}")
+    if cfg.cuda_graphs:
+        check_cuda_graphs(device, compile_mode=MemoryPlan(compile=cfg.compile).compile)
     with measure.torch_threads(cfg.threads if device.type == "cpu" else None):
         flops, flop_warnings, flops_cached = cached_variant_flops(cfg, spec, resolution, flops_cache)
         warnings += flop_warnings
+        if cfg.cuda_graphs:  # a replay dispatches nothing to count: the eager twin's work
+            flops.update({g: flops.get(e) for g, e in GRAPHED_VARIANTS.items()})
         torch.manual_seed(cfg.seed)
         variants, (peft_unet, ctx) = build_variants(
             cfg, spec, device, resolution, checkpoint_func=measure.counting_checkpoint
         )
+        if cfg.variants:
+            variants = {name: variants[name] for name in cfg.variants}
         unets = (peft_unet, ctx.unet)
         if cfg.compile and not compiled_modules(ctx.unet):  # the gradient check refused it
             warnings.append(
@@ -492,8 +552,9 @@ def run_bench(cfg: BenchConfig, log=print, flops_cache: Path | None = None) -> d
         log(
             f"bench: {cfg.preset} at {resolution} px, batch {cfg.batch}, rank {cfg.rank}, {ctx.plan.precision}, "
             f"{cfg.attention}, checkpointing {'on' if cfg.checkpointing else 'off'}, "
-            f"compile {'on' if cfg.compile else 'off'}, on {device}; "
-            f"{max(cfg.warmup, 1)} warm-up + {cfg.steps} timed steps per variant, interleaved"
+            f"compile {MemoryPlan(compile=cfg.compile).compile or 'off'}, "
+            f"CUDA graphs {'on' if cfg.cuda_graphs else 'off'}, on {device}; "
+            f"{max(cfg.warmup, 1)} warm-up + {cfg.steps} timed steps per variant, interleaved, {cfg.clock} clock"
         )
 
         def step(v: Variant) -> None:
@@ -523,7 +584,7 @@ def run_bench(cfg: BenchConfig, log=print, flops_cache: Path | None = None) -> d
             {name: (lambda v=variants[name]: step(v)) for name in names},
             cfg.steps,
             device,
-            clock="wall",
+            clock=cfg.clock,
             threads=cfg.threads,
             around=_memory_probe(memory, results) if memory is not None else None,
         )

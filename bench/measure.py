@@ -7,6 +7,8 @@ callable.
   each round, one torch thread on a CPU, the device synchronized (or CUDA events) around each call;
   :class:`Spread` gives the median and the spread of the times.
 * FLOPs: :func:`count_flops`, ``torch.utils.flop_counter.FlopCounterMode`` (works on meta tensors).
+* Dispatched ops: :func:`count_ops`, every ATen op that reaches the kernels below autograd (a
+  ``TorchDispatchMode``): the host work of a step, one unit per op, deterministic.
 * Saved bytes: :class:`SavedTensorsMeter`, every tensor autograd packs for backward
   (``torch.autograd.graph.saved_tensors_hooks``), plus the inputs gradient checkpointing keeps alive
   for its recompute (:func:`counting_checkpoint`); counted once per storage by the storage's full
@@ -18,11 +20,13 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 CLOCKS = ("wall", "cpu", "cuda_events")
@@ -136,6 +140,31 @@ def count_flops(fn) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen ops dispatched while active, by name (``aten.mm``, ``aten.view``, ...).
+
+    Ops are counted where they reach the kernels, below autograd: a backward pass counts the ops
+    it runs, views and in-place ops count like any other, and an op implemented by others (a
+    composite such as ``F.linear``) counts as what it decomposes into. A custom op counts once
+    (its implementation runs outside the mode).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.counts: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(fn) -> Counter:
+    """The ATen ops ``fn()`` dispatches (forward and, if it calls it, backward), by name."""
+    with OpCounter() as counter:
+        fn()
+    return counter.counts
 
 
 def _storage_key(t: torch.Tensor):

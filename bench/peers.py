@@ -41,7 +41,7 @@ def prepare_peer(unet, like, plan: MemoryPlan, checkpoint_func=None):
     if plan.gradient_checkpointing:
         enable_checkpointing(unet, checkpoint_func)
     if plan.compile:
-        unet.compile()
+        unet.compile(mode=None if plan.compile == "default" else plan.compile)
     return unet
 
 

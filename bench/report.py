@@ -103,7 +103,9 @@ def chart_name(config: dict) -> str:
     if config["checkpointing"]:
         knobs.append("ckpt")
     if config["compile"]:
-        knobs.append("compile")
+        knobs.append("compile" if config["compile"] in (True, "default") else f"compile-{config['compile']}")
+    if config.get("cuda_graphs"):
+        knobs.append("graphs")
     device = str(config["device"]).split(":")[0]
     return f"bench_{preset}_{config['resolution']}px_b{config['batch']}_r{config['rank']}_{'_'.join(knobs)}_{device}.png"
 
@@ -175,11 +177,12 @@ def summary(records: list[dict]) -> str:
     for rec in records:
         c, r = rec["config"], rec["ratios"]
         v = {x["name"]: x for x in rec["variants"]}
-        peak = v["engine_cat"]["cuda_peak_bytes"]
+        naive, engine = v.get("naive_cat", {}), v.get("engine_cat", {})  # absent: not selected
+        peak = engine.get("cuda_peak_bytes")
         lines.append(
             f"{Path(c['preset']).name:<8}{c['resolution']:>6}{c['batch']:>3} {c['precision']:<5}"
-            f"{('on' if c['checkpointing'] else 'off'):<5}{_fmt(v['naive_cat']['median_s'], 1e-3):>10}"
-            f"{_fmt(v['engine_cat']['median_s'], 1e-3):>10}{_fmt(r['engine_cat_over_naive_cat_time'], digits=3):>10}"
+            f"{('on' if c['checkpointing'] else 'off'):<5}{_fmt(naive.get('median_s'), 1e-3):>10}"
+            f"{_fmt(engine.get('median_s'), 1e-3):>10}{_fmt(r['engine_cat_over_naive_cat_time'], digits=3):>10}"
             f"{_fmt(r.get('cat_overhead_engine_fwd'), digits=2):>8}{_fmt(r.get('cat_overhead_naive_fwd'), digits=2):>10}"
             f"{_fmt(peak, 2**30, 2):>9}"
         )

@@ -109,10 +109,15 @@ class TrainConfig:
                 "precision": "auto (bf16 on a GPU that has it, else fp32), fp32, bf16, fp16",
                 "gradient_checkpointing": "recompute activations in backward (less memory, ~30% more time)",
                 "attention": f"attention backend: {', '.join(ATTENTION_BACKENDS)}",
-                "compile": "torch.compile the UNet (its gradients are checked against eager first)",
+                "compile": "torch.compile the UNet, in mode default or the MODE given: default, reduce-overhead, "
+                "max-autotune (its gradients are checked against eager first)",
                 "channels_last": "channels-last memory format for convolutions",
             }
         },
+    )
+    cuda_graphs: bool = field(
+        default=False,
+        metadata=help_metadata("capture the whole training step as one CUDA graph and replay it (CUDA only)"),
     )
     vram_budget: str | None = field(
         default=None, metadata=help_metadata("e.g. 8GB: pick the fastest memory plan predicted to fit")
@@ -286,7 +291,7 @@ OPTIONS = _options()
 # Options that describe a run rather than the trained adapter: a resume may change them freely.
 RUN_ONLY = {
     *("steps", "resume", "overwrite", "output", "save_every", "keep_checkpoints", "device", "config"),
-    "compile",
+    *("compile", "cuda_graphs"),
 }
 RUN_ONLY.add("save_format")  # how the adapter is written, not what it is
 # Options that make a run what it is: resuming it with other values would train another adapter.
@@ -456,11 +461,14 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 def add_flag(parser: argparse.ArgumentParser, name: str, kind: str, **kwargs) -> None:
     """``--name-with-dashes`` for an option whose annotation is ``kind``, default ``None`` (not given).
 
-    ``bool``: ``--name`` and ``--no-name``; ``int``, ``float`` (or ``| None``): parsed as such;
-    anything else: a string.
+    ``bool``: ``--name`` and ``--no-name``; ``bool | str``: the same, and ``--name VALUE``; ``int``,
+    ``float`` (or ``| None``): parsed as such; anything else: a string.
     """
     if kind == "bool":
         parser.add_argument(_flag(name), action=argparse.BooleanOptionalAction, default=None, **kwargs)
+    elif kind == "bool | str":  # --name (True), --name VALUE, --no-name (False)
+        parser.add_argument(_flag(name), nargs="?", const=True, default=None, metavar="MODE", **kwargs)
+        parser.add_argument("--no-" + _flag(name)[2:], dest=name, action="store_const", const=False)
     else:
         caster = {"int": int, "float": float}.get(kind.removesuffix(" | None"), str)
         parser.add_argument(_flag(name), type=caster, default=None, **kwargs)
@@ -480,7 +488,7 @@ def flags_of(args: argparse.Namespace) -> list[str]:
             continue
         if name == "concepts":
             out += [a for c in value for a in ("--concept", f"{c['data']}:{c['token']}:{c['class_word']}")]
-        elif option.type == "bool":
+        elif option.type == "bool" or (option.type == "bool | str" and isinstance(value, bool)):
             out.append(_flag(name) if value else "--no-" + _flag(name)[2:])
         else:
             out += [_flag(name), ",".join(value) if isinstance(value, list) else str(value)]

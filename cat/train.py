@@ -63,6 +63,7 @@ from cat_engine.cat.stopping import NonFiniteAdapter, Stopping, TrainingError
 from cat_engine.engine import checkpoint as ckpt
 from cat_engine.engine import distributed as dist
 from cat_engine.engine import signals
+from cat_engine.engine.cuda_graphs import GraphedTrainStep, check_cuda_graphs
 from cat_engine.engine.families import dit_family
 from cat_engine.engine.files import WRITE_ERRORS, WriteError, os_error_text, write_text_atomically
 from cat_engine.engine.kohya import kohya_file_name, kohya_module_names
@@ -76,7 +77,13 @@ from cat_engine.engine.lora import (
     save_lora_files,
     writes_kohya,
 )
-from cat_engine.engine.memory_plan import MemoryContext, MemoryPlan, apply_memory_plan, make_optimizer
+from cat_engine.engine.memory_plan import (
+    MemoryContext,
+    MemoryPlan,
+    apply_memory_plan,
+    make_optimizer,
+    resolve_precision,
+)
 from cat_engine.engine.models import BaseModel, load_base
 from cat_engine.engine.run_folder import RunLock
 
@@ -134,6 +141,7 @@ class Trainer(Stopping):
     lock: RunLock | None = None  # rank 0's hold on the output folder
     last_checkpoint: Path | None = None  # the newest checkpoint of this run (written or resumed from)
     saved_step: int | None = None  # the step it holds
+    graphed: GraphedTrainStep | None = None  # --cuda-graphs: the captured step, else None
 
     @property
     def output(self) -> Path:
@@ -169,6 +177,11 @@ class Trainer(Stopping):
         """Model, data (encoded once), adapter, memory plan, optimizer; then the checkpoint to resume."""
         device = dist.device_for(config.device, ranks)
         rows = rank_rows(config.batch_size, ranks)
+        if config.cuda_graphs:  # refused here, before anything loads, when it cannot run
+            precision = resolve_precision(config.memory, device).name if device.type == "cuda" else None
+            check_cuda_graphs(
+                device, world=ranks.world, compile_mode=config.memory.compile, precision=precision
+            )
         torch.manual_seed(config.seed)
         model = load_base(config.base)
         config = with_model_targets(config, model)
@@ -187,8 +200,9 @@ class Trainer(Stopping):
         step_fn = dist.data_parallel(
             dist.TrainStep(ctx.unet, list(named.values()), step_loss(config.cat_weight)), ranks, device
         )
+        graphs = {"capturable": True} if config.cuda_graphs else {}
         optimizer = make_optimizer(
-            list(named.values()), config.lr, ctx.plan, device, weight_decay=WEIGHT_DECAY
+            list(named.values()), config.lr, ctx.plan, device, weight_decay=WEIGHT_DECAY, **graphs
         )
         trainer = cls(
             config=config,
@@ -207,6 +221,15 @@ class Trainer(Stopping):
         )
         if resume_from is not None:
             trainer.restore(resume_from)
+        if config.cuda_graphs:
+            check_cuda_graphs(device, precision=ctx.plan.precision)  # --vram-budget may have chosen it
+            trainer.graphed = GraphedTrainStep(
+                step_fn,
+                list(named.values()),
+                optimizer,
+                max_grad_norm=config.max_grad_norm,
+                autocast=ctx.autocast,
+            )
         if ranks.main:
             write_text_atomically(trainer.output / CONFIG_FILE, json.dumps(config.to_dict(), indent=1))
         return trainer
@@ -257,6 +280,8 @@ class Trainer(Stopping):
         b = draw_batch(
             self.data, indices, self.generator, self.model.noise_scheduler, self.resolution, self.rows
         )
+        if self.graphed is not None:
+            return self.run_graphed_step(b)
         with self.memory.autocast():
             loss, ldm, cat = self.step_fn(b)
         # The global batch's numbers (one process: its own), so every rank stops alike.
@@ -264,6 +289,25 @@ class Trainer(Stopping):
         if not torch.isfinite(losses[0]):
             self.stop_non_finite(f"loss is {losses[0].item()}")
         self.update(loss)
+        self.step, self.step_rng, self.updating = self.step + 1, None, False
+        return losses
+
+    def run_graphed_step(self, b) -> torch.Tensor:
+        """The step through the captured CUDA graph (forward to optimizer in one replay); a step whose
+        loss or gradient norm is not finite is undone before the run stops."""
+        self.updating = True  # one replay runs forward to optimizer step
+        loss, ldm, cat, norm = self.graphed(b)
+        losses = torch.stack([loss, ldm, cat]).float()
+        if not (torch.isfinite(losses[0]) and torch.isfinite(norm)):
+            self.graphed.undo()
+            self.updating = False  # undone: the adapter is as it was before the step
+            what = (
+                f"loss is {losses[0].item()}"
+                if not torch.isfinite(losses[0])
+                else "gradient norm is not finite"
+            )
+            self.stop_non_finite(what)
+        self.lr_schedule.step()
         self.step, self.step_rng, self.updating = self.step + 1, None, False
         return losses
 

@@ -43,6 +43,8 @@ DTYPES = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
+# torch.compile modes of --compile (a plain --compile, or compile: true, means "default").
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 # Relative tolerance of the compiled-vs-eager LoRA gradient check, per compute precision.
 # fp32 differences come from reordered sums (~1e-5); bf16 keeps 8 bits of mantissa, so two
 # correct paths that round differently can differ by a few 1e-3 per element.
@@ -60,16 +62,19 @@ class MemoryPlan:
     ``precision``: ``fp32``, ``bf16`` (autocast; falls back to fp16 on GPUs without bf16),
     ``fp16`` (autocast + loss scaling, CUDA only), or ``auto`` (bf16/fp16 on CUDA, fp32 elsewhere).
     ``fused_adamw``: ``None`` means auto (fused on CUDA when this torch supports it).
+    ``compile``: ``False``, or a ``torch.compile`` mode of :data:`COMPILE_MODES` (``True`` means
+    ``"default"``).
     """
 
     attention: str = "sdpa"
     gradient_checkpointing: bool = False
     precision: str = "fp32"
-    compile: bool = False
+    compile: bool | str = False
     channels_last: bool = False
     fused_adamw: bool | None = None
 
     def __post_init__(self):
+        object.__setattr__(self, "compile", compile_mode(self.compile))
         if self.attention not in ATTENTION_BACKENDS:
             raise MemoryPlanError(
                 f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention!r}"
@@ -80,10 +85,26 @@ class MemoryPlan:
     def describe(self) -> str:
         parts = [self.precision, self.attention, "ckpt" if self.gradient_checkpointing else "no-ckpt"]
         if self.compile:
-            parts.append("compile")
+            parts.append("compile" if self.compile == "default" else f"compile {self.compile}")
         if self.channels_last:
             parts.append("channels_last")
         return " ".join(parts)
+
+
+def compile_mode(value) -> bool | str:
+    """``False`` or a mode of :data:`COMPILE_MODES` from what a flag or YAML gives: a mode, a bool,
+    ``None``, or the strings true/false."""
+    if (
+        value is None
+        or value is False
+        or (isinstance(value, str) and value.lower() in ("false", "no", "off", ""))
+    ):
+        return False
+    if value is True or (isinstance(value, str) and value.lower() in ("true", "yes", "on")):
+        return "default"
+    if value in COMPILE_MODES:
+        return value
+    raise MemoryPlanError(f"compile must be one of {', '.join(COMPILE_MODES)} (or true/false), got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -448,13 +469,16 @@ def compile_unet(
     rtol: float | None = None,
     **compile_kwargs,
 ):
-    """``torch.compile`` the UNet in place, then prove its LoRA gradients equal eager ones.
+    """``torch.compile`` the UNet in place, in ``plan.compile``'s mode, then prove its LoRA
+    gradients equal eager ones.
 
     ``check_inputs``: a small :class:`~cat_engine.engine.batch.CatBatch`; one forward+backward of
     the UNet on its token rows (``noisy_latents``, ``timesteps``, ``token_embeds``,
-    ``added_cond_kwargs``) runs eager and one compiled. On a mismatch above ``rtol`` (default per
-    precision, 1e-3 for fp32), or when compiling fails, it warns loudly, undoes the compilation and
-    returns the eager UNet (docs/design.md §6: inductor on CPU is known to get LoRA gradients wrong).
+    ``added_cond_kwargs``) runs eager, then compiled: once in mode ``default``, three times in the
+    modes that record CUDA graphs (``reduce-overhead``, ``max-autotune``: the first runs record,
+    the last replays), every run checked. On a mismatch above ``rtol`` (default per precision, 1e-3
+    for fp32), or when compiling fails, it warns loudly, undoes the compilation and returns the
+    eager UNet (docs/design.md §6: inductor on CPU is known to get LoRA gradients wrong).
 
     ``per_block=False`` (default) compiles the whole UNet as one graph, which compiled faster than
     per block (down/mid/up blocks) on the tiny UNet (bench/results/README-figures-from-code.md).
@@ -471,6 +495,10 @@ def compile_unet(
         warnings.warn("this torch has no nn.Module.compile; training eager", stacklevel=2)
         return unet
     rtol = COMPILE_RTOL.get(plan.precision, 1e-3) if rtol is None else rtol
+    mode = plan.compile or "default"
+    if mode != "default" and backend == "inductor":  # modes are inductor's
+        compile_kwargs.setdefault("mode", mode)
+    runs = 1 if mode == "default" else 3
     modules = unet_blocks(unet) if per_block else [unet]
     b = check_inputs
 
@@ -481,7 +509,7 @@ def compile_unet(
         eager = lora_gradients(forward, params, autocast)
         try:
             _compile_in_place(modules, backend=backend, **compile_kwargs)
-            compiled = lora_gradients(forward, params, autocast)
+            compiled = [lora_gradients(forward, params, autocast) for _ in range(runs)]
         except Exception as exc:  # noqa: BLE001 - inductor needs a C compiler, may hit unsupported ops, ...
             _uncompile(modules)
             warnings.warn(
@@ -489,12 +517,12 @@ def compile_unet(
                 stacklevel=2,
             )
             return unet
-    err = max_relative_error(compiled, eager)
+    err = max(max_relative_error(grads, eager) for grads in compiled)
     if not err <= rtol:  # also catches NaN
         _uncompile(modules)
         message = (
             f"torch.compile gave wrong LoRA gradients on this torch/device (max rel err {err:.3g}, "
-            f"tolerance {rtol:g}, backend {backend}); falling back to eager"
+            f"tolerance {rtol:g}, backend {backend}, mode {mode}); falling back to eager"
         )
         warnings.warn(message, stacklevel=2)
         print(f"WARNING: {message}", flush=True)  # loud: training continues, slower

@@ -503,7 +503,9 @@ class _SplitCall:
         if known is not None and known[0] == self.token:
             return known[1]
         k, g = self.n_groups, self.group_rows
-        if t.requires_grad or t[0].numel() > _VALUE_CHECK_MAX_ROW_ELEMENTS:
+        # A value check reads the device, which CUDA graph capture forbids (engine/cuda_graphs.py).
+        capturing = t.is_cuda and torch.cuda.is_current_stream_capturing()
+        if t.requires_grad or t[0].numel() > _VALUE_CHECK_MAX_ROW_ELEMENTS or capturing:
             return tuple(range(k))
         chunks = [t[i * g : (i + 1) * g] for i in range(k)]
         pattern = tuple(next(j for j in range(i + 1) if torch.equal(chunks[j], chunks[i])) for i in range(k))

@@ -227,3 +227,44 @@ def test_compile_goes_through_the_engines_gradient_check(monkeypatch):
     assert checked.added_cond_kwargs is None
     assert memory_plan.compiled_modules(peft_unet) == [peft_unet]
     assert memory_plan.compiled_modules(ctx.unet) == []
+
+
+def test_cuda_graphs_in_the_bench_need_cuda_and_say_so():
+    from cat_engine.bench.harness import run_bench
+    from cat_engine.engine.cuda_graphs import CudaGraphError
+
+    with pytest.raises(CudaGraphError, match="--cuda-graphs needs a CUDA device"):
+        run_bench(BenchConfig(cuda_graphs=True), log=lambda *a: None)
+
+
+def test_bench_flags_take_a_compile_mode_and_cuda_graphs():
+    import argparse
+
+    from cat_engine.bench import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    for argv, mode in (
+        ([], False),
+        (["--compile"], "default"),
+        (["--compile", "max-autotune"], "max-autotune"),
+    ):
+        cfg = cli.config_from_args(parser.parse_args(argv + ["--device", "cpu"]))
+        assert cfg.plan().compile == mode and not cfg.cuda_graphs
+    assert cli.config_from_args(parser.parse_args(["--cuda-graphs", "--device", "cpu"])).cuda_graphs
+
+
+def test_variants_selects_an_a_b_and_the_ratios_of_the_others_are_none(tmp_path):
+    from cat_engine.bench.harness import run_bench
+
+    cfg = BenchConfig(steps=1, warmup=0, variants=("peft_lora", "engine_lora"), clock="cpu")
+    result = run_bench(cfg, log=lambda *a: None)
+    assert [v["name"] for v in result["variants"]] == ["peft_lora", "engine_lora"]
+    assert result["ratios"]["engine_lora_over_peft_lora_time"] > 0
+    assert result["ratios"]["engine_cat_over_naive_cat_time"] is None
+    assert result["config"]["clock"] == "cpu"
+    record = report.make_record(result, torch.device("cpu"))
+    assert "engine LoRA / peft LoRA: time" in report.table(record)
+    assert "tiny" in report.summary([record])
+    with pytest.raises(ValueError, match="unknown variant 'peft'"):
+        BenchConfig(variants=("peft",)).validate()

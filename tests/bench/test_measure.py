@@ -10,6 +10,7 @@ from cat_engine.bench.measure import (
     SavedTensorsMeter,
     Spread,
     count_flops,
+    count_ops,
     counting_checkpoint,
     saved_bytes,
     time_interleaved,
@@ -171,3 +172,15 @@ def test_timer_interleaves_rotates_and_restores_threads():
         time_interleaved(steps, 1, clock="sundial")
     with pytest.raises(ValueError, match="CUDA"):
         time_interleaved(steps, 1, "cpu", clock="cuda_events")
+
+
+def test_op_counter_counts_what_reaches_the_kernels_forward_and_backward():
+    """F.linear on 2-D input with a bias is ``t`` + ``addmm``; the backward of a frozen linear
+    with an input that needs grad is one ``mm`` (plus the grad seed and views)."""
+    x = torch.randn(M, K, requires_grad=True)
+    w, b = torch.randn(N, K), torch.randn(N)
+    counts = count_ops(lambda: torch.nn.functional.linear(x, w, b))
+    assert dict(counts) == {"aten.t": 1, "aten.addmm": 1}
+    y = torch.nn.functional.linear(x, w, b)
+    backward = count_ops(lambda: y.sum().backward())
+    assert backward["aten.mm"] == 1 and backward["aten.addmm"] == 0

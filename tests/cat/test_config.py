@@ -16,6 +16,7 @@ from cat_engine.cat.config import (
     load_yaml,
     run_identity,
 )
+from cat_engine.engine.errors import CatEngineError
 from cat_engine.engine.memory_plan import MemoryPlan
 
 
@@ -237,3 +238,35 @@ def test_a_config_built_in_python_is_checked_as_strictly():
     config = TrainConfig(output=Path("out"), lr=1, targets="to_q, to_v").validate()
     assert (config.output, config.lr, config.targets) == ("out", 1.0, ["to_q", "to_v"])
     assert isinstance(config.lr, float)
+@pytest.mark.parametrize(
+    "flags, yaml, mode",
+    [
+        ([], "", False),
+        (["--compile"], "", "default"),  # a plain --compile, as before
+        (["--compile", "reduce-overhead"], "", "reduce-overhead"),
+        (["--compile", "max-autotune"], "", "max-autotune"),
+        (["--no-compile"], "compile: true\n", False),
+        ([], "compile: true\n", "default"),  # old YAML
+        ([], "compile: max-autotune\n", "max-autotune"),
+        (["--compile"], "compile: false\n", "default"),
+    ],
+)
+def test_compile_takes_a_mode_and_old_forms_still_work(tmp_path, flags, yaml, mode):
+    from cat_engine.cat.config import config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    f = tmp_path / "run.yaml"
+    f.write_text(yaml or "rank: 4\n")
+    args = parser.parse_args(["--config", str(f), *flags])
+    config = config_from_args(args)
+    assert config.memory.compile == mode
+    assert config_from_args(parser.parse_args(flags_of(args))).memory.compile == mode  # relaunch (--nproc)
+    assert TrainConfig.from_dict(config.to_dict()).memory.compile == mode
+
+
+def test_a_bad_compile_mode_is_a_one_line_error():
+    with pytest.raises(
+        CatEngineError, match=r"compile must be one of default, reduce-overhead, max-autotune"
+    ):
+        build_config({"compile": "fastest"}, {})

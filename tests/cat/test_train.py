@@ -473,3 +473,17 @@ def test_resuming_with_the_default_targets_checks_them_against_the_checkpoint(tm
         ckpt.CheckpointError, match=r"LoRA tensors this model does not adapt .*other --targets"
     ):
         _run(tmp_path, steps=2, resume="latest", targets=None)
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--cuda-graphs", "--device", "cpu"], "--cuda-graphs needs a CUDA device; this run is on cpu"),
+        (["--compile", "fastest"], "compile must be one of default, reduce-overhead, max-autotune"),
+    ],
+)
+def test_graph_and_compile_options_are_refused_in_one_line_before_training(tmp_path, capsys, args, message):
+    from cat_engine import cli
+
+    assert cli.main(["train", "--steps", "1", "--output", str(tmp_path / "out"), *args]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], errors
+    assert not (tmp_path / "out").exists()  # nothing was started

@@ -297,6 +297,46 @@ def test_compile_keeps_a_correct_compilation(monkeypatch):
     assert compiled_modules(unet) == [unet]
 
 
+@pytest.mark.parametrize(
+    "mode, backend, passed, runs",
+    [
+        ("default", "inductor", None, 1),
+        ("reduce-overhead", "inductor", "reduce-overhead", 3),  # recorded, then replayed: all checked
+        ("max-autotune", "inductor", "max-autotune", 3),
+        ("max-autotune", "aot_eager", None, 3),  # modes are inductor's; the other backends take none
+    ],
+)
+def test_compile_modes_reach_torch_compile_and_graph_modes_are_checked_on_replays(
+    monkeypatch, mode, backend, passed, runs
+):
+    seen, checks = {}, []
+
+    def record_compile(modules, **kwargs):
+        seen.update(kwargs)
+        for m in modules:
+            m._compiled_call_impl = m._call_impl
+
+    real = mp.lora_gradients
+    monkeypatch.setattr(mp, "_compile_in_place", record_compile)
+    monkeypatch.setattr(mp, "lora_gradients", lambda *a, **k: checks.append(1) or real(*a, **k))
+    unet = lora_unet()
+    plan = MemoryPlan(compile=mode)
+    assert plan.compile == mode and MemoryPlan(compile=True).compile == "default"
+    compile_unet(unet, plan, inputs(), backend=backend)
+    assert seen.get("mode") == passed and seen["backend"] == backend
+    assert len(checks) == 1 + runs  # eager once, compiled once per run
+    assert compiled_modules(unet) == [unet]
+    assert ("compile" if mode == "default" else f"compile {mode}") in plan.describe()
+
+
+def test_compile_mode_must_be_known():
+    with pytest.raises(
+        MemoryPlanError, match="compile must be one of default, reduce-overhead, max-autotune"
+    ):
+        MemoryPlan(compile="fastest")
+    assert MemoryPlan(compile=None).compile is False and MemoryPlan(compile="false").compile is False
+
+
 def test_compile_check_restores_zero_lora_b_and_grads():
     unet = add_lora(tiny_unet(), rank=4, seed=0)  # peft init: B == 0
     seen = []
