@@ -40,7 +40,7 @@ from cat_engine.bench.presets import build_unet, make_batch, shared_weights_copy
 from cat_engine.cat import cat_loss
 from cat_engine.engine.batch import CatBatch
 from cat_engine.engine.files import write_text_atomically
-from cat_engine.engine.lora import add_lora, fuse_lora, lora_parameters
+from cat_engine.engine.lora import add_lora, default_targets, fuse_lora, lora_parameters
 from cat_engine.engine.memory_plan import (
     ATTENTION_BACKENDS,
     PRECISIONS,
@@ -191,7 +191,7 @@ def build_models(
     if device.type == "meta":
         plan = MemoryPlan(attention="sdpa" if cfg.attention == "xformers" else cfg.attention)
     engine = build_unet(spec, device, seed=cfg.seed)
-    add_lora(engine, rank=cfg.rank, seed=cfg.seed)
+    add_lora(engine, rank=cfg.rank, targets=default_targets(engine), seed=cfg.seed)
     fuse_lora(engine)
     ctx = apply_memory_plan(
         engine,

@@ -19,6 +19,7 @@ from cat_engine.cat.captions import DEFAULT_CAPTION_TEMPLATE, PLAIN_MODES
 from cat_engine.engine.errors import CatEngineError
 from cat_engine.engine.lora import DEFAULT_TARGETS
 from cat_engine.engine.memory_plan import ATTENTION_BACKENDS, PRECISIONS, MemoryPlan
+from cat_engine.engine.quantize import QUANT_MODES
 
 
 class ConfigError(CatEngineError):
@@ -105,6 +106,10 @@ class TrainConfig:
                 "attention": f"attention backend: {', '.join(ATTENTION_BACKENDS)}",
                 "compile": "torch.compile the UNet (its gradients are checked against eager first)",
                 "channels_last": "channels-last memory format for convolutions",
+                "frozen_quant": f"frozen weights in 8 bits: {', '.join(QUANT_MODES)} (fp8 on GPUs with "
+                "compute capability 8.9+; needs torchao: pip install 'cat-engine[quant]')",
+                "offload": "a transformer's blocks in CPU memory, each moved to the GPU while it runs "
+                "(needs --gradient-checkpointing)",
             }
         },
     )
@@ -162,10 +167,10 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown option {unknown[0]!r} (known: {', '.join(OPTIONS)})")
         values = {name: OPTIONS[name].coerce(value) for name, value in values.items()}
-        choices = {"precision": PRECISIONS, "attention": ATTENTION_BACKENDS}
+        choices = {"precision": PRECISIONS, "attention": ATTENTION_BACKENDS, "frozen_quant": QUANT_MODES}
         for name, allowed in choices.items():
             if name in values and values[name] not in allowed:
-                raise ConfigError(f"--{name} must be one of {', '.join(allowed)}")
+                raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}")
         top = {k: v for k, v in values.items() if not OPTIONS[k].in_memory}
         plan = {k: v for k, v in values.items() if OPTIONS[k].in_memory}
         return cls(**top, memory=dataclasses.replace(default_memory_plan(), **plan))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
+from cat_engine.engine.quantize import is_quantized_linear, lora_on_quantized_base
 from cat_engine.engine.split_batch import STATE_ATTR, SplitBatchState
 from cat_engine.kernels import lora_linear
 from cat_engine.kernels.lora_linear import autocast_dtype
@@ -41,7 +42,7 @@ class FusedLoraLinear(PeftLoraLinear):
         if name in getattr(self, "lora_variant", {}) or getattr(self, "use_dora", {}).get(name, False):
             return False
         base = self.get_base_layer()
-        if type(base) is not torch.nn.Linear:
+        if type(base) is not torch.nn.Linear and not is_quantized_linear(base):  # engine/quantize.py
             return False
         dropout = self.lora_dropout[name]
         if not isinstance(dropout, (torch.nn.Dropout, torch.nn.Identity)):
@@ -73,6 +74,8 @@ class FusedLoraLinear(PeftLoraLinear):
             return super().forward(x, *args, **kwargs)
         name = self.active_adapters[0]
         base = self.get_base_layer()
+        if is_quantized_linear(base):
+            return lora_on_quantized_base(self, x, getattr(self, STATE_ATTR).adapter_rows)
         dropout = self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, torch.nn.Dropout) else 0.0
         return lora_linear(

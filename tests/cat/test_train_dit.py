@@ -78,7 +78,8 @@ def test_flow_matching_resume_is_bit_exact(tmp_path):
 @pytest.mark.parametrize(
     ("name", "flags", "message"),
     [
-        ("flux", ["--vram-budget", "12GB"], "--vram-budget: the planner does not model Flux.1 yet"),
+        ("flux", ["--offload"], "--offload needs --gradient-checkpointing"),
+        ("flux", ["--frozen-quant", "int4"], "--frozen-quant must be one of none, int8, fp8"),
         ("sd3", ["--attention", "math"], "--attention math: SD3 runs its own attention processors"),
         ("zimage", ["--targets", "to_q,all_x_embedder.2-1"], "all_x_embedder"),
     ],
