@@ -81,7 +81,7 @@ def make_batch(spec: ModelSpec, batch: int, resolution: int, device, seed: int =
     gen = torch.Generator().manual_seed(seed)
     family = dit_family(spec.family)
     if family is not None:
-        return family.example_batch(config, batch, side, generator=gen, device=device)
+        return family.example_batch(config, batch, side, spec.text_tokens, generator=gen, device=device)
 
     def randn(*shape):
         return torch.randn(*shape, generator=gen).to(device)

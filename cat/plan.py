@@ -98,7 +98,7 @@ def train_flags(plan) -> str:
 
 def run(args) -> int:
     from cat_engine.cat.loss import step_loss
-    from cat_engine.engine import vram
+    from cat_engine.engine import quantize, vram
 
     try:
         spec = vram.resolve_model(args.base)
@@ -160,6 +160,8 @@ def run(args) -> int:
     )
     for i, (plan, est) in enumerate(candidates):
         print(_row(i + 1, plan, est, budget, chosen is not None and plan == chosen[0]))
+    if spec.family is not None and quantize.torchao_problem() is not None:
+        print(f"(no int8 plans: {quantize.torchao_problem()})")
     print(
         "peak = predicted torch.cuda.max_memory_allocated; activations measured on the meta device; "
         "CPU RAM = frozen weights offloaded (pinned host memory)"

@@ -27,8 +27,11 @@ native resolution; the transformers cut the latents into 2x2 patches.
 
 from __future__ import annotations
 
+import dataclasses
+
 DIT_VAE_SCALE = 8
 DIT_NATIVE_RESOLUTION = 1024
+TINY_TEXT_TOKENS = 16
 
 _FLUX = dict(
     patch_size=1,
@@ -119,7 +122,9 @@ def dit_spec(name: str):
     family = TINY_DITS[name]
     with torch.device("meta"):  # only its config is wanted
         config = dict(tiny_transformer(family).config)
-    return spec_from_dit_config(name, family, config, 4, NATIVE_RESOLUTION)
+    spec = spec_from_dit_config(name, family, config, 4, NATIVE_RESOLUTION)
+    # Text as long as the tiny tokenizers make it: the tiny rotary tables have no room for 512 tokens.
+    return dataclasses.replace(spec, text_tokens=TINY_TEXT_TOKENS)
 
 
 def build_transformer(spec, device="meta"):

@@ -93,17 +93,12 @@ def _policy(device_type: str):
     return lower, fp32
 
 
-def _cast(tree, dtype):
-    def cast(x):
-        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != dtype:
-            return x.to(dtype)
-        return x
-
-    return tree_map(cast, tree)
-
-
 class MetaCuda(TorchFunctionMode):
-    """Makes a meta run allocate what a CUDA run allocates: autocast casts and flash SDPA."""
+    """Makes a meta run allocate what a CUDA run allocates: autocast casts and flash SDPA.
+
+    Like autocast, casts of leaf tensors that require grad (the LoRA weights where a plain
+    ``F.linear`` takes them) are cached: one copy per weight for the region, not one per call.
+    """
 
     def __init__(
         self, autocast_dtype: torch.dtype | None, device_type: str = "cuda", flash_sdpa: bool = True
@@ -112,14 +107,29 @@ class MetaCuda(TorchFunctionMode):
         self.dtype = autocast_dtype
         self.lower, self.fp32 = _policy(device_type)
         self.flash_sdpa = flash_sdpa
+        self.cache: dict[tuple[int, torch.dtype], tuple[weakref.ref, torch.Tensor]] = {}
+
+    def _cast(self, tree, dtype):
+        def cast(x):
+            if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != dtype):
+                return x
+            if not (x.is_leaf and x.requires_grad):
+                return x.to(dtype)
+            hit = self.cache.get((id(x), dtype))
+            if hit is None or hit[0]() is not x:
+                hit = (weakref.ref(x), x.to(dtype))
+                self.cache[(id(x), dtype)] = hit
+            return hit[1]
+
+        return tree_map(cast, tree)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.dtype is not None:
             if func in self.lower:
-                args, kwargs = _cast((args, kwargs), self.dtype)
+                args, kwargs = self._cast((args, kwargs), self.dtype)
             elif func in self.fp32:
-                args, kwargs = _cast((args, kwargs), torch.float32)
+                args, kwargs = self._cast((args, kwargs), torch.float32)
         if func is F.scaled_dot_product_attention and self.flash_sdpa:
             return _flash_sdpa(*args, **kwargs)
         if func is torch.equal and any(isinstance(a, torch.Tensor) and a.is_meta for a in args):

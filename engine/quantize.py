@@ -243,7 +243,9 @@ def lora_on_quantized_base(layer, x: torch.Tensor, adapter_rows: int | None) -> 
         return y
     lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
     xa = x if n == x.shape[0] else x[:n]
-    delta = lora_B(lora_A(layer.lora_dropout[name](xa.to(lora_A.weight.dtype)))) * layer.scaling[name]
+    if autocast_dtype(x.device.type) is None:  # under autocast the products cast x themselves
+        xa = xa.to(lora_A.weight.dtype)
+    delta = lora_B(lora_A(layer.lora_dropout[name](xa))) * layer.scaling[name]
     if n == x.shape[0]:
         return y + delta.to(y.dtype)
     return torch.cat([y[:n] + delta.to(y.dtype), y[n:]])

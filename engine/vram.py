@@ -55,7 +55,13 @@ from cat_engine.engine.meta_memory import (
     run_backward,
     storage_keys,
 )
-from cat_engine.engine.quantize import is_quantized, plain_tensors, quantize_frozen, tensor_bytes
+from cat_engine.engine.quantize import (
+    is_quantized,
+    plain_tensors,
+    quantize_frozen,
+    tensor_bytes,
+    torchao_problem,
+)
 from cat_engine.engine.unet_configs import ModelSpec, resolve_model
 from cat_engine.kernels.lora_linear import emulated_autocast
 
@@ -142,7 +148,7 @@ def _step_inputs(spec: ModelSpec, resolution: int, batch: int, device) -> CatBat
     side = resolution // spec.vae_scale_factor
     family = dit_family(spec.family)
     if family is not None:  # the family's conditioning, its text length (the pipeline's maximum)
-        return family.example_batch(spec.config, batch, side, device=device)
+        return family.example_batch(spec.config, batch, side, spec.text_tokens, device=device)
     # Latents and cached text embeddings are fp32 (cast by autocast where they are used).
     latents = torch.zeros(batch, 4, side, side, device=device)
     added = None
@@ -384,13 +390,14 @@ def candidate_plans(
     """
     if family is not None:
         ckpt = MemoryPlan(attention=attention, precision=half, gradient_checkpointing=True)
-        return [
+        plans = [
             MemoryPlan(attention=attention, precision=half, gradient_checkpointing=False),
             ckpt,
             replace(ckpt, offload=True),
-            replace(ckpt, frozen_quant="int8"),
-            replace(ckpt, frozen_quant="int8", offload=True),
         ]
+        if torchao_problem() is None:  # int8 plans only where they can run (torchao installed)
+            plans += [replace(ckpt, frozen_quant="int8"), replace(ckpt, frozen_quant="int8", offload=True)]
+        return plans
     return [
         MemoryPlan(attention=attention, precision=half, gradient_checkpointing=False),
         MemoryPlan(attention=attention, precision=half, gradient_checkpointing=True),
