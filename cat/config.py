@@ -17,7 +17,7 @@ from pathlib import Path
 
 from cat_engine.cat.captions import DEFAULT_CAPTION_TEMPLATE, PLAIN_MODES
 from cat_engine.engine.errors import CatEngineError
-from cat_engine.engine.lora import DEFAULT_TARGETS
+from cat_engine.engine.lora import DEFAULT_TARGETS, SAVE_FORMATS
 from cat_engine.engine.memory_plan import ATTENTION_BACKENDS, PRECISIONS, MemoryPlan
 from cat_engine.engine.quantize import QUANT_MODES
 
@@ -118,6 +118,13 @@ class TrainConfig:
     )
     # output
     output: str = field(default="cat-output", metadata=help_metadata("output folder"))
+    save_format: str = field(
+        default="both",
+        metadata=help_metadata(
+            "LoRA file format: diffusers (pytorch_lora_weights.safetensors), kohya (OUTPUT_NAME.safetensors, "
+            "for ComfyUI/AUTOMATIC1111), or both"
+        ),
+    )
     save_every: int = field(
         default=100, metadata=help_metadata("checkpoint every N steps (0: only at the end)")
     )
@@ -167,7 +174,12 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown option {unknown[0]!r} (known: {', '.join(OPTIONS)})")
         values = {name: OPTIONS[name].coerce(value) for name, value in values.items()}
-        choices = {"precision": PRECISIONS, "attention": ATTENTION_BACKENDS, "frozen_quant": QUANT_MODES}
+        choices = {
+            "precision": PRECISIONS,
+            "attention": ATTENTION_BACKENDS,
+            "save_format": SAVE_FORMATS,
+            "frozen_quant": QUANT_MODES,
+        }
         for name, allowed in choices.items():
             if name in values and values[name] not in allowed:
                 raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}")
@@ -238,6 +250,7 @@ def _options() -> dict[str, Option]:
 OPTIONS = _options()
 # Options that describe a run rather than the trained adapter: a resume may change them freely.
 RUN_ONLY = {"steps", "resume", "output", "save_every", "keep_checkpoints", "device", "config", "compile"}
+RUN_ONLY.add("save_format")  # how the adapter is written, not what it is
 CONCEPT_KEYS = ("data", "token", "class_word", "caption_template")
 
 
