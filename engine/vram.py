@@ -46,7 +46,14 @@ from cat_engine.engine.batch import CatBatch, StepLoss
 from cat_engine.engine.dit_configs import build_transformer
 from cat_engine.engine.errors import CatEngineError
 from cat_engine.engine.families import dit_family
-from cat_engine.engine.memory_plan import DTYPES, MemoryPlan, cast_frozen_weights, is_lora_name, set_attention
+from cat_engine.engine.memory_plan import (
+    DTYPES,
+    NORM_LAYERS,
+    MemoryPlan,
+    cast_frozen_weights,
+    is_lora_name,
+    set_attention,
+)
 from cat_engine.engine.meta_memory import (
     LiveBytes,
     MetaCuda,
@@ -308,6 +315,8 @@ def _param_bytes(unet, plan: MemoryPlan) -> tuple[int, int, int]:
             for t in (*b.parameters(), *b.buffers())
             if not t.requires_grad
         }
+    # cast_frozen_weights keeps normalisation layers' weights in fp32
+    norms = {id(p) for m in unet.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)}
     weights = lora = offloaded = 0
     for name, p in unet.named_parameters():
         if is_lora_name(name):
@@ -316,7 +325,7 @@ def _param_bytes(unet, plan: MemoryPlan) -> tuple[int, int, int]:
         if is_quantized(p):  # its values and scales, one allocation each
             size = sum(rounded(tensor_bytes(leaf)) for leaf in plain_tensors(p))
         else:
-            size = rounded(p.numel() * frozen_size)
+            size = rounded(p.numel() * (4 if id(p) in norms else frozen_size))
         if id(p) in away:
             offloaded += size
         else:

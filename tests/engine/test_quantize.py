@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from cat_engine.cat.loss import batch_loss, cat_loss_reference
+from cat_engine.cat.loss import batch_loss, batch_loss_reference
 from cat_engine.engine import quantize
 from cat_engine.engine.builtin_dit import tiny_transformer
 from cat_engine.engine.denoiser import unet_forward
@@ -192,7 +192,7 @@ def test_split_batch_on_a_quantised_base_equals_the_three_call_reference(family,
     split, split_grads = _step(model, batch, checkpointing)
     for p in lora_parameters(model):
         p.grad = None
-    ref = cat_loss_reference(model, **vars(batch), cat_weight=1.0)
+    ref = batch_loss_reference(model, batch, 1.0)
     ref.loss.backward()
     assert split.loss.item() == pytest.approx(ref.loss.item(), rel=1e-5, abs=1e-7)
     assert max_relative_error(split_grads, [p.grad for p in lora_parameters(model)]) < 1e-4
