@@ -14,30 +14,25 @@ import torch
 
 from cat_engine.cat.loss import batch_loss
 from cat_engine.engine.builtin import tiny_unet
-from cat_engine.engine.builtin_dit import tiny_transformer
 from cat_engine.engine.families import DIT_FAMILIES
 from cat_engine.engine.lora import add_lora, fuse_lora, lora_parameters
 from cat_engine.engine.memory_plan import MemoryPlan, MemoryPlanError, apply_memory_plan
 from cat_engine.engine.offload import BlockOffload, block_offload, frozen_block_bytes, offload_blocks
-from cat_engine.engine.quantize import plain_tensors, quantize_frozen
+from cat_engine.engine.quantize import plain_tensors
 
 FAMILIES = list(DIT_FAMILIES)
 
 
-def _model(family, quant="none"):
-    torch.manual_seed(0)
-    model = tiny_transformer(family).eval()
-    add_lora(model, rank=4, targets=DIT_FAMILIES[family].default_targets, seed=1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.1)
-    fuse_lora(model)
-    if quant != "none":
-        pytest.importorskip("torchao")
-        quantize_frozen(model, quant)
-    model.enable_gradient_checkpointing()
-    return model
+@pytest.fixture
+def make_model(lora_transformer):
+    """The tiny transformer with LoRA, checkpointed (offloading needs it)."""
+
+    def make(family, quant="none"):
+        m = lora_transformer(family, quant)
+        m.enable_gradient_checkpointing()
+        return m
+
+    return make
 
 
 def _step(model, family, cat_weight=1.0):
@@ -88,8 +83,8 @@ class _Watch:
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("quant", ["none", "int8"])
-def test_offloaded_step_equals_the_resident_one(family, quant):
-    resident = _model(family, quant)
+def test_offloaded_step_equals_the_resident_one(family, quant, make_model):
+    resident = make_model(family, quant)
     offloaded = copy.deepcopy(resident)
     offload = BlockOffload(offloaded, "cpu")
     watch = _Watch(offload)
@@ -110,8 +105,8 @@ def test_offloaded_step_equals_the_resident_one(family, quant):
     assert all(p.grad is None for name, p in offloaded.named_parameters() if "lora_" not in name)
 
 
-def test_prefetch_follows_the_direction_and_copies_each_block_once_per_pass():
-    model = _model("flux")
+def test_prefetch_follows_the_direction_and_copies_each_block_once_per_pass(make_model):
+    model = make_model("flux")
     offload = BlockOffload(model, "cpu")
     seen = []
     for i, b in enumerate(offload.blocks):
@@ -124,9 +119,9 @@ def test_prefetch_follows_the_direction_and_copies_each_block_once_per_pass():
     assert offload.fetches == 2 * n - 1  # the forward's last block is recomputed first, still resident
 
 
-def test_several_steps_train_the_same_adapter():
+def test_several_steps_train_the_same_adapter(make_model):
     family = "sd3"
-    resident = _model(family)
+    resident = make_model(family)
     offloaded = copy.deepcopy(resident)
     BlockOffload(offloaded, "cpu")
     optimizers = [torch.optim.AdamW(lora_parameters(m), lr=1e-2) for m in (resident, offloaded)]
@@ -137,8 +132,8 @@ def test_several_steps_train_the_same_adapter():
     assert all(torch.equal(a, b) for a, b in zip(lora_parameters(resident), lora_parameters(offloaded)))
 
 
-def test_remove_puts_every_block_home():
-    model = _model("zimage")
+def test_remove_puts_every_block_home(make_model):
+    model = make_model("zimage")
     blocks = offload_blocks(model)
     before = [[id(t) for t in _frozen(b)] for b in blocks]
     offload = BlockOffload(model, "cpu")
@@ -150,9 +145,9 @@ def test_remove_puts_every_block_home():
     assert not model._forward_pre_hooks and not any(b._forward_pre_hooks for b in blocks)
 
 
-def test_plain_lora_step_through_diffusers_checkpointing():
+def test_plain_lora_step_through_diffusers_checkpointing(make_model):
     """cat weight 0: one call with every row an adapter row, diffusers' own checkpoint function."""
-    resident = _model("flux")
+    resident = make_model("flux")
     offloaded = copy.deepcopy(resident)
     offload = BlockOffload(offloaded, "cpu")
     watch = _Watch(offload)
@@ -162,8 +157,8 @@ def test_plain_lora_step_through_diffusers_checkpointing():
     assert all(ok for _, ok, _ in watch.runs)
 
 
-def test_memory_plan_installs_offloading():
-    model = _model("sd3")
+def test_memory_plan_installs_offloading(make_model):
+    model = make_model("sd3")
     assert frozen_block_bytes(model) > 0.5 * sum(t.numel() * t.element_size() for t in model.parameters())
     ctx = apply_memory_plan(model, MemoryPlan(gradient_checkpointing=True, offload=True), "cpu")
     assert ctx.plan.offload and block_offload(model) is not None
@@ -179,9 +174,9 @@ def test_refusals():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("quant", ["none", "int8"])
-def test_offloaded_step_on_cuda_equals_the_resident_one(quant):
-    resident = _model("flux", quant).to("cuda")
-    offloaded = _model("flux", quant)
+def test_offloaded_step_on_cuda_equals_the_resident_one(quant, make_model):
+    resident = make_model("flux", quant).to("cuda")
+    offloaded = make_model("flux", quant)
     offload = BlockOffload(offloaded, "cuda")
     assert all(t.device.type == "cpu" for b in offload.blocks for t in _frozen(b))
     assert all(p.device.type == "cuda" for p in lora_parameters(offloaded))

@@ -10,10 +10,9 @@ import torch
 
 from cat_engine.cat.loss import batch_loss, batch_loss_reference
 from cat_engine.engine import quantize
-from cat_engine.engine.builtin_dit import tiny_transformer
 from cat_engine.engine.denoiser import unet_forward
 from cat_engine.engine.families import DIT_FAMILIES
-from cat_engine.engine.lora import adapters_disabled, add_lora, fuse_lora, lora_parameters
+from cat_engine.engine.lora import adapters_disabled, lora_parameters
 from cat_engine.engine.memory_plan import (
     MemoryPlan,
     apply_memory_plan,
@@ -82,18 +81,7 @@ def test_quantized_linear_under_autocast_runs_in_the_autocast_dtype():
     assert y.dtype == torch.bfloat16
 
 
-def _model(family, mode="none", lora_std=0.3):
-    """The tiny transformer of ``family`` with a LoRA adapter whose delta moves the output a lot."""
-    torch.manual_seed(0)
-    model = tiny_transformer(family).eval()
-    add_lora(model, rank=4, targets=DIT_FAMILIES[family].default_targets, seed=1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, lora_std)
-    fuse_lora(model)
-    quantize_frozen(model, mode)
-    return model
+LORA_STD = 0.3  # lora_B's spread: a delta that moves the output a lot, so a lost delta shows
 
 
 def _batch(model, family):
@@ -116,9 +104,9 @@ def _relative(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def _quantization_error(family, mode):
+def _quantization_error(make, family, mode):
     """The quantisation's own error: the relative error of the base model's output (no adapter)."""
-    full, quantised = _model(family), _model(family, mode)
+    full, quantised = make(family, lora_std=LORA_STD), make(family, mode, lora_std=LORA_STD)
     batch = _batch(full, family)
     outs = []
     for model in (full, quantised):
@@ -134,9 +122,9 @@ def _quantization_error(family, mode):
 BOUND = 4  # the loss terms may move by this multiple of the base output's relative error
 
 
-def _within_quantization_error(family, mode):
-    eps = _quantization_error(family, mode)
-    full, quantised = _model(family), _model(family, mode)
+def _within_quantization_error(make, family, mode):
+    eps = _quantization_error(make, family, mode)
+    full, quantised = make(family, lora_std=LORA_STD), make(family, mode, lora_std=LORA_STD)
     batch = _batch(full, family)
     ref, ref_grads = _step(full, batch)
     got, grads = _step(quantised, batch)
@@ -155,8 +143,10 @@ def _within_quantization_error(family, mode):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("mode", ["int8", "fp8"])
-def test_cat_loss_is_within_the_quantizations_own_error(family, mode):
-    eps, cat_err, ldm_err, grads, ref_grads, quantised = _within_quantization_error(family, mode)
+def test_cat_loss_is_within_the_quantizations_own_error(family, mode, lora_transformer):
+    eps, cat_err, ldm_err, grads, ref_grads, quantised = _within_quantization_error(
+        lora_transformer, family, mode
+    )
     assert 0 < eps < (0.02 if mode == "int8" else 0.1)
     assert cat_err <= BOUND * eps and ldm_err <= BOUND * eps, (eps, cat_err, ldm_err)
     # gradients reach the LoRA weights only, and point where the full-precision ones point
@@ -177,17 +167,19 @@ _ORIGINAL = quantize.lora_on_quantized_base
     ],
     ids=["delta-dropped", "delta-on-base-rows"],
 )
-def test_the_bound_fails_when_the_delta_goes_wrong(monkeypatch, broken):
+def test_the_bound_fails_when_the_delta_goes_wrong(monkeypatch, broken, lora_transformer):
     monkeypatch.setattr("cat_engine.engine.fused_lora.lora_on_quantized_base", broken)
-    eps, cat_err, ldm_err, *_ = _within_quantization_error("flux", "int8")
+    eps, cat_err, ldm_err, *_ = _within_quantization_error(lora_transformer, "flux", "int8")
     assert cat_err > BOUND * eps
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["no-ckpt", "ckpt"])
-def test_split_batch_on_a_quantised_base_equals_the_three_call_reference(family, checkpointing):
+def test_split_batch_on_a_quantised_base_equals_the_three_call_reference(
+    family, checkpointing, lora_transformer
+):
     """The split batch's rows on the quantised base are the quantised model's three calls."""
-    model = _model(family, "int8", lora_std=0.05)
+    model = lora_transformer(family, "int8", lora_std=0.05)
     batch = _batch(model, family)
     split, split_grads = _step(model, batch, checkpointing)
     for p in lora_parameters(model):
@@ -198,8 +190,8 @@ def test_split_batch_on_a_quantised_base_equals_the_three_call_reference(family,
     assert max_relative_error(split_grads, [p.grad for p in lora_parameters(model)]) < 1e-4
 
 
-def test_quantize_frozen_leaves_lora_and_trainable_layers_alone():
-    model = _model("sd3", "int8")
+def test_quantize_frozen_leaves_lora_and_trainable_layers_alone(lora_transformer):
+    model = lora_transformer("sd3", "int8")
     quantised = [n for n, m in model.named_modules() if type(m) is QuantizedLinear]
     assert quantised and not any("lora_" in n for n in quantised)
     assert all(p.dtype == torch.float32 and not is_quantized(p) for p in lora_parameters(model))
@@ -207,8 +199,8 @@ def test_quantize_frozen_leaves_lora_and_trainable_layers_alone():
     assert not [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and "lora_" not in n]
 
 
-def test_apply_memory_plan_quantises_then_casts():
-    model = _model("flux")
+def test_apply_memory_plan_quantises_then_casts(lora_transformer):
+    model = lora_transformer("flux")
     ctx = apply_memory_plan(model, MemoryPlan(precision="bf16", frozen_quant="int8"), "cpu")
     assert ctx.plan.frozen_quant == "int8"
     linears = [m for m in model.modules() if type(m) is QuantizedLinear]
@@ -217,9 +209,9 @@ def test_apply_memory_plan_quantises_then_casts():
     assert all(p.dtype == torch.float32 for p in lora_parameters(model))
 
 
-def test_refusals_are_one_line(monkeypatch):
+def test_refusals_are_one_line(monkeypatch, lora_transformer):
     with pytest.raises(QuantizationError, match="fp8 needs a CUDA GPU"):
-        apply_memory_plan(_model("sd3"), MemoryPlan(frozen_quant="fp8"), "cpu")
+        apply_memory_plan(lora_transformer("sd3"), MemoryPlan(frozen_quant="fp8"), "cpu")
 
     def missing():
         raise QuantizationError(
@@ -228,17 +220,17 @@ def test_refusals_are_one_line(monkeypatch):
 
     monkeypatch.setattr(quantize, "_torchao", missing)
     with pytest.raises(QuantizationError, match=r"needs torchao .*pip install 'cat-engine\[quant\]'"):
-        apply_memory_plan(_model("sd3"), MemoryPlan(frozen_quant="int8"), "cpu")
+        apply_memory_plan(lora_transformer("sd3"), MemoryPlan(frozen_quant="int8"), "cpu")
     with pytest.raises(Exception, match="frozen_quant must be one of none, int8, fp8"):
         MemoryPlan(frozen_quant="int4")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("mode", ["int8", "fp8"])
-def test_quantised_cat_step_on_cuda(mode):
+def test_quantised_cat_step_on_cuda(mode, lora_transformer):
     if mode == "fp8" and quantize.fp8_problem("cuda") is not None:
         pytest.skip(quantize.fp8_problem("cuda"))
-    full, quantised = _model("flux"), _model("flux")
+    full, quantised = lora_transformer("flux"), lora_transformer("flux")
     apply_memory_plan(full, MemoryPlan(precision="bf16", gradient_checkpointing=True), "cuda")
     apply_memory_plan(
         quantised, MemoryPlan(precision="bf16", gradient_checkpointing=True, frozen_quant=mode), "cuda"
