@@ -96,8 +96,11 @@ def _policy(device_type: str):
 class MetaCuda(TorchFunctionMode):
     """Makes a meta run allocate what a CUDA run allocates: autocast casts and flash SDPA.
 
-    Like autocast, casts of leaf tensors that require grad (the LoRA weights where a plain
-    ``F.linear`` takes them) are cached: one copy per weight for the region, not one per call.
+    Like autocast, casts of trainable weights (the LoRA weights where a plain ``F.linear`` takes
+    them) are cached: one copy per weight, not one per call. Autocast caches them per autocast
+    region (the forward; each checkpoint recompute); here for the whole step, an overcount of at
+    most half the LoRA weights' bytes. (Autocast also caches other leaves that require grad, the
+    recompute's detached inputs; few of them meet a matmul directly, so they are cast per call.)
     """
 
     def __init__(
@@ -113,7 +116,7 @@ class MetaCuda(TorchFunctionMode):
         def cast(x):
             if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != dtype):
                 return x
-            if not (x.is_leaf and x.requires_grad):
+            if not (isinstance(x, torch.nn.Parameter) and x.requires_grad):
                 return x.to(dtype)
             hit = self.cache.get((id(x), dtype))
             if hit is None or hit[0]() is not x:
