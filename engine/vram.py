@@ -4,23 +4,31 @@
     est = estimate_peak("sd15", 512, 1, MemoryPlan(precision="bf16"), rank=16, loss_fn=loss_fn)
     est.total, est.breakdown()          # weights, lora, grads, optimizer, activations, workspace
     plan, est = best_plan("sdxl", 1024, 1, budget_bytes=12 * GiB, rank=16, loss_fn=loss_fn)
+    plan, est = best_plan("flux", 1024, 1, budget_bytes=12 * GiB, rank=16, loss_fn=loss_fn)
+
+Models: the UNets and the diffusion transformers (SD3/3.5, Flux.1, Z-Image: full-size configs in
+``engine/dit_configs.py``, their inputs from the family's ``example_batch``).
 
 What is counted, and how:
 
-- ``weights``: frozen UNet parameters and buffers, in the plan's frozen dtype (half for bf16/fp16).
+- ``weights``: frozen parameters and buffers on the device, in the plan's frozen dtype (half for
+  bf16/fp16; norms fp32), quantised ones (``plan.frozen_quant``) as their int8/fp8 values and
+  per-row scales. With ``plan.offload`` the blocks' frozen tensors are in CPU memory
+  (``offloaded``, not in the total); the copies of the blocks in flight are allocated during the
+  measured step (engine/offload.py runs on meta too), so they are in ``activations``/``workspace``.
 - ``lora``, ``grads``, ``optimizer``: LoRA master weights, their gradients and AdamW's two moment
   buffers, all fp32. Gradients are counted as resident for the whole step (they exist only late
   in backward with ``zero_grad(set_to_none=True)``; they are small, so the error is small and safe).
 - ``activations`` and ``workspace`` are **measured, not guessed**: the real training step (the
   caller's loss function on a :class:`~cat_engine.engine.batch.CatBatch`, forward and backward)
-  runs on the full-size UNet on the ``meta`` device (shapes and dtypes, no data, no memory)
+  runs on the full-size model on the ``meta`` device (shapes and dtypes, no data, no memory)
   under a dispatch mode that follows every tensor storage from allocation to release, the way a
   caching allocator sees them. ``activations`` is what is alive when backward starts (everything
   the autograd graph holds, including checkpoint inputs, which ``saved_tensors_hooks`` would
   miss); ``workspace`` is the measured transient peak above that (gradient buffers in backward,
   checkpoint recomputation, attention scores with math attention, the no-grad base pass) plus
   :data:`KERNEL_WORKSPACE` for cuBLAS/cuDNN workspaces, which the meta run cannot see.
-- CUDA specifics are reproduced on meta: autocast is emulated with CUDA's cast policy (matmuls and
+- CUDA specifics are reproduced on meta (``engine/meta_memory.py``): autocast is emulated with CUDA's cast policy (matmuls and
   convolutions in half, group/layer norm and softmax in fp32: the fp32 norm outputs are a large
   share of bf16 activation memory), and SDPA is run as the flash kernel (saves q, k, v, out and
   the log-sum-exp), not as the math decomposition meta would otherwise take.
@@ -29,8 +37,9 @@ What is counted, and how:
   (use ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``), the VAE and text encoders (off the
   GPU once latents and embeddings are cached, docs/design.md §6), ``torch.compile``'s savings.
 
-Estimates are cached per (model, resolution, batch, precision, checkpointing, attention, rank,
-loss function); a ``functools.partial`` counts as the same loss function as an equal one.
+Estimates are cached per (model, resolution, batch, precision, checkpointing, attention, frozen
+quantisation, offloading, rank, loss function); a ``functools.partial`` counts as the same loss
+function as an equal one.
 """
 
 from __future__ import annotations
