@@ -42,7 +42,7 @@ from cat_engine.cat import cat_loss
 from cat_engine.engine.batch import CatBatch
 from cat_engine.engine.cuda_graphs import GraphedStep, check_cuda_graphs
 from cat_engine.engine.files import write_text_atomically
-from cat_engine.engine.lora import add_lora, fuse_lora, lora_parameters
+from cat_engine.engine.lora import add_lora, default_targets, fuse_lora, lora_parameters
 from cat_engine.engine.memory_plan import (
     ATTENTION_BACKENDS,
     PRECISIONS,
@@ -225,7 +225,7 @@ def build_models(
     if device.type == "meta":
         plan = MemoryPlan(attention="sdpa" if cfg.attention == "xformers" else cfg.attention)
     engine = build_unet(spec, device, seed=cfg.seed)
-    add_lora(engine, rank=cfg.rank, seed=cfg.seed)
+    add_lora(engine, rank=cfg.rank, targets=default_targets(engine), seed=cfg.seed)
     fuse_lora(engine)
     ctx = apply_memory_plan(
         engine,

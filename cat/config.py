@@ -25,6 +25,7 @@ from cat_engine.engine.errors import CatEngineError
 from cat_engine.engine.lora import DEFAULT_TARGETS, SAVE_FORMATS
 from cat_engine.engine.memory_plan import ATTENTION_BACKENDS, PRECISIONS, MemoryPlan
 from cat_engine.kernels.lora_linear import MAX_RANK
+from cat_engine.engine.quantize import QUANT_MODES
 
 
 class ConfigError(CatEngineError):
@@ -112,6 +113,10 @@ class TrainConfig:
                 "compile": "torch.compile the UNet, in mode default or the MODE given: default, reduce-overhead, "
                 "max-autotune (its gradients are checked against eager first)",
                 "channels_last": "channels-last memory format for convolutions",
+                "frozen_quant": f"frozen weights in 8 bits: {', '.join(QUANT_MODES)} (fp8 on GPUs with "
+                "compute capability 8.9+; needs torchao: pip install 'cat-engine[quant]')",
+                "offload": "a transformer's blocks in CPU memory, each moved to the GPU while it runs "
+                "(needs --gradient-checkpointing)",
             }
         },
     )
@@ -194,7 +199,12 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown option {unknown[0]!r} (known: {', '.join(OPTIONS)})")
         values = {name: OPTIONS[name].coerce(value) for name, value in values.items()}
-        choices = {"precision": PRECISIONS, "attention": ATTENTION_BACKENDS, "save_format": SAVE_FORMATS}
+        choices = {
+            "precision": PRECISIONS,
+            "attention": ATTENTION_BACKENDS,
+            "save_format": SAVE_FORMATS,
+            "frozen_quant": QUANT_MODES,
+        }
         for name, allowed in choices.items():
             if name in values and values[name] not in allowed:
                 raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}")

@@ -497,11 +497,6 @@ def memory_plan_for(
     """
     if config.vram_budget is None:
         return config.memory
-    if dit_family(model.family) is not None:
-        raise ConfigError(
-            f"--vram-budget: the planner does not model {dit_family(model.family).title} yet; "
-            "choose the memory options (--precision, --gradient-checkpointing) yourself"
-        )
     from cat_engine.cat.plan import parse_bytes
     from cat_engine.engine import vram
 

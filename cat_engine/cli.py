@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     module_name, help_text = COMMANDS[name]
+    from cat_engine.engine.quantize import quiet_torchao_import_logs
+
+    quiet_torchao_import_logs()  # before the command's imports: peft imports torchao when installed
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"cat-engine {name}", description=help_text)
     module.add_arguments(parser)

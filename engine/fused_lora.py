@@ -24,6 +24,7 @@ import torch
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
 from cat_engine.engine.errors import CatEngineError
+from cat_engine.engine.quantize import is_quantized_linear, lora_on_quantized_base
 from cat_engine.engine.split_batch import STATE_ATTR, SplitBatchState
 from cat_engine.kernels import dispatch, lora_linear
 from cat_engine.kernels.lora_linear import autocast_dtype
@@ -70,7 +71,8 @@ class FusedLoraLinear(PeftLoraLinear):
         name = active[0]
         if name in getattr(self, "lora_variant", {}) or getattr(self, "use_dora", {}).get(name, False):
             return False
-        if type(self.get_base_layer()) is not torch.nn.Linear:
+        base = self.get_base_layer()
+        if type(base) is not torch.nn.Linear and not is_quantized_linear(base):  # engine/quantize.py
             return False
         return isinstance(self.lora_dropout[name], (torch.nn.Dropout, torch.nn.Identity))
 
@@ -132,6 +134,8 @@ class FusedLoraLinear(PeftLoraLinear):
         if x.dtype != weight.dtype and autocast_dtype(x.device.type) is None:
             self._refuse_split_fallback(x)
             return super().forward(x, *args, **kwargs)
+        if is_quantized_linear(base):  # engine/quantize.py
+            return lora_on_quantized_base(self, x, self.__dict__[STATE_ATTR].adapter_rows)
         return lora_linear(
             x, weight, base.bias, lora_A.weight, lora_B.weight, self.scaling[name],
             self.__dict__[STATE_ATTR].adapter_rows,

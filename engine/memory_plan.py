@@ -31,6 +31,7 @@ from cat_engine.engine.batch import CatBatch
 from cat_engine.engine.denoiser import unet_forward
 from cat_engine.engine.errors import CatEngineError
 from cat_engine.engine.families import denoiser_family
+from cat_engine.engine.quantize import QUANT_MODES, check_mode, is_quantized, quantize_frozen
 
 ATTENTION_BACKENDS = ("sdpa", "xformers", "math")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
@@ -64,6 +65,9 @@ class MemoryPlan:
     ``fused_adamw``: ``None`` means auto (fused on CUDA when this torch supports it).
     ``compile``: ``False``, or a ``torch.compile`` mode of :data:`COMPILE_MODES` (``True`` means
     ``"default"``).
+    ``frozen_quant``: frozen weights in 8 bits, ``none``, ``int8`` or ``fp8`` (engine/quantize.py).
+    ``offload``: a transformer's blocks in CPU memory, each on the device while it runs
+    (engine/offload.py); needs ``gradient_checkpointing``.
     """
 
     attention: str = "sdpa"
@@ -72,6 +76,8 @@ class MemoryPlan:
     compile: bool | str = False
     channels_last: bool = False
     fused_adamw: bool | None = None
+    frozen_quant: str = "none"
+    offload: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "compile", compile_mode(self.compile))
@@ -81,6 +87,15 @@ class MemoryPlan:
             )
         if self.precision not in PRECISIONS:
             raise MemoryPlanError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.frozen_quant not in QUANT_MODES:
+            raise MemoryPlanError(
+                f"frozen_quant must be one of {', '.join(QUANT_MODES)}, got {self.frozen_quant!r}"
+            )
+        if self.offload and not self.gradient_checkpointing:
+            raise MemoryPlanError(
+                "--offload needs --gradient-checkpointing: without it autograd keeps every block's "
+                "weights on the device for backward"
+            )
 
     def describe(self) -> str:
         parts = [self.precision, self.attention, "ckpt" if self.gradient_checkpointing else "no-ckpt"]
@@ -88,6 +103,10 @@ class MemoryPlan:
             parts.append("compile" if self.compile == "default" else f"compile {self.compile}")
         if self.channels_last:
             parts.append("channels_last")
+        if self.frozen_quant != "none":
+            parts.append(self.frozen_quant)
+        if self.offload:
+            parts.append("offload")
         return " ".join(parts)
 
 
@@ -268,7 +287,7 @@ def cast_frozen_weights(unet, dtype: torch.dtype):
     with torch.no_grad():
         for name, param in unet.named_parameters():
             target = torch.float32 if is_lora_name(name) or id(param) in norms else dtype
-            if param.is_floating_point() and param.dtype != target:
+            if param.is_floating_point() and param.dtype != target and not is_quantized(param):
                 param.data = param.data.to(target)
         for name, buf in unet.named_buffers():
             if buf.is_floating_point() and not is_lora_name(name) and buf.dtype != dtype:
@@ -320,11 +339,14 @@ def apply_memory_plan(
     device = _device(device)
     precision = resolve_precision(plan, device)
     plan = replace(plan, precision=precision.name, fused_adamw=fused_adamw_wanted(plan, device))
-    unet.to(device)
+    check_mode(plan.frozen_quant, device)
+    # Quantise and cast before moving: the full-precision weights need not fit the device.
+    quantize_frozen(unet, plan.frozen_quant)
+    cast_frozen_weights(unet, precision.frozen_dtype)
+    place_on_device(unet, plan, device)
     set_attention(unet, plan.attention)
     if plan.gradient_checkpointing:
         enable_checkpointing(unet, checkpoint_func)
-    cast_frozen_weights(unet, precision.frozen_dtype)
     if plan.channels_last:
         unet.to(memory_format=torch.channels_last)
     autocast = autocast_factory(precision, device)
@@ -343,6 +365,19 @@ def apply_memory_plan(
             )
         ctx.unet = compile_unet(unet, plan, check_inputs, autocast=autocast)
     return ctx
+
+
+def place_on_device(unet, plan: MemoryPlan, device) -> None:
+    """``unet.to(device)``; with ``plan.offload``, the blocks' frozen tensors stay in CPU memory."""
+    if not plan.offload:
+        unet.to(device)
+        return
+    from cat_engine.engine.offload import BlockOffload, block_offload
+
+    if denoiser_family(unet) is None:
+        raise MemoryPlanError("--offload moves a diffusion transformer's blocks; a UNet cannot offload")
+    if block_offload(unet) is None:
+        BlockOffload(unet, device)
 
 
 # --- optimizer ---------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
     spec = resolve_model("sdxl")        # or "sd15", "tiny", "builtin", a diffusers folder, a config dict
     spec.config, spec.native_resolution, spec.text_width, spec.pooled_width, spec.unet_folder
+    spec = resolve_model("flux")        # a diffusion transformer (engine/dit_configs.py): spec.family
 
 Nothing is downloaded: the full-size configurations (SD1.5, SD2.1, SDXL) are written out here and
 build on the meta device (shapes, no memory) for FLOP counts and memory estimates; ``tiny``/``tiny-xl`` are the random test UNets of
@@ -16,6 +17,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from cat_engine.engine.dit_configs import DIT_NAMES, dit_spec
 from cat_engine.engine.errors import CatEngineError
 
 TEXT_TOKENS = 77  # CLIP's context length: every supported family's text embeddings have 77 rows
@@ -73,7 +75,7 @@ UNET_CONFIGS: dict[str, dict] = {
 # The random tiny UNets of engine/builtin.py (name -> family), with the tiny VAE's scale.
 TINY_FAMILIES = {"tiny": "sd", "tiny-xl": "sdxl"}
 BUILTIN = "builtin"
-MODEL_NAMES = (*TINY_FAMILIES, *UNET_CONFIGS, BUILTIN)
+MODEL_NAMES = (*TINY_FAMILIES, *UNET_CONFIGS, BUILTIN, *DIT_NAMES)
 
 
 class UnknownModel(CatEngineError):
@@ -82,7 +84,11 @@ class UnknownModel(CatEngineError):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A UNet config plus the conditioning shapes a training step feeds it."""
+    """A denoiser config plus the conditioning shapes a training step feeds it.
+
+    ``family``: ``None`` for a UNet, else the diffusion transformer's family (``engine/families/``),
+    whose ``example_batch`` makes its inputs; ``unet_folder`` is then the transformer's folder.
+    """
 
     name: str
     config_json: str  # the UNet config, as sorted JSON (hashable cache key)
@@ -91,6 +97,8 @@ class ModelSpec:
     pooled_width: int | None  # SDXL's pooled text embedding, else None
     vae_scale_factor: int
     unet_folder: str | None = None  # where the UNet's weights are (a diffusers folder), if anywhere
+    family: str | None = None  # a diffusion transformer's family; None for a UNet
+    native: int | None = None  # native resolution in pixels, where the config does not say it
 
     @property
     def config(self) -> dict:
@@ -98,8 +106,15 @@ class ModelSpec:
 
     @property
     def native_resolution(self) -> int:
-        """The image side in pixels the UNet was configured for."""
+        """The image side in pixels the model was configured for."""
+        if self.native is not None:
+            return self.native
         return int(self.config.get("sample_size", 64)) * self.vae_scale_factor
+
+    @property
+    def pixel_multiple(self) -> int:
+        """What a resolution must be a multiple of: the VAE's scale, times 2 for a transformer's 2x2 patches."""
+        return self.vae_scale_factor * (1 if self.family is None else 2)
 
 
 def spec_from_config(
@@ -123,6 +138,28 @@ def spec_from_config(
     )
 
 
+def spec_from_dit_config(
+    name: str, family: str, config: dict, vae_scale_factor: int, native: int, folder: str | None = None
+) -> ModelSpec:
+    """The spec of a diffusion transformer of ``family`` (``engine/families/``) with ``config``."""
+    from cat_engine.engine.families import DIT_FAMILIES
+
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    tokens = DIT_FAMILIES[family].max_sequence_length
+    width = config.get("joint_attention_dim") or config.get("cap_feat_dim")
+    return ModelSpec(
+        name,
+        json.dumps(config, sort_keys=True, default=list),
+        tokens,
+        int(width),
+        config.get("pooled_projection_dim"),
+        vae_scale_factor,
+        folder,
+        family,
+        native,
+    )
+
+
 def _tiny_spec(name: str) -> ModelSpec:
     import torch
 
@@ -133,8 +170,29 @@ def _tiny_spec(name: str) -> ModelSpec:
     return spec_from_config(name, config, NATIVE_RESOLUTION // config["sample_size"])
 
 
+def _dit_folder_spec(path: Path) -> ModelSpec | None:
+    """A diffusers folder whose ``model_index.json`` names a transformer of a family the engine trains."""
+    from cat_engine.engine.families import dit_family, family_of_index
+    from cat_engine.engine.families.base import read_index, vae_geometry
+
+    if not ((path / "model_index.json").is_file() and (path / "transformer" / "config.json").is_file()):
+        return None
+    try:
+        family = dit_family(family_of_index(read_index(path)))
+        native, factor = vae_geometry(path)
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        raise UnknownModel(f"{path}: not a model the engine plans for ({exc})") from None
+    if family is None:
+        return None
+    config = json.loads((path / "transformer" / "config.json").read_text())
+    return spec_from_dit_config(str(path), family.name, config, factor, native, str(path / "transformer"))
+
+
 def _folder_spec(name: str) -> ModelSpec | None:
     path = Path(name).expanduser()
+    dit = _dit_folder_spec(path)
+    if dit is not None:
+        return dit
     for unet_dir in (path / "unet", path):
         if (unet_dir / "config.json").is_file():
             config = json.loads((unet_dir / "config.json").read_text())
@@ -147,8 +205,9 @@ def _folder_spec(name: str) -> ModelSpec | None:
 
 
 def resolve_model(model) -> ModelSpec:
-    """A name of :data:`MODEL_NAMES`, a UNet config dict, a :class:`ModelSpec`, or a diffusers
-    folder (with ``unet/config.json``, or a UNet folder with ``config.json``).
+    """A name of :data:`MODEL_NAMES`, a UNet config dict, a :class:`ModelSpec`, a diffusers folder
+    (with ``unet/config.json``, or a UNet folder with ``config.json``; or a transformer family's, with
+    ``model_index.json`` and ``transformer/config.json``), or ``builtin-tiny-<family>``.
 
     Raises :class:`UnknownModel` (a ``ValueError``) for anything else.
     """
@@ -161,6 +220,13 @@ def resolve_model(model) -> ModelSpec:
         return spec_from_config(name, UNET_CONFIGS[name])
     if name in TINY_FAMILIES:
         return _tiny_spec(name)
+    if name in DIT_NAMES:
+        return dit_spec(name)
+    if name.startswith("builtin-tiny-"):  # the random tiny pipelines, generated on first use
+        from cat_engine.engine.models import BUILTIN_TINY, resolve_base
+
+        if name in BUILTIN_TINY:
+            return dataclasses.replace(_folder_spec(str(resolve_base(name))), name=name)
     if name == BUILTIN:  # the built-in default (the toy world), read like any diffusers folder
         from cat_engine.engine.builtin import builtin_model_dir
 
@@ -168,6 +234,6 @@ def resolve_model(model) -> ModelSpec:
     spec = _folder_spec(name)
     if spec is None:
         raise UnknownModel(
-            f"unknown model {name!r}: use {', '.join(MODEL_NAMES)}, or a diffusers folder with unet/config.json"
+            f"unknown model {name!r}: use {', '.join(MODEL_NAMES)}, builtin-tiny-<family>, or a diffusers folder"
         )
     return spec

@@ -4,23 +4,31 @@
     est = estimate_peak("sd15", 512, 1, MemoryPlan(precision="bf16"), rank=16, loss_fn=loss_fn)
     est.total, est.breakdown()          # weights, lora, grads, optimizer, activations, workspace
     plan, est = best_plan("sdxl", 1024, 1, budget_bytes=12 * GiB, rank=16, loss_fn=loss_fn)
+    plan, est = best_plan("flux", 1024, 1, budget_bytes=12 * GiB, rank=16, loss_fn=loss_fn)
+
+Models: the UNets and the diffusion transformers (SD3/3.5, Flux.1, Z-Image: full-size configs in
+``engine/dit_configs.py``, their inputs from the family's ``example_batch``).
 
 What is counted, and how:
 
-- ``weights``: frozen UNet parameters and buffers, in the plan's frozen dtype (half for bf16/fp16).
+- ``weights``: frozen parameters and buffers on the device, in the plan's frozen dtype (half for
+  bf16/fp16; norms fp32), quantised ones (``plan.frozen_quant``) as their int8/fp8 values and
+  per-row scales. With ``plan.offload`` the blocks' frozen tensors are in CPU memory
+  (``offloaded``, not in the total); the copies of the blocks in flight are allocated during the
+  measured step (engine/offload.py runs on meta too), so they are in ``activations``/``workspace``.
 - ``lora``, ``grads``, ``optimizer``: LoRA master weights, their gradients and AdamW's two moment
   buffers, all fp32. Gradients are counted as resident for the whole step (they exist only late
   in backward with ``zero_grad(set_to_none=True)``; they are small, so the error is small and safe).
 - ``activations`` and ``workspace`` are **measured, not guessed**: the real training step (the
   caller's loss function on a :class:`~cat_engine.engine.batch.CatBatch`, forward and backward)
-  runs on the full-size UNet on the ``meta`` device (shapes and dtypes, no data, no memory)
+  runs on the full-size model on the ``meta`` device (shapes and dtypes, no data, no memory)
   under a dispatch mode that follows every tensor storage from allocation to release, the way a
   caching allocator sees them. ``activations`` is what is alive when backward starts (everything
   the autograd graph holds, including checkpoint inputs, which ``saved_tensors_hooks`` would
   miss); ``workspace`` is the measured transient peak above that (gradient buffers in backward,
   checkpoint recomputation, attention scores with math attention, the no-grad base pass) plus
   :data:`KERNEL_WORKSPACE` for cuBLAS/cuDNN workspaces, which the meta run cannot see.
-- CUDA specifics are reproduced on meta: autocast is emulated with CUDA's cast policy (matmuls and
+- CUDA specifics are reproduced on meta (``engine/meta_memory.py``): autocast is emulated with CUDA's cast policy (matmuls and
   convolutions in half, group/layer norm and softmax in fp32: the fp32 norm outputs are a large
   share of bf16 activation memory), and SDPA is run as the flash kernel (saves q, k, v, out and
   the log-sum-exp), not as the math decomposition meta would otherwise take.
@@ -29,26 +37,47 @@ What is counted, and how:
   (use ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``), the VAE and text encoders (off the
   GPU once latents and embeddings are cached, docs/design.md §6), ``torch.compile``'s savings.
 
-Estimates are cached per (model, resolution, batch, precision, checkpointing, attention, rank,
-loss function); a ``functools.partial`` counts as the same loss function as an equal one.
+Estimates are cached per (model, resolution, batch, precision, checkpointing, attention, frozen
+quantisation, offloading, rank, loss function); a ``functools.partial`` counts as the same loss
+function as an equal one.
 """
 
 from __future__ import annotations
 
 import functools
 import warnings
-import weakref
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves, tree_map
 
 from cat_engine.engine.batch import CatBatch, StepLoss
+from cat_engine.engine.dit_configs import build_transformer
 from cat_engine.engine.errors import CatEngineError
-from cat_engine.engine.memory_plan import DTYPES, MemoryPlan, cast_frozen_weights, is_lora_name, set_attention
+from cat_engine.engine.families import dit_family
+from cat_engine.engine.memory_plan import (
+    DTYPES,
+    NORM_LAYERS,
+    MemoryPlan,
+    cast_frozen_weights,
+    is_lora_name,
+    set_attention,
+)
+from cat_engine.engine.meta_memory import (
+    LiveBytes,
+    MetaCuda,
+    assume_nonzero_all,
+    rounded,
+    run_backward,
+    storage_keys,
+)
+from cat_engine.engine.quantize import (
+    is_quantized,
+    plain_tensors,
+    quantize_frozen,
+    tensor_bytes,
+    torchao_problem,
+)
 from cat_engine.engine.unet_configs import ModelSpec, resolve_model
 from cat_engine.kernels.lora_linear import emulated_autocast
 
@@ -61,8 +90,6 @@ KERNEL_WORKSPACE = 128 * MiB
 # The CUDA context and loaded kernels occupy the card but are not in max_memory_allocated; a plan
 # "fits" a budget only with this much left over.
 CUDA_CONTEXT_RESERVE = 512 * MiB
-# The caching allocator hands out blocks in multiples of 512 bytes.
-_ALLOC_ROUND = 512
 _ADAM_STATES = 2  # exp_avg, exp_avg_sq (the step counter is a scalar)
 
 
@@ -82,6 +109,7 @@ class VramEstimate:
     activations: int
     workspace: int
     method: str = "meta"  # how activations were measured (see estimate_peak)
+    offloaded: int = 0  # frozen weights kept in CPU memory (block offloading), not in the total
 
     @property
     def total(self) -> int:
@@ -99,147 +127,44 @@ class VramEstimate:
 # --- models ------------------------------------------------------------------------------------
 
 
-_META_UNETS: dict[tuple[str, int, bool], torch.nn.Module] = {}
+_META_UNETS: dict[tuple, torch.nn.Module] = {}
 
 
-def _meta_lora_unet(spec: ModelSpec, rank: int, fused: bool = True):
-    """The full-size UNet with a rank-``rank`` LoRA adapter, on meta; built once per (config, rank).
+def _meta_lora_unet(spec: ModelSpec, rank: int, fused: bool = True, frozen_quant: str = "none"):
+    """The full-size denoiser (a UNet, or the transformer of ``spec.family`` with its family's LoRA
+    targets) with a rank-``rank`` LoRA adapter, on meta; built once per (config, rank, fusing, quantisation).
 
     ``fused``: LoRA layers fused as training runs them, so the CAT loss takes the split-batch path;
-    otherwise peft's layers and the three-call reference.
+    otherwise peft's layers and the three-call reference. ``frozen_quant``: the frozen Linear weights
+    quantised as ``apply_memory_plan`` quantises them (engine/quantize.py).
     """
-    key = (spec.config_json, rank, fused)
+    key = (spec.config_json, spec.family, rank, fused, frozen_quant)
     if key not in _META_UNETS:
-        from diffusers import UNet2DConditionModel
-
         from cat_engine.engine.lora import add_lora, fuse_lora
 
-        with torch.device("meta"):
-            unet = add_lora(UNet2DConditionModel.from_config(spec.config), rank=rank)
-        _META_UNETS[key] = fuse_lora(unet) if fused else unet
+        family = dit_family(spec.family)
+        if family is None:
+            from diffusers import UNet2DConditionModel
+
+            with torch.device("meta"):
+                unet = add_lora(UNet2DConditionModel.from_config(spec.config), rank=rank)
+        else:
+            with torch.device("meta"):
+                unet = add_lora(build_transformer(spec), rank=rank, targets=family.default_targets)
+        unet = fuse_lora(unet) if fused else unet
+        quantize_frozen(unet, frozen_quant)
+        _META_UNETS[key] = unet
     return _META_UNETS[key]
 
 
 # --- meta-device measurement -------------------------------------------------------------------
 
 
-def _rounded(nbytes: int) -> int:
-    return -(-nbytes // _ALLOC_ROUND) * _ALLOC_ROUND
-
-
-class _LiveBytes(TorchDispatchMode):
-    """Follows every storage an op allocates until it is freed; keeps the current and peak sum.
-
-    Storages in ``known`` (weights, created before the step) are not counted. Views and in-place
-    results share a counted storage, so they add nothing, as on a real allocator.
-    """
-
-    def __init__(self, known: set[int]):
-        super().__init__()
-        self.known = known
-        self.live: dict[int, int] = {}
-        self.current = 0
-        self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self._track(t)
-        return out
-
-    def _track(self, t: torch.Tensor) -> None:
-        storage = t.untyped_storage()
-        key = storage._cdata
-        if key in self.live or key in self.known:
-            return
-        nbytes = _rounded(storage.nbytes())
-        self.live[key] = nbytes
-        self.current += nbytes
-        self.peak = max(self.peak, self.current)
-        weakref.finalize(storage, self._free, key)
-
-    def _free(self, key: int) -> None:
-        self.current -= self.live.pop(key, 0)
-
-
-def _storage_keys(tensors) -> set[int]:
-    return {t.untyped_storage()._cdata for t in tensors}
-
-
-# Autocast's cast policy, per device type (aten/src/ATen/autocast_mode.cpp), restricted to the ops
-# a diffusers UNet and the CAT loss call. Meta tensors have no autocast dispatch key, so a
-# function mode (above autograd, where autocast sits) applies the same casts.
-def _policy(device_type: str):
-    lower = {
-        F.linear, F.conv2d, torch.conv2d, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__,
-        torch.bmm, torch.Tensor.bmm, torch.baddbmm, torch.Tensor.baddbmm, torch.addmm, torch.mm,
-        torch.einsum, F.scaled_dot_product_attention,
-    }  # fmt: skip
-    fp32 = {F.mse_loss}
-    if device_type == "cuda":
-        fp32 |= {
-            F.group_norm, torch.group_norm, F.layer_norm, torch.layer_norm, F.softmax, torch.softmax,
-            torch.Tensor.softmax, F.log_softmax, torch.exp, torch.Tensor.exp, torch.log, torch.rsqrt,
-        }  # fmt: skip
-    return lower, fp32
-
-
-def _cast(tree, dtype):
-    def cast(x):
-        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != dtype:
-            return x.to(dtype)
-        return x
-
-    return tree_map(cast, tree)
-
-
-class _MetaCuda(TorchFunctionMode):
-    """Makes a meta run allocate what a CUDA run allocates: autocast casts and flash SDPA."""
-
-    def __init__(
-        self, autocast_dtype: torch.dtype | None, device_type: str = "cuda", flash_sdpa: bool = True
-    ):
-        super().__init__()
-        self.dtype = autocast_dtype
-        self.lower, self.fp32 = _policy(device_type)
-        self.flash_sdpa = flash_sdpa
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if self.dtype is not None:
-            if func in self.lower:
-                args, kwargs = _cast((args, kwargs), self.dtype)
-            elif func in self.fp32:
-                args, kwargs = _cast((args, kwargs), torch.float32)
-        if func is F.scaled_dot_product_attention and self.flash_sdpa:
-            return _flash_sdpa(*args, **kwargs)
-        if func is torch.equal and any(isinstance(a, torch.Tensor) and a.is_meta for a in args):
-            # Meta tensors have no values. The split-batch executor compares small tensors (the
-            # time embedding) to share rows between CAT groups; "different" is the answer that
-            # never underestimates (shared rows only save memory), except for a view compared with
-            # itself, which is equal whatever the values.
-            a, b = args[0], args[1]
-            return (
-                a.untyped_storage()._cdata == b.untyped_storage()._cdata
-                and a.storage_offset() == b.storage_offset()
-                and a.shape == b.shape
-                and a.stride() == b.stride()
-            )
-        return func(*args, **kwargs)
-
-
-def _flash_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
-    # On meta, SDPA decomposes to the math path (it saves the [N, N] probabilities). CUDA runs
-    # flash / memory-efficient kernels, which save q, k, v, out and a [B, H, N] fp32 log-sum-exp:
-    # the CPU flash op saves exactly that set, and has meta kernels forward and backward.
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale
-    )[0]
-
-
 def _step_inputs(spec: ModelSpec, resolution: int, batch: int, device) -> CatBatch:
     side = resolution // spec.vae_scale_factor
+    family = dit_family(spec.family)
+    if family is not None:  # the family's conditioning, its text length (the pipeline's maximum)
+        return family.example_batch(spec.config, batch, side, spec.text_tokens, device=device)
     # Latents and cached text embeddings are fp32 (cast by autocast where they are used).
     latents = torch.zeros(batch, 4, side, side, device=device)
     added = None
@@ -267,8 +192,11 @@ def measure_step(unet, spec: ModelSpec, resolution: int, batch: int, plan: Memor
     ``at_backward``: bytes alive when backward starts; ``peak``: the highest count during the step;
     both exclude the weights. ``device="meta"`` with ``device_type="cuda"`` reproduces a CUDA
     run's allocations; a real device (CPU) with its own ``device_type`` is how this is validated.
+    ``plan.frozen_quant`` is the model's to have (:func:`_meta_lora_unet`); ``plan.offload`` is
+    installed for the step (engine/offload.py): the blocks' copies in flight are then counted.
     """
     from cat_engine.engine.lora import lora_parameters
+    from cat_engine.engine.offload import BlockOffload
 
     half = DTYPES[plan.precision] if plan.precision in ("bf16", "fp16") else None
     unet.train()
@@ -279,8 +207,9 @@ def measure_step(unet, spec: ModelSpec, resolution: int, batch: int, plan: Memor
     else:
         unet.disable_gradient_checkpointing()
     cast_frozen_weights(unet, half or torch.float32)
-    known = _storage_keys(list(unet.parameters()) + list(unet.buffers()))
-    tracker = _LiveBytes(known)
+    offload = BlockOffload(unet, device) if plan.offload else None
+    known = storage_keys(list(unet.parameters()) + list(unet.buffers()))
+    tracker = LiveBytes(known)
     is_meta = torch.device(device).type == "meta"
     real_autocast = (
         torch.autocast(device_type, dtype=half)
@@ -291,30 +220,24 @@ def measure_step(unet, spec: ModelSpec, resolution: int, batch: int, plan: Memor
         emulated = half if is_meta else None
         with (
             tracker,
-            _MetaCuda(emulated, device_type, flash_sdpa=is_meta),
+            MetaCuda(emulated, device_type, flash_sdpa=is_meta),
             # meta tensors have no autocast: the fused LoRA op must see the emulated one
             emulated_autocast("meta", emulated),
             real_autocast,
+            assume_nonzero_all() if is_meta else nullcontext(),
         ):
             inputs = _step_inputs(spec, resolution, batch, device)
             out = loss_fn(unet, inputs)  # kept whole through backward, as a training loop keeps it
             del inputs
             at_backward = tracker.current
-            _run_backward(out[0])
+            run_backward(out[0])
             del out
     finally:
         for p in lora_parameters(unet):
             p.grad = None
+        if offload is not None:
+            offload.remove()
     return at_backward, tracker.peak
-
-
-def _run_backward(loss: torch.Tensor) -> None:
-    # Straight to the autograd engine: ``Tensor.backward`` goes through ``__torch_function__``,
-    # and a function mode is switched off while it handles a call, so checkpoint recomputation
-    # inside backward would run without the autocast casts.
-    torch.autograd.Variable._execution_engine.run_backward(
-        (loss,), (torch.ones_like(loss),), False, False, (), True, True
-    )
 
 
 _MEASURED: dict[tuple, tuple[int, int, str]] = {}
@@ -332,8 +255,8 @@ def _measure_cached(
 ):
     """``(at_backward, peak, method)``, trying in turn: the split-batch step (as training runs it),
     the three-call reference step, then two small resolutions extrapolated by pixel count."""
-    key = (spec.config_json, resolution, batch, plan.precision, plan.gradient_checkpointing,
-           plan.attention == "math", rank, _loss_key(loss_fn))  # fmt: skip
+    key = (spec.config_json, spec.family, resolution, batch, plan.precision, plan.gradient_checkpointing,
+           plan.attention == "math", plan.frozen_quant, plan.offload, rank, _loss_key(loss_fn))  # fmt: skip
     if key in _MEASURED:
         return _MEASURED[key]
     failures = []
@@ -342,7 +265,7 @@ def _measure_cached(
     for fused, method in ((True, "meta"), (False, "meta, three-call reference")):
         try:
             at_backward, peak = measure_step(
-                _meta_lora_unet(spec, rank, fused), spec, resolution, batch, plan, loss_fn
+                _meta_lora_unet(spec, rank, fused, plan.frozen_quant), spec, resolution, batch, plan, loss_fn
             )
         except Exception as exc:  # noqa: BLE001 - an op without a meta kernel, code that is not meta-safe
             failures.append(f"{method}: {type(exc).__name__}: {exc}")
@@ -361,7 +284,7 @@ def _measure_cached(
     )
     # Memory is affine in the pixel count (text-side tensors are fixed), so two small measurements
     # fix both terms; one measurement times the pixel ratio would also scale the fixed part.
-    unet = _meta_lora_unet(spec, rank, True)
+    unet = _meta_lora_unet(spec, rank, True, plan.frozen_quant)
     m1 = measure_step(unet, spec, small, batch, plan, loss_fn)
     m2 = measure_step(unet, spec, 2 * small, batch, plan, loss_fn)
     units = (resolution / small) ** 2  # pixels, in units of the first measurement's
@@ -378,6 +301,8 @@ def _measure_cached(
 
 
 def _small_resolution(spec: ModelSpec) -> int:
+    if spec.family is not None:  # a transformer: any whole number of patches; 8 a side
+        return spec.pixel_multiple * 8
     # the smallest latent side every down-sampling level divides evenly, times 2
     levels = len(spec.config.get("block_out_channels", (0, 0, 0, 0)))
     return spec.vae_scale_factor * 2 ** (levels - 1) * 2
@@ -386,16 +311,41 @@ def _small_resolution(spec: ModelSpec) -> int:
 # --- public API --------------------------------------------------------------------------------
 
 
-def _param_bytes(unet, plan: MemoryPlan) -> tuple[int, int]:
+def _param_bytes(unet, plan: MemoryPlan) -> tuple[int, int, int]:
+    """``(weights on the device, LoRA weights, frozen weights offloaded to CPU memory)`` in bytes."""
+    from cat_engine.engine.offload import offload_blocks
+
     frozen_size = 2 if plan.precision in ("bf16", "fp16") else 4
-    weights = lora = 0
+    away = set()
+    if plan.offload:
+        away = {
+            id(t)
+            for b in offload_blocks(unet)
+            for t in (*b.parameters(), *b.buffers())
+            if not t.requires_grad
+        }
+    # cast_frozen_weights keeps normalisation layers' weights in fp32
+    norms = {id(p) for m in unet.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)}
+    weights = lora = offloaded = 0
     for name, p in unet.named_parameters():
         if is_lora_name(name):
-            lora += _rounded(p.numel() * 4)
+            lora += rounded(p.numel() * 4)
+            continue
+        if is_quantized(p):  # its values and scales, one allocation each
+            size = sum(rounded(tensor_bytes(leaf)) for leaf in plain_tensors(p))
         else:
-            weights += _rounded(p.numel() * frozen_size)
-    weights += sum(_rounded(b.numel() * frozen_size) for b in unet.buffers())
-    return weights, lora
+            size = rounded(p.numel() * (4 if id(p) in norms else frozen_size))
+        if id(p) in away:
+            offloaded += size
+        else:
+            weights += size
+    for b in unet.buffers():
+        size = rounded(b.numel() * frozen_size)
+        if id(b) in away:
+            offloaded += size
+        else:
+            weights += size
+    return weights, lora, offloaded
 
 
 def estimate_peak(
@@ -404,21 +354,24 @@ def estimate_peak(
     """Predict peak training memory (``torch.cuda.max_memory_allocated``) of one step.
 
     Args:
-        model: ``sd15``/``sd21``/``sdxl``/``builtin``, a UNet config dict, or a diffusers folder.
+        model: a name of ``unet_configs.MODEL_NAMES`` (``sd15``, ``sdxl``, ``flux``, ``sd35-large``,
+            ``zimage``, ...), ``builtin-tiny-<family>``, a UNet config dict, or a diffusers folder.
         resolution: image side in pixels (latents are ``resolution / vae_scale_factor``).
         batch: images per step (the loss adds rows of its own, such as CAT's plain-caption and base rows).
-        plan: the memory plan (precision ``auto`` is taken as bf16, the CUDA default).
-        rank: LoRA rank (default targets: to_q, to_k, to_v, to_out.0).
+        plan: the memory plan (precision ``auto`` is taken as bf16, the CUDA default); with
+            ``frozen_quant`` the quantised weights' bytes are counted, with ``offload`` the blocks'
+            frozen weights are not (they are in ``offloaded``), their copies in flight are.
+        rank: LoRA rank (default targets: the model family's).
         loss_fn: the training step's loss, ``loss_fn(unet, batch: CatBatch)`` (:data:`StepLoss`),
             e.g. ``cat_engine.cat.loss.step_loss(cat_weight)``.
     """
     spec = resolve_model(model)
-    if resolution % spec.vae_scale_factor:
-        raise ValueError(f"resolution must be a multiple of {spec.vae_scale_factor}, got {resolution}")
+    if resolution % spec.pixel_multiple:
+        raise ValueError(f"resolution must be a multiple of {spec.pixel_multiple}, got {resolution}")
     if plan.precision == "auto":
         plan = replace(plan, precision="bf16")
     at_backward, peak, method = _measure_cached(spec, resolution, batch, plan, rank, loss_fn)
-    weights, lora = _param_bytes(_meta_lora_unet(spec, rank), plan)
+    weights, lora, offloaded = _param_bytes(_meta_lora_unet(spec, rank, True, plan.frozen_quant), plan)
     return VramEstimate(
         model=spec.name,
         resolution=resolution,
@@ -432,18 +385,37 @@ def estimate_peak(
         activations=at_backward,
         workspace=peak - at_backward + KERNEL_WORKSPACE,
         method=method,
+        offloaded=offloaded,
     )
 
 
-def candidate_plans(half: str = "bf16", attention: str = "sdpa") -> list[MemoryPlan]:
-    """Plans in order of expected speed, fastest first.
+def candidate_plans(
+    half: str = "bf16", attention: str = "sdpa", family: str | None = None
+) -> list[MemoryPlan]:
+    """Plans in order of expected speed, fastest first; ``family``: a diffusion transformer's.
 
-    Half precision before fp32: bf16/fp16 matmuls run at twice the TF32 tensor-core rate or more
-    and move half the bytes. Without checkpointing before with: checkpointing recomputes each
+    UNets: half precision before fp32: bf16/fp16 matmuls run at twice the TF32 tensor-core rate or
+    more and move half the bytes. Without checkpointing before with: checkpointing recomputes each
     checkpointed block's forward in backward, which costs less than falling back to fp32. Hence:
     half, half+ckpt, fp32, fp32+ckpt. ``half`` is ``fp16`` on GPUs without bf16. Math attention is
     never a candidate: slower than SDPA and larger.
+
+    Transformers (docs/design.md §7b): half, half+ckpt, then the memory options, all checkpointed:
+    block offloading (lossless; its copies overlap the blocks' compute, which at these models'
+    token counts takes longer than the copy), an 8-bit frozen base (the frozen model, and so the CAT
+    target, moves by the quantisation's error), both. fp32 is no candidate: it doubles the weights,
+    which is what limits these models.
     """
+    if family is not None:
+        ckpt = MemoryPlan(attention=attention, precision=half, gradient_checkpointing=True)
+        plans = [
+            MemoryPlan(attention=attention, precision=half, gradient_checkpointing=False),
+            ckpt,
+            replace(ckpt, offload=True),
+        ]
+        if torchao_problem() is None:  # int8 plans only where they can run (torchao installed)
+            plans += [replace(ckpt, frozen_quant="int8"), replace(ckpt, frozen_quant="int8", offload=True)]
+        return plans
     return [
         MemoryPlan(attention=attention, precision=half, gradient_checkpointing=False),
         MemoryPlan(attention=attention, precision=half, gradient_checkpointing=True),
@@ -459,9 +431,10 @@ class NoPlanFits(CatEngineError):
 def plan_candidates(model, resolution: int, batch: int, rank: int = 16, *, loss_fn: StepLoss,
                     half: str = "bf16", attention: str = "sdpa") -> list[tuple[MemoryPlan, VramEstimate]]:  # fmt: skip
     """Every candidate plan with its estimate, fastest first (see :func:`candidate_plans`)."""
+    spec = resolve_model(model)
     return [
-        (p, estimate_peak(model, resolution, batch, p, rank, loss_fn=loss_fn))
-        for p in candidate_plans(half, attention)
+        (p, estimate_peak(spec, resolution, batch, p, rank, loss_fn=loss_fn))
+        for p in candidate_plans(half, attention, spec.family)
     ]
 
 
@@ -472,9 +445,10 @@ def best_plan(model, resolution: int, batch: int, budget_bytes: int, rank: int =
     Returns ``(MemoryPlan, VramEstimate)``; raises :class:`NoPlanFits` naming the smallest plan's
     need when none fits. ``half="fp16"`` on GPUs without bf16.
     """
+    spec = resolve_model(model)
     candidates = []
-    for plan in candidate_plans(half, attention):  # lazily: stop at the first that fits
-        est = estimate_peak(model, resolution, batch, plan, rank, loss_fn=loss_fn)
+    for plan in candidate_plans(half, attention, spec.family):  # lazily: stop at the first that fits
+        est = estimate_peak(spec, resolution, batch, plan, rank, loss_fn=loss_fn)
         if est.fits(budget_bytes, reserve):
             return plan, est
         candidates.append((plan, est))

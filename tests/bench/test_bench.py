@@ -92,7 +92,7 @@ def test_unknown_preset_is_a_one_line_error(capsys, tmp_path):
     assert not (tmp_path / report.RESULTS_FILE).exists()
 
 
-@pytest.mark.parametrize("preset_name", ["tiny", "tiny-xl"])
+@pytest.mark.parametrize("preset_name", ["tiny", "tiny-xl", "tiny-sd3", "tiny-flux", "tiny-zimage"])
 def test_naive_peer_matches_the_reference_cat_loss(preset_name):
     """The peer is written independently of cat/loss.py; both must give the same loss and grads."""
     from cat_engine.cat.loss import cat_loss_reference
@@ -118,6 +118,7 @@ def test_naive_peer_matches_the_reference_cat_loss(preset_name):
         b.target,
         cat_weight=0.7,
         added_cond_kwargs=b.added_cond_kwargs,
+        plain_added_cond_kwargs=b.plain_added_cond_kwargs,
     )
     ref_loss, ref_grads = grads(ref.loss)
     torch.testing.assert_close(peer_loss, ref_loss)
@@ -128,6 +129,20 @@ def test_naive_peer_matches_the_reference_cat_loss(preset_name):
     with torch.no_grad():
         again = base_forward(peft_unet, b)
     assert again.shape == b.noisy_latents.shape
+
+
+def test_a_transformer_preset_runs_every_variant(tmp_path, monkeypatch):
+    from cat_engine.bench.harness import run_bench
+
+    monkeypatch.setenv("CAT_ENGINE_CACHE", str(tmp_path))
+    result = run_bench(BenchConfig(preset="tiny-flux", rank=4, steps=1, warmup=0), log=lambda *_: None)
+    variants = {v["name"]: v for v in result["variants"]}
+    assert set(variants) == set(VARIANTS) and not [v["error"] for v in variants.values() if v["error"]]
+    assert result["config"]["resolution"] == 64
+    # the engine's CAT step does the naive peer's work, in the flop counter's eyes
+    assert variants["engine_cat"]["flops_per_step"] == pytest.approx(
+        variants["naive_cat"]["flops_per_step"], rel=0.05
+    )
 
 
 def test_main_variants_listed_first():
@@ -223,7 +238,9 @@ def test_compile_goes_through_the_engines_gradient_check(monkeypatch):
     batch = make_batch(spec, 2, 64, "cpu")
     peft_unet, ctx = build_models(BenchConfig(compile=True), spec, torch.device("cpu"), batch)
     checked = calls[0]
-    assert len(calls) == 1 and checked.rows == checked.timesteps.shape[0] == checked.token_embeds.shape[0] == 1
+    assert (
+        len(calls) == 1 and checked.rows == checked.timesteps.shape[0] == checked.token_embeds.shape[0] == 1
+    )
     assert checked.added_cond_kwargs is None
     assert memory_plan.compiled_modules(peft_unet) == [peft_unet]
     assert memory_plan.compiled_modules(ctx.unet) == []

@@ -9,22 +9,30 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from cat_engine.engine.builtin import builtin_model_dir, tiny_unet
+from cat_engine.engine.dit_configs import DIT_CONFIGS, TINY_DITS, build_transformer
 from cat_engine.engine.errors import CatEngineError
+from cat_engine.engine.families import DIT_FAMILIES
 from cat_engine.engine.unet_configs import MODEL_NAMES, ModelSpec, resolve_model, spec_from_config
 
 NATIVE = {"tiny": 64, "tiny-xl": 64, "small": 256, "sd15": 512, "sd21": 768, "sdxl": 1024}
+NATIVE.update({name: 1024 for name in DIT_CONFIGS} | {name: 64 for name in TINY_DITS})
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_every_name_resolves_to_a_buildable_unet(name):
     spec = resolve_model(name)
     assert spec.name == name
-    assert spec.native_resolution % spec.vae_scale_factor == 0
+    assert spec.native_resolution % spec.pixel_multiple == 0
     if name in NATIVE:
         assert spec.native_resolution == NATIVE[name]
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**spec.config)
-    assert unet.config.cross_attention_dim in (spec.text_width, [spec.text_width])
+    if spec.family is not None:  # a diffusion transformer (engine/dit_configs.py)
+        model = build_transformer(spec)
+        assert type(model).__name__ == DIT_FAMILIES[spec.family].transformer_class
+        assert spec.pixel_multiple == 2 * spec.vae_scale_factor
+    else:
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**spec.config)
+        assert unet.config.cross_attention_dim in (spec.text_width, [spec.text_width])
     assert resolve_model(spec) is spec
 
 
