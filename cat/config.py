@@ -24,8 +24,8 @@ from cat_engine.cat.option_values import TYPES, Bounds, DuplicateKey, strict_loa
 from cat_engine.engine.errors import CatEngineError
 from cat_engine.engine.lora import DEFAULT_TARGETS, SAVE_FORMATS
 from cat_engine.engine.memory_plan import ATTENTION_BACKENDS, PRECISIONS, MemoryPlan
-from cat_engine.kernels.lora_linear import MAX_RANK
 from cat_engine.engine.quantize import QUANT_MODES
+from cat_engine.kernels.lora_linear import MAX_RANK
 
 
 class ConfigError(CatEngineError):
