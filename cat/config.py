@@ -117,6 +117,66 @@ class TrainConfig:
         metadata=help_metadata("'latest' (newest checkpoint in --output) or a checkpoint folder"),
     )
     device: str = field(default="auto", metadata=help_metadata("auto, cpu, cuda, cuda:1 ..."))
+    # trainer options (data, schedule, optimizer, loss, samples, logging); trainer_option_checks checks them
+    buckets: bool = field(
+        default=True,
+        metadata=help_metadata(
+            "aspect-ratio buckets of about --resolution^2 pixels, one bucket per batch (--no-buckets: centre square crop)"
+        ),
+    )
+    bucket_step: int = field(
+        default=64, metadata=help_metadata("bucket sides are multiples of this (pixels)")
+    )
+    epochs: int | None = field(
+        default=None, metadata=help_metadata("train this many epochs instead of --steps", "use --steps")
+    )
+    gradient_accumulation_steps: int = field(
+        default=1, metadata=help_metadata("micro-batches of --batch-size per optimizer step")
+    )
+    lr_scheduler: str = field(
+        default="constant",
+        metadata=help_metadata(
+            "constant, cosine, cosine_with_restarts, polynomial, linear (after the warm-up)"
+        ),
+    )
+    lr_scheduler_num_cycles: int = field(default=1, metadata=help_metadata("cycles of cosine_with_restarts"))
+    lr_scheduler_power: float = field(default=1.0, metadata=help_metadata("power of the polynomial schedule"))
+    optimizer: str = field(
+        default="adamw",
+        metadata=help_metadata(
+            "adamw, adamw8bit (needs bitsandbytes), prodigy (needs prodigyopt; use --lr 1)"
+        ),
+    )
+    weight_decay: float = field(
+        default=1e-2, metadata=help_metadata("decoupled weight decay of the optimizer")
+    )
+    min_snr_gamma: float | None = field(
+        default=None,
+        metadata=help_metadata("min-SNR weighting of the LDM term per sample (5 is usual)", "off"),
+    )
+    noise_offset: float = field(default=0.0, metadata=help_metadata("per-channel offset added to the noise"))
+    caption_dropout: float = field(
+        default=0.0, metadata=help_metadata("probability of training a row on the empty caption")
+    )
+    shuffle_caption: bool = field(
+        default=False, metadata=help_metadata("shuffle each caption's comma-separated tags every step")
+    )
+    keep_tokens: int = field(
+        default=0, metadata=help_metadata("leading tags --shuffle-caption keeps in place")
+    )
+    sample_every: int = field(
+        default=0, metadata=help_metadata("write a sample grid to OUTPUT/samples every N steps (0: never)")
+    )
+    sample_prompts: str | list[str] | None = field(
+        default=None,
+        metadata=help_metadata(
+            "a .txt file (one prompt a line) or prompts separated by |; each with the token",
+            "each concept's caption template",
+        ),
+    )
+    sample_seeds: int = field(default=2, metadata=help_metadata("seeds (grid columns) per sample prompt"))
+    sample_steps: int = field(default=20, metadata=help_metadata("DDIM steps of the samples"))
+    log_with: str = field(default="none", metadata=help_metadata("tensorboard, wandb or none"))
 
     def validate(self) -> TrainConfig:
         checks = [
@@ -135,7 +195,7 @@ class TrainConfig:
                 "--resolution must be a multiple of 8",
             ),
         ]
-        for ok, message in checks:
+        for ok, message in checks + trainer_option_checks(self):
             if not ok:
                 raise ConfigError(message)
         if self.concepts is not None:
@@ -228,6 +288,34 @@ def _options() -> dict[str, Option]:
 OPTIONS = _options()
 # Options that describe a run rather than the trained adapter: a resume may change them freely.
 RUN_ONLY = {"steps", "resume", "output", "save_every", "keep_checkpoints", "device", "config", "compile"}
+RUN_ONLY |= {"epochs", "sample_every", "sample_prompts", "sample_seeds", "sample_steps", "log_with"}
+LR_SCHEDULERS = ("constant", "cosine", "cosine_with_restarts", "polynomial", "linear")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
+LOGGERS = ("none", "tensorboard", "wandb")
+
+
+def trainer_option_checks(c: TrainConfig) -> list[tuple[bool, str]]:
+    """(ok, message) of each trainer option (the block after ``device`` in :class:`TrainConfig`)."""
+    return [
+        (c.bucket_step >= 8 and c.bucket_step % 8 == 0, "--bucket-step must be a positive multiple of 8"),
+        (c.epochs is None or c.epochs >= 1, "--epochs must be >= 1"),
+        (c.gradient_accumulation_steps >= 1, "--gradient-accumulation-steps must be >= 1"),
+        (c.lr_scheduler in LR_SCHEDULERS, f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}"),
+        (c.lr_scheduler_num_cycles >= 1, "--lr-scheduler-num-cycles must be >= 1"),
+        (c.lr_scheduler_power > 0, "--lr-scheduler-power must be > 0"),
+        (c.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
+        (c.weight_decay >= 0, "--weight-decay must be >= 0"),
+        (c.min_snr_gamma is None or c.min_snr_gamma > 0, "--min-snr-gamma must be > 0"),
+        (c.noise_offset >= 0, "--noise-offset must be >= 0"),
+        (0 <= c.caption_dropout < 1, "--caption-dropout must be in [0, 1)"),
+        (c.keep_tokens >= 0, "--keep-tokens must be >= 0"),
+        (c.sample_every >= 0, "--sample-every must be >= 0 (0: never)"),
+        (c.sample_seeds >= 1, "--sample-seeds must be >= 1"),
+        (c.sample_steps >= 1, "--sample-steps must be >= 1"),
+        (c.log_with in LOGGERS, f"--log-with must be one of {', '.join(LOGGERS)}"),
+    ]
+
+
 CONCEPT_KEYS = ("data", "token", "class_word", "caption_template")
 
 
@@ -293,6 +381,8 @@ def load_yaml(path: str | Path) -> dict:
 def build_config(file_values: dict, flag_values: dict) -> TrainConfig:
     """Defaults, overridden by the file, overridden by the flags the user actually gave."""
     merged = {**file_values, **{k: v for k, v in flag_values.items() if v is not None}}
+    if merged.get("epochs") is not None and merged.get("steps") is not None:
+        raise ConfigError("give --steps or --epochs, not both")
     if isinstance(merged.get("targets"), str):
         merged["targets"] = [t.strip() for t in merged["targets"].split(",") if t.strip()]
     return TrainConfig.from_dict(merged).validate()

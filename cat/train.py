@@ -31,6 +31,7 @@ from typing import NoReturn
 
 import torch
 
+from cat_engine.cat.buckets import BatchSampler
 from cat_engine.cat.config import (
     ConfigError,
     TrainConfig,
@@ -41,16 +42,18 @@ from cat_engine.cat.config import (
 )
 from cat_engine.cat.data import (
     CachedData,
+    NoiseOptions,
     compile_check_inputs,
     concept_list,
     draw_batch,
     prepare_data,
-    sample_indices,
 )
 from cat_engine.cat.logs import console_logging
 from cat_engine.cat.loss import step_loss
 from cat_engine.engine import checkpoint as ckpt
 from cat_engine.engine import distributed as dist
+from cat_engine.engine.batch import CatBatch
+from cat_engine.engine.cache import CaptionCache
 from cat_engine.engine.errors import CatEngineError
 from cat_engine.engine.files import write_text_atomically
 from cat_engine.engine.lora import (
@@ -102,6 +105,7 @@ class Trainer:
     model: BaseModel  # its UNet carries the adapter; the VAE and text encoders are released
     resolution: int
     data: CachedData
+    sampler: BatchSampler  # the rows of each step, a pure function of the step
     lora: dict[str, torch.nn.Parameter]  # the trained tensors, by name
     memory: MemoryContext
     step_fn: torch.nn.Module  # the CAT loss of a batch (TrainStep), DDP-wrapped on several ranks
@@ -119,6 +123,11 @@ class Trainer:
     def output(self) -> Path:
         return Path(self.config.output)
 
+    @property
+    def epochs(self) -> int:
+        """Epochs the run covers (the last may be partial)."""
+        return -(-self.config.steps // self.sampler.steps_per_epoch)
+
     # -------------------------------------------------------------------------------- setup
     @classmethod
     def setup(cls, config: TrainConfig, ranks: dist.DistContext = dist.SINGLE) -> Trainer:
@@ -130,11 +139,13 @@ class Trainer:
         model = load_base(config.base)
         resolution = training_resolution(config, model)
         data = prepare_data(config, model, resolution, device)
-        model.release_encoders()  # the VAE and text encoders are not needed again
+        release_encoders(model, data)
+        sampler = data.sampler(config.batch_size * config.gradient_accumulation_steps, config.seed)
+        config = with_total_steps(config, sampler)
 
         add_adapter(model.unet, config)
         plan = memory_plan_for(config, model, resolution, device, batch=rows.stop - rows.start)
-        check_inputs = compile_check_inputs(data, resolution) if plan.compile else None
+        check_inputs = compile_check_inputs(data) if plan.compile else None
         ctx = apply_memory_plan(model.unet, plan, device, check_inputs=check_inputs)
         log.info("memory plan: %s", ctx.plan.describe())
         model.unet.train()
@@ -153,6 +164,7 @@ class Trainer:
             model=model,
             resolution=resolution,
             data=data,
+            sampler=sampler,
             lora=named,
             memory=ctx,
             step_fn=step_fn,
@@ -199,29 +211,57 @@ class Trainer:
 
     # ---------------------------------------------------------------------------- one step
     def run_step(self) -> torch.Tensor:
-        """One optimizer step on this step's samples; returns the global batch's ``[loss, ldm, cat]``."""
+        """One optimizer step on this step's samples; returns the global batch's ``[loss, ldm, cat]``.
+
+        With ``--gradient-accumulation-steps K`` the step's batch is K micro-batches whose
+        gradients add up (DDP synchronises on the last only): the same update as one batch of K
+        times the rows, since the K batches are cut from one draw of all of them.
+        """
         self.step_rng = self.generator.get_state()
-        indices = sample_indices(self.step, self.config.batch_size, len(self.data), self.config.seed)
-        b = draw_batch(
-            self.data, indices, self.generator, self.model.noise_scheduler, self.resolution, self.rows
-        )
-        with self.memory.autocast():
-            loss, ldm, cat = self.step_fn(b)
-        # The global batch's numbers (one process: its own), so every rank stops alike.
-        losses = dist.all_mean(self.ranks, torch.stack([loss.detach(), ldm, cat]).float())
-        if not torch.isfinite(losses[0]):
-            self.stop_non_finite(f"loss is {losses[0].item()}")
-        self.update(loss)
+        batches = self.draw()
+        k = len(batches)
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0
+        for i, b in enumerate(batches):
+            last = i == k - 1
+            with contextlib.nullcontext() if last else no_sync(self.step_fn):
+                with self.memory.autocast():
+                    loss, ldm, cat = self.step_fn(b)
+                # The global batch's numbers (one process: its own), so every rank stops alike.
+                losses = dist.all_mean(self.ranks, torch.stack([loss.detach(), ldm, cat]).float())
+                if not torch.isfinite(losses[0]):
+                    self.stop_non_finite(f"loss is {losses[0].item()}")
+                loss = loss / k if k > 1 else loss
+                if last:
+                    self.update(loss)
+                else:
+                    self.scaler.scale(loss).backward()
+            total = total + losses
         self.step, self.step_rng = self.step + 1, None
-        return losses
+        return total / k if k > 1 else total
+
+    def draw(self) -> list[CatBatch]:
+        """This step's micro-batches (one without accumulation): this rank's rows of each."""
+        indices = self.sampler.indices(self.step)
+        noise = NoiseOptions(self.config.noise_offset)
+        scheduler, k, size = (
+            self.model.noise_scheduler,
+            self.config.gradient_accumulation_steps,
+            self.config.batch_size,
+        )
+        if k == 1:
+            return [draw_batch(self.data, indices, self.generator, scheduler, self.rows, noise)]
+        rows = torch.cat([torch.arange(i * size, (i + 1) * size)[self.rows] for i in range(k)])
+        batch = draw_batch(self.data, indices, self.generator, scheduler, rows, noise)
+        m = len(rows) // k
+        return [batch.map(lambda t, i=i: t[i * m : (i + 1) * m] if t.dim() else t) for i in range(k)]
 
     def update(self, loss: torch.Tensor) -> None:
-        """Backward, clip, optimizer and schedule step.
+        """Backward (adding to the gradients of earlier micro-batches), clip, optimizer and schedule step.
 
         fp16: the loss is scaled, and the scaler skips a step whose gradients overflowed. Otherwise
         the scaler passes everything through, and a non-finite gradient norm stops the run.
         """
-        self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(list(self.lora.values()), self.config.max_grad_norm)
@@ -275,6 +315,7 @@ class Trainer:
                     loss, ldm, cat = self.run_step()
                     record = {
                         "step": self.step,
+                        "epoch": self.sampler.epoch_of(self.step - 1) + 1,
                         "loss": loss.item(),
                         "ldm": ldm.item(),
                         "cat": cat.item(),
@@ -284,6 +325,7 @@ class Trainer:
                     if log_file is not None:
                         log_file.write(json.dumps(record) + "\n")
                         log_file.flush()
+                    bar.set_description(f"train epoch {record['epoch']}/{self.epochs}", refresh=False)
                     bar.set_postfix(ldm=f"{record['ldm']:.4f}", cat=f"{record['cat']:.2e}", refresh=False)
                     bar.update(1)
                     every = self.config.save_every
@@ -341,6 +383,27 @@ class Trainer:
 
 
 # --------------------------------------------------------------------------- setup's parts
+def no_sync(step_fn) -> contextlib.AbstractContextManager:
+    """DDP's ``no_sync`` (gradients stay local: a micro-batch before the last), a no-op on one process."""
+    return step_fn.no_sync() if hasattr(step_fn, "no_sync") else contextlib.nullcontext()
+
+
+def release_encoders(model: BaseModel, data: CachedData) -> None:
+    """Drop the VAE and the text encoders once the data is cached (the encoders stay when the
+    captions are encoded each step)."""
+    if isinstance(data.texts, CaptionCache):
+        model.release_encoders()
+    else:
+        model.vae = None
+
+
+def with_total_steps(config: TrainConfig, sampler: BatchSampler) -> TrainConfig:
+    """``config`` with ``steps`` set from ``--epochs`` when given (epochs of ``sampler``'s length)."""
+    if config.epochs is None:
+        return config
+    return dataclasses.replace(config, steps=config.epochs * sampler.steps_per_epoch)
+
+
 def rank_rows(batch_size: int, ranks: dist.DistContext) -> slice:
     """This rank's rows of the global batch; a batch that does not divide by the ranks is a config error."""
     try:
