@@ -19,6 +19,7 @@ from cat_engine.cat.captions import DEFAULT_CAPTION_TEMPLATE, PLAIN_MODES
 from cat_engine.engine.errors import CatEngineError
 from cat_engine.engine.lora import DEFAULT_TARGETS
 from cat_engine.engine.memory_plan import ATTENTION_BACKENDS, PRECISIONS, MemoryPlan
+from cat_engine.engine.optimizers import LR_SCHEDULERS, OPTIMIZERS
 
 
 class ConfigError(CatEngineError):
@@ -289,8 +290,6 @@ OPTIONS = _options()
 # Options that describe a run rather than the trained adapter: a resume may change them freely.
 RUN_ONLY = {"steps", "resume", "output", "save_every", "keep_checkpoints", "device", "config", "compile"}
 RUN_ONLY |= {"epochs", "sample_every", "sample_prompts", "sample_seeds", "sample_steps", "log_with"}
-LR_SCHEDULERS = ("constant", "cosine", "cosine_with_restarts", "polynomial", "linear")
-OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 LOGGERS = ("none", "tensorboard", "wandb")
 
 

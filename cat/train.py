@@ -66,6 +66,7 @@ from cat_engine.engine.lora import (
 )
 from cat_engine.engine.memory_plan import MemoryContext, MemoryPlan, apply_memory_plan, make_optimizer
 from cat_engine.engine.models import BaseModel, load_base
+from cat_engine.engine.optimizers import make_scheduler
 
 log = logging.getLogger("cat_engine")
 LOG_FILE = "train_log.jsonl"
@@ -77,7 +78,6 @@ DATA_POSITION_KEY = "data_position"
 LR_SCHEDULE_KEY = "lr_schedule"
 GRAD_SCALER_KEY = "grad_scaler"
 STEP_KEY = "step"
-WEIGHT_DECAY = 1e-2
 
 
 class TrainingError(CatEngineError):
@@ -155,7 +155,12 @@ class Trainer:
             dist.TrainStep(ctx.unet, list(named.values()), step_loss(config.cat_weight)), ranks, device
         )
         optimizer = make_optimizer(
-            list(named.values()), config.lr, ctx.plan, device, weight_decay=WEIGHT_DECAY
+            list(named.values()),
+            config.lr,
+            ctx.plan,
+            device,
+            name=config.optimizer,
+            weight_decay=config.weight_decay,
         )
         trainer = cls(
             config=config,
@@ -169,7 +174,7 @@ class Trainer:
             memory=ctx,
             step_fn=step_fn,
             optimizer=optimizer,
-            lr_schedule=torch.optim.lr_scheduler.LambdaLR(optimizer, warmup(config.lr_warmup_steps)),
+            lr_schedule=lr_schedule(optimizer, config),
             scaler=ctx.scaler or torch.amp.GradScaler(enabled=False),
             generator=torch.Generator().manual_seed(config.seed),
         )
@@ -201,7 +206,7 @@ class Trainer:
                     )
                 param.copy_(saved)
         self.optimizer.load_state_dict(loaded["optimizer"])
-        # lr_lambdas are saved as [None]: the warm-up function is rebuilt by setup, not loaded
+        # lr_lambdas are saved as [None]: the schedule's function is rebuilt by setup, not loaded
         self.lr_schedule.load_state_dict(dict(state[LR_SCHEDULE_KEY]))
         ckpt.restore_rng(loaded["rng"], self.generator)
         if self.scaler.is_enabled() and state.get(GRAD_SCALER_KEY):
@@ -457,6 +462,7 @@ def memory_plan_for(
             loss_fn=step_loss(config.cat_weight),
             half=half,
             attention=config.memory.attention,
+            optimizer=config.optimizer,
         )
     except vram.NoPlanFits as exc:
         raise ConfigError(f"--vram-budget {config.vram_budget}: {exc}") from None
@@ -464,9 +470,16 @@ def memory_plan_for(
     return dataclasses.replace(plan, compile=config.memory.compile, channels_last=config.memory.channels_last)
 
 
-def warmup(steps: int):
-    """The learning-rate factor of step ``s``: linear from ``1/steps`` to 1 over ``steps`` steps."""
-    return lambda s: min(1.0, (s + 1) / steps) if steps > 0 else 1.0
+def lr_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """``--lr-scheduler`` after ``--lr-warmup-steps`` of linear warm-up, over the run's steps."""
+    return make_scheduler(
+        optimizer,
+        config.lr_scheduler,
+        config.lr_warmup_steps,
+        config.steps,
+        config.lr_scheduler_num_cycles,
+        config.lr_scheduler_power,
+    )
 
 
 def adapter_metadata(config: TrainConfig, model: BaseModel, resolution: int) -> dict:

@@ -8,8 +8,9 @@
 What is counted, and how:
 
 - ``weights``: frozen UNet parameters and buffers, in the plan's frozen dtype (half for bf16/fp16).
-- ``lora``, ``grads``, ``optimizer``: LoRA master weights, their gradients and AdamW's two moment
-  buffers, all fp32. Gradients are counted as resident for the whole step (they exist only late
+- ``lora``, ``grads``, ``optimizer``: LoRA master weights and their gradients (fp32), and the
+  optimizer's state (``engine/optimizers.py``: AdamW's two fp32 moments, AdamW8bit's 8-bit moments
+  with their block scales, Prodigy's four fp32 buffers). Gradients are counted as resident for the whole step (they exist only late
   in backward with ``zero_grad(set_to_none=True)``; they are small, so the error is small and safe).
 - ``activations`` and ``workspace`` are **measured, not guessed**: the real training step (the
   caller's loss function on a :class:`~cat_engine.engine.batch.CatBatch`, forward and backward)
@@ -63,7 +64,6 @@ KERNEL_WORKSPACE = 128 * MiB
 CUDA_CONTEXT_RESERVE = 512 * MiB
 # The caching allocator hands out blocks in multiples of 512 bytes.
 _ALLOC_ROUND = 512
-_ADAM_STATES = 2  # exp_avg, exp_avg_sq (the step counter is a scalar)
 
 
 @dataclass(frozen=True)
@@ -398,8 +398,26 @@ def _param_bytes(unet, plan: MemoryPlan) -> tuple[int, int]:
     return weights, lora
 
 
+def _optimizer_bytes(unet, optimizer: str) -> int:
+    from cat_engine.engine.optimizers import state_bytes
+
+    return sum(
+        _rounded(b)
+        for name, p in unet.named_parameters()
+        if is_lora_name(name)
+        for b in state_bytes(optimizer, p.numel())
+    )
+
+
 def estimate_peak(
-    model, resolution: int, batch: int, plan: MemoryPlan, rank: int = 16, *, loss_fn: StepLoss
+    model,
+    resolution: int,
+    batch: int,
+    plan: MemoryPlan,
+    rank: int = 16,
+    *,
+    loss_fn: StepLoss,
+    optimizer: str = "adamw",
 ) -> VramEstimate:
     """Predict peak training memory (``torch.cuda.max_memory_allocated``) of one step.
 
@@ -411,6 +429,7 @@ def estimate_peak(
         rank: LoRA rank (default targets: to_q, to_k, to_v, to_out.0).
         loss_fn: the training step's loss, ``loss_fn(unet, batch: CatBatch)`` (:data:`StepLoss`),
             e.g. ``cat_engine.cat.loss.step_loss(cat_weight)``.
+        optimizer: ``adamw``, ``adamw8bit`` or ``prodigy`` (``engine/optimizers.py``), whose state is counted.
     """
     spec = resolve_model(model)
     if resolution % spec.vae_scale_factor:
@@ -418,7 +437,8 @@ def estimate_peak(
     if plan.precision == "auto":
         plan = replace(plan, precision="bf16")
     at_backward, peak, method = _measure_cached(spec, resolution, batch, plan, rank, loss_fn)
-    weights, lora = _param_bytes(_meta_lora_unet(spec, rank), plan)
+    unet = _meta_lora_unet(spec, rank)
+    weights, lora = _param_bytes(unet, plan)
     return VramEstimate(
         model=spec.name,
         resolution=resolution,
@@ -428,7 +448,7 @@ def estimate_peak(
         weights=weights,
         lora=lora,
         grads=lora,
-        optimizer=_ADAM_STATES * lora,
+        optimizer=_optimizer_bytes(unet, optimizer),
         activations=at_backward,
         workspace=peak - at_backward + KERNEL_WORKSPACE,
         method=method,
@@ -457,16 +477,18 @@ class NoPlanFits(CatEngineError):
 
 
 def plan_candidates(model, resolution: int, batch: int, rank: int = 16, *, loss_fn: StepLoss,
-                    half: str = "bf16", attention: str = "sdpa") -> list[tuple[MemoryPlan, VramEstimate]]:  # fmt: skip
+                    half: str = "bf16", attention: str = "sdpa",
+                    optimizer: str = "adamw") -> list[tuple[MemoryPlan, VramEstimate]]:  # fmt: skip
     """Every candidate plan with its estimate, fastest first (see :func:`candidate_plans`)."""
     return [
-        (p, estimate_peak(model, resolution, batch, p, rank, loss_fn=loss_fn))
+        (p, estimate_peak(model, resolution, batch, p, rank, loss_fn=loss_fn, optimizer=optimizer))
         for p in candidate_plans(half, attention)
     ]
 
 
 def best_plan(model, resolution: int, batch: int, budget_bytes: int, rank: int = 16, *, loss_fn: StepLoss,
-              half: str = "bf16", attention: str = "sdpa", reserve: int = CUDA_CONTEXT_RESERVE):  # fmt: skip
+              half: str = "bf16", attention: str = "sdpa", reserve: int = CUDA_CONTEXT_RESERVE,
+              optimizer: str = "adamw"):  # fmt: skip
     """The fastest candidate plan whose estimate plus ``reserve`` (CUDA context) fits ``budget_bytes``.
 
     Returns ``(MemoryPlan, VramEstimate)``; raises :class:`NoPlanFits` naming the smallest plan's
@@ -474,7 +496,7 @@ def best_plan(model, resolution: int, batch: int, budget_bytes: int, rank: int =
     """
     candidates = []
     for plan in candidate_plans(half, attention):  # lazily: stop at the first that fits
-        est = estimate_peak(model, resolution, batch, plan, rank, loss_fn=loss_fn)
+        est = estimate_peak(model, resolution, batch, plan, rank, loss_fn=loss_fn, optimizer=optimizer)
         if est.fits(budget_bytes, reserve):
             return plan, est
         candidates.append((plan, est))
