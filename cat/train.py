@@ -49,7 +49,7 @@ from cat_engine.cat.data import (
     prepare_data,
 )
 from cat_engine.cat.logs import console_logging
-from cat_engine.cat.loss import step_loss
+from cat_engine.cat.loss_options import training_loss
 from cat_engine.engine import checkpoint as ckpt
 from cat_engine.engine import distributed as dist
 from cat_engine.engine.batch import CatBatch
@@ -152,7 +152,13 @@ class Trainer:
         named = lora_named_parameters(model.unet)
         # The step DDP wraps: its parameters are the LoRA tensors only (see engine/distributed.py).
         step_fn = dist.data_parallel(
-            dist.TrainStep(ctx.unet, list(named.values()), step_loss(config.cat_weight)), ranks, device
+            dist.TrainStep(
+                ctx.unet,
+                list(named.values()),
+                training_loss(config.cat_weight, config.min_snr_gamma, model.noise_scheduler),
+            ),
+            ranks,
+            device,
         )
         optimizer = make_optimizer(
             list(named.values()),
@@ -317,6 +323,7 @@ class Trainer:
             try:
                 start, t0 = self.step, time.perf_counter()
                 while self.step < self.config.steps:
+                    lr = self.lr_schedule.get_last_lr()[0]  # the rate this step uses
                     loss, ldm, cat = self.run_step()
                     record = {
                         "step": self.step,
@@ -324,7 +331,7 @@ class Trainer:
                         "loss": loss.item(),
                         "ldm": ldm.item(),
                         "cat": cat.item(),
-                        "lr": self.lr_schedule.get_last_lr()[0],
+                        "lr": lr,
                         "it_s": round((self.step - start) / max(time.perf_counter() - t0, 1e-9), 3),
                     }
                     if log_file is not None:
@@ -459,7 +466,7 @@ def memory_plan_for(
             batch or config.batch_size,
             budget,
             config.rank,
-            loss_fn=step_loss(config.cat_weight),
+            loss_fn=training_loss(config.cat_weight, config.min_snr_gamma, model.noise_scheduler),
             half=half,
             attention=config.memory.attention,
             optimizer=config.optimizer,

@@ -162,3 +162,15 @@ def test_rank_slices_tile_the_global_batch(world, batch):
 
     rows = [local_rows(batch, DistContext(r, world)) for r in range(world)]
     assert [i for s in rows for i in range(batch)[s]] == list(range(batch))
+
+
+@pytest.mark.slow
+def test_two_ranks_accumulating_micro_batches_equal_one_process_on_the_whole_batch(tmp_path):
+    # Each rank keeps the first micro-batch's gradients local (no_sync) and all-reduces with the last.
+    torchrun(tmp_path, output=tmp_path / "two", steps=3, save_every=0, gradient_accumulation_steps=2)
+    single(output=str(tmp_path / "one"), steps=3, save_every=0, batch_size=4)
+    a = load_file(str(tmp_path / "two" / LORA_WEIGHT_NAME))
+    b = load_file(str(tmp_path / "one" / LORA_WEIGHT_NAME))
+    diff = max_diff(a, b)
+    print(f"2 ranks x 2 micro-batches vs 1 process, batch 4, 3 steps: max abs diff {diff:.3g}")
+    assert diff < TOL < lora_b_moved(b) / 20
