@@ -25,7 +25,7 @@ import dataclasses
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
@@ -50,6 +50,8 @@ from cat_engine.cat.data import (
 )
 from cat_engine.cat.logs import console_logging
 from cat_engine.cat.loss_options import training_loss
+from cat_engine.cat.tracking import Tracker, make_tracker, memory_gib
+from cat_engine.cat.train_samples import TrainSamples
 from cat_engine.engine import checkpoint as ckpt
 from cat_engine.engine import distributed as dist
 from cat_engine.engine.batch import CatBatch
@@ -118,6 +120,9 @@ class Trainer:
     # abandoned (Ctrl-C, a non-finite loss) gives its draws back, so a checkpoint of the steps
     # completed resumes exactly where a straight run would be.
     step_rng: torch.Tensor | None = None
+    samples: TrainSamples | None = None  # --sample-every (rank 0)
+    tracker: Tracker = field(default_factory=Tracker)  # --log-with (rank 0)
+    grad_norm: torch.Tensor | None = None  # of the last update, before clipping
 
     @property
     def output(self) -> Path:
@@ -139,6 +144,12 @@ class Trainer:
         model = load_base(config.base)
         resolution = training_resolution(config, model)
         data = prepare_data(config, model, resolution, device)
+        samples = None
+        if config.sample_every and ranks.main:  # keeps the VAE and text encoders it samples with
+            live = not isinstance(data.texts, CaptionCache)
+            samples = TrainSamples(
+                config, model, concept_list(config), resolution, device, park_text=not live
+            )
         release_encoders(model, data)
         sampler = data.sampler(config.batch_size * config.gradient_accumulation_steps, config.seed)
         config = with_total_steps(config, sampler)
@@ -183,11 +194,13 @@ class Trainer:
             lr_schedule=lr_schedule(optimizer, config),
             scaler=ctx.scaler or torch.amp.GradScaler(enabled=False),
             generator=torch.Generator().manual_seed(config.seed),
+            samples=samples,
         )
         if resume_from is not None:
             trainer.restore(resume_from)
         if ranks.main:
             write_text_atomically(trainer.output / CONFIG_FILE, json.dumps(config.to_dict(), indent=1))
+        trainer.tracker = make_tracker(config, ranks.main)
         return trainer
 
     def restore(self, path: Path) -> None:
@@ -276,6 +289,7 @@ class Trainer:
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(list(self.lora.values()), self.config.max_grad_norm)
+        self.grad_norm = norm
         if not (self.scaler.is_enabled() or torch.isfinite(norm)):  # all-reduced: every rank sees it
             self.stop_non_finite("gradient norm is not finite")
         self.scaler.step(self.optimizer)
@@ -333,6 +347,8 @@ class Trainer:
                         "cat": cat.item(),
                         "lr": lr,
                         "it_s": round((self.step - start) / max(time.perf_counter() - t0, 1e-9), 3),
+                        "grad_norm": self.grad_norm.item(),
+                        "memory_gib": memory_gib(self.memory.device),
                     }
                     if log_file is not None:
                         log_file.write(json.dumps(record) + "\n")
@@ -340,6 +356,11 @@ class Trainer:
                     bar.set_description(f"train epoch {record['epoch']}/{self.epochs}", refresh=False)
                     bar.set_postfix(ldm=f"{record['ldm']:.4f}", cat=f"{record['cat']:.2e}", refresh=False)
                     bar.update(1)
+                    self.tracker.log(self.step, record)
+                    if self.samples is not None and self.samples.due(self.step):
+                        self.tracker.log_image(
+                            self.step, "samples", self.samples.write(self.step, self.memory.autocast)
+                        )
                     every = self.config.save_every
                     if every and self.step % every == 0 and self.step < self.config.steps:  # the last: save()
                         self.save_checkpoint()
@@ -355,6 +376,7 @@ class Trainer:
                 raise
             finally:
                 bar.close()
+                self.tracker.close()
 
     # -------------------------------------------------------------------------------- save
     def save_checkpoint(self, sync: bool = True) -> Path:
