@@ -3,6 +3,7 @@ one-line message when the package is missing."""
 
 from __future__ import annotations
 
+import importlib.machinery
 import sys
 import types
 
@@ -36,6 +37,7 @@ def test_tensorboard_gets_every_curve_and_the_sample_grid(tmp_path):
 
 def _fake_wandb(calls):
     module = types.ModuleType("wandb")
+    module.__spec__ = importlib.machinery.ModuleSpec("wandb", None)  # libraries probe find_spec("wandb")
 
     class Run:
         name = "fake"
