@@ -166,6 +166,26 @@ def test_batches_come_from_one_bucket_and_every_row_is_seen_evenly():
     assert [other.indices(s) for s in range(7)] != steps[:7]
 
 
+# --- training ----------------------------------------------------------------------------------
+
+
+def _train(tmp_path, name, shapes, **overrides):
+    options = dict(
+        base=str(builtin_model_dir(pretrained=False)),
+        data=str(shapes),
+        bucket_step=16,
+        rank=4,
+        steps=6,
+        batch_size=2,
+        lr=1e-3,
+        save_every=0,
+        output=str(tmp_path / name),
+    )
+    values = {k: v for k, v in {**options, **overrides}.items() if v is not None}
+    config = TrainConfig(**values).validate()
+    return load_file(str(train_mod.train(config, progress=False)))
+
+
 # --- repeats and epochs --------------------------------------------------------------------------
 
 
@@ -186,17 +206,7 @@ def test_repeat_folders_count_their_images_n_times(tmp_path, caplog):
 
 
 def test_epochs_set_the_steps_and_show_in_the_log(tmp_path, shapes):
-    config = TrainConfig(
-        base=str(builtin_model_dir(pretrained=False)),
-        data=str(shapes),
-        bucket_step=16,
-        batch_size=2,
-        epochs=2,
-        rank=2,
-        save_every=0,
-        output=str(tmp_path / "out"),
-    ).validate()
-    train_mod.train(config, progress=False)
+    _train(tmp_path, "out", shapes, epochs=2, steps=None)
     log = [json.loads(line) for line in (tmp_path / "out" / train_mod.LOG_FILE).read_text().splitlines()]
     # buckets 64x64 (2 images: 1 batch), 80x48 (2: 1 batch), 48x80 (1: 1 batch): 3 steps an epoch
     assert [r["epoch"] for r in log] == [1, 1, 1, 2, 2, 2]
@@ -215,58 +225,30 @@ def test_resolution_must_divide_by_the_bucket_step(tmp_path, shapes):
         load_training_images(config, 96)
 
 
-# --- training ----------------------------------------------------------------------------------
-
-
-def _train(tmp_path, name, shapes, **overrides):
-    options = dict(
-        base=str(builtin_model_dir(pretrained=False)),
-        data=str(shapes),
-        bucket_step=16,
-        rank=4,
-        steps=6,
-        batch_size=2,
-        lr=1e-3,
-        save_every=0,
-        output=str(tmp_path / name),
-    )
-    config = TrainConfig(**{**options, **overrides}).validate()
-    return load_file(str(train_mod.train(config, progress=False)))
-
-
-def test_resume_mid_epoch_is_bit_exact_with_buckets(tmp_path, shapes):
-    calls = []
-    real = train_mod.draw_batch
-
-    def spy(data, indices, *args, **kwargs):
-        batch = real(data, indices, *args, **kwargs)
-        calls.append(tuple(batch.noisy_latents.shape[2:]))
-        return batch
-
-    train_mod.draw_batch = spy
-    try:
-        straight = _train(tmp_path, "straight", shapes)
-    finally:
-        train_mod.draw_batch = real
-    assert len(set(calls)) == 3  # every bucket trained: square, wide and tall latents
-    _train(tmp_path, "split", shapes, steps=4)  # 3 steps an epoch: stops inside the second
-    resumed = _train(tmp_path, "split", shapes, resume="latest")
-    for key in straight:
-        assert torch.equal(straight[key], resumed[key]), key
-
-
-def test_no_buckets_trains_the_centre_square(tmp_path, shapes):
-    shapes_seen = []
-    real = train_mod.draw_batch
+def _spy_latent_shapes(monkeypatch) -> list:
+    """The latent size of every batch the loop draws, from now on."""
+    shapes_seen, real = [], train_mod.draw_batch
 
     def spy(*args, **kwargs):
         batch = real(*args, **kwargs)
         shapes_seen.append(tuple(batch.noisy_latents.shape[2:]))
         return batch
 
-    train_mod.draw_batch = spy
-    try:
-        _train(tmp_path, "square", shapes, buckets=False, steps=3)
-    finally:
-        train_mod.draw_batch = real
-    assert set(shapes_seen) == {(16, 16)}
+    monkeypatch.setattr(train_mod, "draw_batch", spy)
+    return shapes_seen
+
+
+def test_resume_mid_epoch_is_bit_exact_with_buckets(tmp_path, shapes, monkeypatch):
+    seen = _spy_latent_shapes(monkeypatch)
+    straight = _train(tmp_path, "straight", shapes)
+    assert len(set(seen)) == 3  # every bucket trained: square, wide and tall latents
+    _train(tmp_path, "split", shapes, steps=4)  # 3 steps an epoch: stops inside the second
+    resumed = _train(tmp_path, "split", shapes, resume="latest")
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+def test_no_buckets_trains_the_centre_square(tmp_path, shapes, monkeypatch):
+    seen = _spy_latent_shapes(monkeypatch)
+    _train(tmp_path, "square", shapes, buckets=False, steps=3)
+    assert set(seen) == {(16, 16)}

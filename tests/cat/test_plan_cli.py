@@ -50,3 +50,11 @@ def test_plan_help_documents_binary_units(capsys):
         main(["plan", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "G/GB/GiB = 2^30" in help_text and "8192 MiB" in help_text
+
+
+def test_plan_counts_the_optimizer_state_it_is_told(capsys):
+    assert main(["plan", "--base", "builtin", "--optimizer", "prodigy"]) == 0
+    prodigy = capsys.readouterr().out
+    assert main(["plan", "--base", "builtin"]) == 0
+    adamw = capsys.readouterr().out
+    assert prodigy != adamw  # four fp32 buffers a tensor instead of two: a larger lora+opt column

@@ -53,7 +53,10 @@ def test_gradient_accumulation_equals_a_larger_batch(tmp_path):
 
 
 def test_micro_batches_before_the_last_skip_the_ddp_all_reduce(tmp_path):
-    trainer = train_mod.Trainer.setup(_config(tmp_path, "ddp", gradient_accumulation_steps=3))
+    trainer = train_mod.Trainer.setup(
+        _config(tmp_path, "ddp", gradient_accumulation_steps=3, weight_decay=0.3)
+    )
+    assert trainer.optimizer.param_groups[0]["weight_decay"] == 0.3
     seen = []
 
     class FakeDDP(torch.nn.Module):

@@ -69,6 +69,7 @@ def test_every_state_entry_round_trips_and_training_continues_bit_exactly(name):
 
     params = _params()
     first = _optimizer(name, params)
+    assert first.param_groups[0]["weight_decay"] == 1e-2
     _steps(first, params, range(3))
     meta, tensors = optimizer_to_files(first)
     meta = json.loads(json.dumps(meta))  # as the checkpoint's JSON file holds it
