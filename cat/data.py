@@ -12,6 +12,7 @@ distributions and caption embeddings, and :func:`draw_batch` turns them into the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from cat_engine.cat.config import ConfigError, TrainConfig
 from cat_engine.cat.dataset import builtin_concept_dir, load_concept_images
 from cat_engine.engine.batch import CatBatch
 from cat_engine.engine.cache import BucketedLatents, CaptionCache, encode_captions, encode_latents_by_size
+from cat_engine.engine.lora import adapters_disabled, has_peft_adapter
 from cat_engine.engine.text import PromptEmbeds, encode_prompts
 
 log = logging.getLogger("cat_engine")
@@ -112,13 +114,18 @@ def load_training_images(config: TrainConfig, resolution: int) -> TrainingImages
 
 
 class LiveText:
-    """Embeddings computed each step with the model's text encoders (captions that change per step)."""
+    """The frozen encoders' embeddings computed each step (captions that change per step): the
+    model's text encoders, with their LoRA adapters disabled when they carry one."""
 
     def __init__(self, model):
         self.model = model
 
     def lookup(self, captions: list[str]) -> PromptEmbeds:
-        return encode_prompts(self.model, captions)
+        with contextlib.ExitStack() as stack:
+            for encoder in self.model.text_encoders:
+                if has_peft_adapter(encoder):
+                    stack.enter_context(adapters_disabled(encoder))
+            return encode_prompts(self.model, captions)
 
 
 @dataclass
