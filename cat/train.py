@@ -388,7 +388,7 @@ class Trainer:
         if self.ranks.main:
             state = {
                 CONFIG_KEY: self.config.to_dict(),
-                DATA_POSITION_KEY: self.step * self.config.batch_size,
+                DATA_POSITION_KEY: self.step * self.sampler.batch_size,  # samples read, every micro-batch
                 LR_SCHEDULE_KEY: self.lr_schedule.state_dict(),
                 GRAD_SCALER_KEY: self.scaler.state_dict() if self.scaler.is_enabled() else None,
             }
