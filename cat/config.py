@@ -42,7 +42,8 @@ class TrainConfig:
     base: str = field(
         default="builtin",
         metadata=help_metadata(
-            "local diffusers model folder (SD1.x/SD2.x/SDXL), or builtin: the built-in tiny model"
+            "local diffusers model folder (SD1.x/SD2.x/SDXL, SD3/3.5, Flux.1, Z-Image), builtin: the built-in "
+            "tiny model, or builtin-tiny-<sd|sdxl|sd3|flux|zimage>: a random tiny pipeline of that family"
         ),
     )
     data: str | None = field(
@@ -72,9 +73,13 @@ class TrainConfig:
     # the adapter
     rank: int = field(default=16, metadata=help_metadata("LoRA rank"))
     alpha: float | None = field(default=None, metadata=help_metadata("LoRA alpha", "the rank, i.e. scale 1"))
-    targets: list[str] = field(
-        default_factory=lambda: list(DEFAULT_TARGETS),
-        metadata=help_metadata("comma-separated module names to adapt"),
+    targets: list[str] | None = field(
+        default=None,
+        metadata=help_metadata(
+            "comma-separated module names to adapt",
+            f"the base model family's: {','.join(DEFAULT_TARGETS)} for SD/SDXL, the attention (and Flux's "
+            "feed-forward) projections for SD3, Flux and Z-Image",
+        ),
     )
     # optimisation
     lr: float = field(default=1e-4, metadata=help_metadata("learning rate"))
@@ -190,7 +195,7 @@ class TrainConfig:
             (self.save_every >= 0, "--save-every must be >= 0 (0: only at the end)"),
             (self.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1"),
             (bool(self.token.strip()), "--token must not be empty"),
-            (bool(self.targets), "--targets must name at least one module"),
+            (self.targets is None or bool(self.targets), "--targets must name at least one module"),
             (
                 self.resolution is None or (self.resolution >= 8 and self.resolution % 8 == 0),
                 "--resolution must be a multiple of 8",

@@ -7,7 +7,8 @@ square), and their latents are cached per bucket. After :func:`prepare_data` the
 needed, nor the text encoders unless captions change per step (``--shuffle-caption``): each step
 takes the samples :class:`~cat_engine.cat.buckets.BatchSampler` names from the cached latent
 distributions and caption embeddings, and :func:`draw_batch` turns them into the step's
-:class:`~cat_engine.engine.batch.CatBatch`.
+:class:`~cat_engine.engine.batch.CatBatch`: DDPM noise for the UNet families, flow matching for the
+transformer families (docs/design.md §7b).
 """
 
 from __future__ import annotations
@@ -29,7 +30,15 @@ from cat_engine.cat.caption_ops import CaptionOptions, Concept, step_captions
 from cat_engine.cat.config import ConfigError, TrainConfig
 from cat_engine.cat.dataset import builtin_concept_dir, load_concept_images
 from cat_engine.engine.batch import CatBatch
-from cat_engine.engine.cache import BucketedLatents, CaptionCache, encode_captions, encode_latents_by_size
+from cat_engine.engine.cache import (
+    BucketedLatents,
+    CaptionCache,
+    LatentCache,
+    encode_captions,
+    encode_latents_by_size,
+)
+from cat_engine.engine.families import DitFamily, dit_family
+from cat_engine.engine.families.flow import TRAIN_TIMESTEPS, flow_noisy, flow_target
 from cat_engine.engine.lora import adapters_disabled, has_peft_adapter
 from cat_engine.engine.text import PromptEmbeds, encode_prompts
 
@@ -136,10 +145,11 @@ class CachedData:
     captions change per step, the text encoders themselves (:class:`LiveText`).
     """
 
-    latents: BucketedLatents  # scaled latent distributions, one cache per bucket
+    latents: BucketedLatents | LatentCache  # scaled latent distributions, one cache per bucket
     texts: CaptionCache | LiveText
     captions: list[str]
     concept_index: list[int] = field(default_factory=list)  # which concept each row shows
+    family: str = "sd"  # the base model's family (engine/families/): how batches are drawn
     plain_captions: list[str] = field(default_factory=list)
     time_ids: torch.Tensor | None = None  # [N, 6] SDXL micro-conditioning of each row, CPU
     repeats: list[int] = field(default_factory=list)
@@ -151,7 +161,17 @@ class CachedData:
 
     def groups(self) -> list[list[int]]:
         """The rows of each bucket, each listed once per repeat: the sampler's pool."""
-        return [[i for i in rows for _ in range(self.repeats[i])] for rows in self.latents.groups()]
+        repeats = self.repeats or [1] * len(self)
+        return [[i for i in rows for _ in range(repeats[i])] for rows in self.latents.groups()]
+
+    def text_rows(self, index: torch.Tensor) -> tuple[PromptEmbeds, PromptEmbeds]:
+        """The token and plain embeddings of image rows ``index``, as cached (or encoded now)."""
+        if isinstance(self.texts, CaptionCache):
+            return self.texts.token(index), self.texts.plain(index)
+        rows = index.tolist()
+        return self.texts.lookup([self.captions[i] for i in rows]), self.texts.lookup(
+            [self.plain_captions[i] for i in rows]
+        )
 
     def sampler(self, batch_size: int, seed: int) -> BatchSampler:
         return BatchSampler(self.groups(), batch_size, seed)
@@ -180,6 +200,7 @@ def prepare_data(config: TrainConfig, model, resolution: int, device) -> CachedD
         texts,
         images.captions,
         images.concept_index,
+        model.family,
         images.plain_captions,
         images.time_ids,
         images.repeats,
@@ -207,29 +228,42 @@ def draw_batch(
     resumable. The draws cover the whole global batch on every rank, so the generator advances
     alike everywhere (and a checkpoint from any rank count resumes on any other); ``rows`` (a
     slice or an index tensor) is this rank's part of it. Draws, in order: latent samples, noise,
-    timesteps, then only for the options that are on: the noise offset, caption dropout and
-    shuffles (``cat/caption_ops.py``).
+    timesteps (a transformer family's sigmas, by its own recipe), then only for the options that
+    are on: the noise offset, caption dropout and shuffles (``cat/caption_ops.py``).
     """
+    family = dit_family(data.family)
     idx = torch.tensor(indices)
     cached = data.latents.rows(idx)
     mean, std = cached.mean, cached.std
     device = mean.device
     latents = mean + std * torch.randn(mean.shape, generator=generator).to(device)
     eps = torch.randn(mean.shape, generator=generator).to(device)
-    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=generator)
-    t = t.to(device)
+    if family is not None:
+        t = family.training_sigmas(noise_scheduler.config, len(idx), generator, mean.shape).to(device)
+    else:
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=generator)
+        t = t.to(device)
     if noise.offset:
         eps = eps + noise.offset * torch.randn((*mean.shape[:2], 1, 1), generator=generator).to(device)
-    if data.caption_options.active:
-        concepts = [data.concepts[data.concept_index[i]] for i in indices]
-        token_captions, plain_captions = step_captions(
-            [data.captions[i] for i in indices], concepts, data.caption_options, generator
+    captions = (
+        step_captions(
+            [data.captions[i] for i in indices],
+            [data.concepts[data.concept_index[i]] for i in indices],
+            data.caption_options,
+            generator,
         )
-    else:
-        token_captions = [data.captions[i] for i in indices]
-        plain_captions = [data.plain_captions[i] for i in indices]
-    picked = range(len(indices))[rows] if isinstance(rows, slice) else torch.as_tensor(rows).tolist()
+        if data.caption_options.active
+        else None
+    )
     idx, latents, eps, t = idx[rows], latents[rows], eps[rows], t[rows]
+    if captions is None:
+        token, plain = data.text_rows(idx)
+    else:
+        picked = range(len(indices))[rows] if isinstance(rows, slice) else torch.as_tensor(rows).tolist()
+        token = data.texts.lookup([captions[0][i] for i in picked])
+        plain = data.texts.lookup([captions[1][i] for i in picked])
+    if family is not None:
+        return _flow_batch(family, latents, eps, t, token, plain)
     noisy = noise_scheduler.add_noise(latents, eps, t)
     prediction = noise_scheduler.config.prediction_type
     if prediction == "epsilon":
@@ -238,8 +272,6 @@ def draw_batch(
         target = noise_scheduler.get_velocity(latents, eps, t)
     else:
         target = latents
-    token = data.texts.lookup([token_captions[i] for i in picked])
-    plain = data.texts.lookup([plain_captions[i] for i in picked])
     added = plain_added = None
     if token.pooled is not None:  # SDXL: pooled text and size micro-conditioning
         time_ids = data.time_ids[idx].to(device)
@@ -248,13 +280,33 @@ def draw_batch(
     return CatBatch(noisy, t, token.embeds, plain.embeds, target, added, plain_added)
 
 
+def _flow_batch(family: DitFamily, latents, eps, sigma, token, plain) -> CatBatch:
+    """The flow-matching batch (docs/design.md §7b): ``x_t = (1 - sigma) x_0 + sigma noise``, target
+    ``noise - x_0``, ``timesteps`` ``1000 * sigma``; the three row groups share them, as for the UNets."""
+    return CatBatch(
+        flow_noisy(latents, eps, sigma),
+        sigma * TRAIN_TIMESTEPS,
+        token.embeds,
+        plain.embeds,
+        flow_target(latents, eps),
+        family.conditioning(token),
+        family.conditioning(plain),
+    )
+
+
 def compile_check_inputs(data: CachedData) -> CatBatch:
     """One real sample, for the compiled-vs-eager gradient check of ``--compile``."""
-    caption, plain = data.captions[0], data.plain_captions[0]
-    token = data.texts.lookup([caption])
+    token, plain = data.text_rows(torch.tensor([0]))
+    z = data.latents.rows([0]).mean
+    family = dit_family(data.family)
+    if family is not None:
+        t = torch.full((1,), TRAIN_TIMESTEPS / 2, device=z.device)
+        zero = torch.zeros_like(z)
+        return CatBatch(
+            z, t, token.embeds, plain.embeds, zero, family.conditioning(token), family.conditioning(plain)
+        )
     added = None
     if token.pooled is not None:
         added = {"text_embeds": token.pooled, "time_ids": data.time_ids[:1].to(token.pooled.device)}
-    z = data.latents.rows([0]).mean
     t = torch.tensor([500], device=z.device)
-    return CatBatch(z, t, token.embeds, data.texts.lookup([plain]).embeds, torch.zeros_like(z), added)
+    return CatBatch(z, t, token.embeds, plain.embeds, torch.zeros_like(z), added)

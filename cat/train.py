@@ -57,10 +57,12 @@ from cat_engine.engine import distributed as dist
 from cat_engine.engine.batch import CatBatch
 from cat_engine.engine.cache import CaptionCache
 from cat_engine.engine.errors import CatEngineError
+from cat_engine.engine.families import dit_family
 from cat_engine.engine.files import write_text_atomically
 from cat_engine.engine.lora import (
     LORA_WEIGHT_NAME,
     add_lora,
+    default_targets,
     fuse_lora,
     lora_named_parameters,
     lora_parameters,
@@ -142,6 +144,8 @@ class Trainer:
         torch.manual_seed(config.seed)
         resume_from = ckpt.resolve_resume(config.resume, config.output) if config.resume else None
         model = load_base(config.base)
+        config = with_model_targets(config, model)
+        check_family_options(config, model)
         resolution = training_resolution(config, model)
         data = prepare_data(config, model, resolution, device)
         samples = None
@@ -448,18 +452,40 @@ def rank_rows(batch_size: int, ranks: dist.DistContext) -> slice:
 
 def training_resolution(config: TrainConfig, model: BaseModel) -> int:
     resolution = config.resolution or model.native_resolution
-    if resolution % model.vae_scale_factor:
-        raise ConfigError(
-            f"--resolution {resolution} must be a multiple of {model.vae_scale_factor} for this model"
-        )
+    # A transformer's latents are cut into 2x2 patches.
+    multiple = model.vae_scale_factor * (2 if dit_family(model.family) is not None else 1)
+    if resolution % multiple:
+        raise ConfigError(f"--resolution {resolution} must be a multiple of {multiple} for this model")
     return resolution
+
+
+def check_family_options(config: TrainConfig, model: BaseModel) -> None:
+    """Refuse the DDPM-noise options on a transformer family (flow matching has no SNR table or
+    epsilon to offset)."""
+    family = dit_family(model.family)
+    if family is None:
+        return
+    for flag, given in (
+        ("--min-snr-gamma", config.min_snr_gamma is not None),
+        ("--noise-offset", config.noise_offset > 0),
+    ):
+        if given:
+            raise ConfigError(f"{flag}: a DDPM-noise option; {family.title} trains by flow matching")
+
+
+def with_model_targets(config: TrainConfig, model: BaseModel) -> TrainConfig:
+    """``config`` with ``--targets`` filled in by the model family's defaults when not given."""
+    if config.targets is not None:
+        return config
+    return dataclasses.replace(config, targets=list(default_targets(model.unet)))
 
 
 def add_adapter(unet, config: TrainConfig) -> None:
     """The LoRA layers of ``config`` on ``unet``, as the engine's layers (split-batch aware, fused kernels on CUDA)."""
-    add_lora(unet, config.rank, config.alpha, config.targets, seed=config.seed)
+    targets = config.targets if config.targets is not None else default_targets(unet)
+    add_lora(unet, config.rank, config.alpha, targets, seed=config.seed)
     if not lora_parameters(unet):
-        raise ConfigError(f"--targets {','.join(config.targets)}: matched no module of the UNet")
+        raise ConfigError(f"--targets {','.join(targets)}: matched no module of the denoiser")
     fuse_lora(unet)
 
 
@@ -472,6 +498,11 @@ def memory_plan_for(
     """
     if config.vram_budget is None:
         return config.memory
+    if dit_family(model.family) is not None:
+        raise ConfigError(
+            f"--vram-budget: the planner does not model {dit_family(model.family).title} yet; "
+            "choose the memory options (--precision, --gradient-checkpointing) yourself"
+        )
     from cat_engine.cat.plan import parse_bytes
     from cat_engine.engine import vram
 
@@ -522,6 +553,7 @@ def adapter_metadata(config: TrainConfig, model: BaseModel, resolution: int) -> 
         "cat_weight": config.cat_weight,
         "plain_mode": config.plain_mode,
         "base": str(model.path),
+        "family": model.family,
         "resolution": resolution,
     }
 

@@ -94,10 +94,11 @@ def tiny_unet(family: str = "sd", **overrides):
     return UNet2DConditionModel(**config)
 
 
-def tiny_vae():
+def tiny_vae(**overrides):
+    """The tiny 4x VAE (4 latent channels; ``overrides`` change its config, as for the transformers')."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(
+    config = dict(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 3,
@@ -108,6 +109,7 @@ def tiny_vae():
         norm_num_groups=8,
         sample_size=NATIVE_RESOLUTION,
     )
+    return AutoencoderKL(**{**config, **overrides})
 
 
 def tiny_scheduler(prediction_type: str = "epsilon"):
@@ -213,8 +215,17 @@ def builtin_model_dir(
     SD-family epsilon-prediction (the default) with ``pretrained``: the toy world
     (:data:`TOYWORLD_DIR`). Otherwise the random tiny pipeline, written once into the cache and
     reused. Its folder name carries a fingerprint of the components' configs, so a cache written by an
-    older definition of the model is never picked up by mistake.
+    older definition of the model is never picked up by mistake. The diffusion-transformer families
+    (``sd3``, ``flux``, ``zimage``) have only a random tiny pipeline (``engine/builtin_dit.py``);
+    ``prediction_type`` does not apply to them (they predict the flow velocity).
     """
+    if family not in FAMILIES:
+        from cat_engine.engine import builtin_dit
+
+        target = cache_root() / builtin_dit.tiny_dit_name(family)
+        if not (target / "model_index.json").exists():
+            save_pipeline_atomically(builtin_dit.tiny_dit_pipeline(family), target)
+        return target
     if (
         pretrained
         and (family, prediction_type) == ("sd", "epsilon")

@@ -38,6 +38,15 @@ class LatentCache:
     def to(self, device) -> LatentCache:
         return LatentCache(self.mean.to(device), self.std.to(device))
 
+    def groups(self) -> list[list[int]]:
+        """One bucket: every row (as :meth:`BucketedLatents.groups`)."""
+        return [list(range(len(self)))]
+
+    def rows(self, index) -> LatentCache:
+        """The latents of image rows ``index``."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        return LatentCache(self.mean[index], self.std[index])
+
 
 @torch.no_grad()
 def encode_latents(vae, images: torch.Tensor, batch_size: int = 8) -> LatentCache:
@@ -128,7 +137,7 @@ class CaptionCache:
     """Text embeddings of the distinct captions, and which one each image row uses.
 
     ``embeds``: ``PromptEmbeds`` of U distinct captions (``[U, 77, D]``, SDXL also pooled
-    ``[U, P]``), float32. ``captions``: those U strings, in order of first appearance.
+    ``[U, P]``; a transformer family's own shapes, ``engine/families/``), float32. ``captions``: those U strings, in order of first appearance.
     ``token_index``, ``plain_index``: ``[N]`` int64 on the CPU, the row of ``embeds`` for image
     ``i``'s token caption and plain caption.
     """
@@ -153,8 +162,7 @@ class CaptionCache:
         return self.embeds.rows(index.to(self.embeds.embeds.device))
 
     def to(self, device) -> CaptionCache:
-        e = self.embeds
-        moved = PromptEmbeds(e.embeds.to(device), None if e.pooled is None else e.pooled.to(device))
+        moved = self.embeds.map(lambda t: t.to(device))
         return CaptionCache(moved, self.captions, self.token_index, self.plain_index)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from cat_engine.engine.families import denoiser_family, lora_prefix
 from cat_engine.engine.files import write_atomically
 from cat_engine.engine.split_batch import adapter_rows, split_state
 
@@ -53,6 +54,13 @@ def add_lora(
     return unet
 
 
+def default_targets(model) -> tuple[str, ...]:
+    """The LoRA targets of ``model``'s family: :data:`DEFAULT_TARGETS` for UNets, the family's
+    own for a diffusion transformer (``engine/families/``)."""
+    family = denoiser_family(model)
+    return DEFAULT_TARGETS if family is None else family.default_targets
+
+
 def lora_named_parameters(unet) -> dict[str, torch.nn.Parameter]:
     """The trainable LoRA parameters by name, in a stable (module) order."""
     return {n: p for n, p in unet.named_parameters() if "lora_" in n and p.requires_grad}
@@ -76,7 +84,8 @@ def fuse_lora(unet):
     ``adapter_rows``. The trainable tensors stay the same ``Parameter`` objects, so an optimizer
     built before the call keeps working, and state-dict keys do not change. LoRA on convolutions
     stays peft's. Calling it twice is harmless; :func:`unfuse_lora` undoes it. Raises
-    ``ValueError`` when the UNet has no LoRA adapter.
+    ``ValueError`` when the UNet has no LoRA adapter, and ``UnsupportedTargets`` (a user error) for
+    LoRA on a transformer's modules that see all rows' tokens flattened (``engine/families/``).
     """
     from cat_engine.engine.fused_lora import fuse_lora_layers
 
@@ -85,6 +94,9 @@ def fuse_lora(unet):
             "fuse_lora: the UNet carries no LoRA adapter; add one first with "
             "unet.add_adapter(peft.LoraConfig(...)) or cat_engine.engine.add_lora(unet)"
         )
+    family = denoiser_family(unet)
+    if family is not None:  # a transformer: LoRA only where every input row is one sample's
+        family.check_targets([n for n, m in unet.named_modules() if hasattr(m, "lora_A")])
     fuse_lora_layers(unet, split_state(unet))  # every fused call reads its adapter rows from here
     object.__setattr__(unet, "_cat_fused", True)
     return unet
@@ -123,7 +135,8 @@ def adapters_disabled(unet):
 def lora_state_dict(unet) -> dict[str, torch.Tensor]:
     """The adapter's weights under the keys diffusers' ``load_lora_weights`` reads (peft form).
 
-    ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` for every targeted module. (diffusers'
+    ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` for every targeted module (``transformer.``
+    for a diffusion transformer, ``engine/families/``). (diffusers'
     ``convert_state_dict_to_diffusers`` renames attention keys to the old ``lora.down/up`` form but
     leaves others, such as ``proj_in`` or ``ff.net.2``, as ``lora_A/B``; the loader then reads the
     file as peft's and drops the renamed attention weights. Keeping one form avoids that.)
@@ -131,7 +144,8 @@ def lora_state_dict(unet) -> dict[str, torch.Tensor]:
     from peft.utils import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(unet)
-    return {f"unet.{k}": v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+    prefix = lora_prefix(unet)
+    return {f"{prefix}.{k}": v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
 
 
 def lora_config_dict(unet) -> dict:
@@ -155,7 +169,9 @@ def save_lora(unet, output_dir: str | os.PathLike, info: dict | None = None) -> 
     config = lora_config_dict(unet)
     metadata = {
         "format": "pt",
-        DIFFUSERS_METADATA_KEY: json.dumps({f"unet.{k}": v for k, v in config.items()}, sort_keys=True),
+        DIFFUSERS_METADATA_KEY: json.dumps(
+            {f"{lora_prefix(unet)}.{k}": v for k, v in config.items()}, sort_keys=True
+        ),
         ENGINE_METADATA_KEY: json.dumps({**config, **(info or {})}, sort_keys=True, default=str),
     }
     state = lora_state_dict(unet)

@@ -30,6 +30,7 @@ import torch
 from cat_engine.engine.batch import CatBatch
 from cat_engine.engine.denoiser import unet_forward
 from cat_engine.engine.errors import CatEngineError
+from cat_engine.engine.families import denoiser_family
 
 ATTENTION_BACKENDS = ("sdpa", "xformers", "math")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
@@ -194,6 +195,14 @@ def set_attention(unet, backend: str):
     """
     from diffusers.models import attention_processor as ap
 
+    family = denoiser_family(unet)
+    if family is not None:  # a diffusion transformer keeps its family's processors, which run SDPA
+        if backend != "sdpa":
+            raise MemoryPlanError(
+                f"--attention {backend}: {family.title} runs its own attention processors (PyTorch SDPA); "
+                "use --attention sdpa"
+            )
+        return unet
     if backend == "sdpa":
         if not hasattr(torch.nn.functional, "scaled_dot_product_attention"):
             raise MemoryPlanError("this torch has no scaled_dot_product_attention; use --attention math")

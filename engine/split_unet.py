@@ -34,6 +34,16 @@ How (one call, three kinds of module call; with checkpointing, or ``no_checkpoin
   Row patterns travel on the tensors produced here; small tensors (the time embedding) are compared
   by value; anything else counts as distinct.
 
+Diffusion transformers (SD3, Flux, Z-Image; ``engine/families/``) run through the same machinery:
+their units are the transformer blocks diffusers checkpoints (``JointTransformerBlock``,
+``FluxTransformerBlock`` and ``FluxSingleTransformerBlock``, ``ZImageTransformerBlock`` including
+the refiners). Their glue is taken whole rather than leaf by leaf (:func:`_glue_modules`): the
+patch/text/time embedders and the final AdaLN norm and projection, whose modulation products would
+otherwise save the base rows' scales. Every conditioning tensor of a block call is per row (text,
+pooled text and time embeddings, masks, Z-Image's per-row rotary table); Flux's rotary table is one
+for all rows and reaches the blocks inside a tuple, which passes through as it is, and the module
+that makes it from position ids is left out of the glue.
+
 What still sees base rows in backward: elementwise glue between modules (residual adds, the skip
 concatenation, nearest up-sampling, reshapes) passes the base rows' zero gradient along. It saves
 nothing and does no FLOPs, but it is memory traffic over ``N`` rows.
@@ -61,6 +71,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 from cat_engine.engine.denoiser import unet_forward
+from cat_engine.engine.families import denoiser_family
 from cat_engine.engine.split_batch import adapter_rows as _adapter_rows_ctx
 from cat_engine.kernels.lora_linear import autocast_dtype
 
@@ -371,6 +382,21 @@ def _glue_leaves(module):
             yield from _glue_leaves(child)
 
 
+def _glue_modules(module, family):
+    """A transformer's glue: the largest modules that hold no block (the units), so that the
+    elementwise work inside them (AdaLN modulation, position embedding adds) is row-split with them
+    and never saves a base row. Containers are entered; blocks and position modules are left out."""
+    for child in module.children():
+        name = type(child).__name__
+        if name in family.block_classes or name in family.position_modules:
+            continue
+        container = isinstance(child, (torch.nn.ModuleList, torch.nn.ModuleDict))
+        if container or any(type(m).__name__ in family.block_classes for m in child.modules()):
+            yield from _glue_modules(child, family)
+        else:
+            yield child
+
+
 def _check_no_dropout(unet):
     # The no-grad forward over all rows and the recompute over the adapter rows see different batch
     # shapes, so their dropout masks could never match; the engine trains with dropout off.
@@ -542,7 +568,9 @@ class _SplitCall:
                         m.gradient_checkpointing = True
                     if m.gradient_checkpointing:
                         m._gradient_checkpointing_func = self.unit
-            for leaf in _glue_leaves(self.unet):
+            family = denoiser_family(self.unet)
+            glue = _glue_leaves(self.unet) if family is None else _glue_modules(self.unet, family)
+            for leaf in glue:
                 wrapped.append((leaf, leaf.__dict__.get("forward", _MISSING)))
                 leaf.forward = self._glue(leaf, leaf.forward)
             yield self
@@ -581,7 +609,8 @@ def split_batch_call(
     """One UNet call over a split batch; returns the prediction for all ``N`` rows.
 
     Args:
-        unet: diffusers ``UNet2DConditionModel`` whose LoRA layers are fused (``fuse_lora``).
+        unet: diffusers ``UNet2DConditionModel``, or a diffusion transformer of ``engine/families/``,
+            whose LoRA layers are fused (``fuse_lora``).
         latents: ``[N, C, H, W]``, or ``[G, C, H, W]`` with ``N = k * G`` when the ``k`` groups of rows
             share the same latents (CAT: token, plain and base rows share ``z_t``). Shared latents let
             the LoRA-free work before the first LoRA layer run once per distinct group.
@@ -589,7 +618,8 @@ def split_batch_call(
         embeds: ``encoder_hidden_states``, ``[N, L, D]``.
         adapter_rows: the first ``adapter_rows`` rows carry the adapter and gradients; the others are
             the frozen model's, computed without autograd (their outputs have no gradient path).
-        added_cond_kwargs: SDXL's ``{"text_embeds": [N, P], "time_ids": [N, 6]}``.
+        added_cond_kwargs: SDXL's ``{"text_embeds": [N, P], "time_ids": [N, 6]}``; a transformer
+            family's per-row conditioning (``engine/denoiser.py``).
         no_checkpoint: how to keep base rows out of autograd when the UNet has no gradient
             checkpointing: ``"two_calls"`` (default: adapter rows with grad, then base rows under
             no_grad), ``"split"`` (one call, every unit and glue module row-split; shares the

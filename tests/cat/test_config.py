@@ -111,7 +111,7 @@ def test_help_comes_from_the_fields_with_their_defaults(capsys):
             assert "--" + name.replace("_", "-") in help_text, name
         assert " ".join(option.help.split()) in help_text, name
     assert "LoRA rank (default: 16)" in help_text
-    assert "(default: to_q,to_k,to_v,to_out.0)" in help_text
+    assert "(default: the base model family's: to_q,to_k,to_v,to_out.0 for SD/SDXL," in help_text
     assert "LoRA alpha (default: the rank, i.e. scale 1)" in help_text
     assert "(default: 'a photo of {token} {class_word}')" in help_text
     assert "(default: auto)" in help_text and "~30% more time" in help_text

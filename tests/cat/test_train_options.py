@@ -192,3 +192,14 @@ def test_resume_is_bit_exact_with_the_options(tmp_path, options):
     resumed = _train(tmp_path, "resumed", steps=6, resume=str(middle), **options)
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
+
+
+@pytest.mark.parametrize("option", [dict(min_snr_gamma=5.0), dict(noise_offset=0.1)])
+def test_ddpm_noise_options_are_refused_on_a_flow_matching_family(tmp_path, option):
+    from cat_engine.cat.config import ConfigError
+
+    config = TrainConfig(
+        base="builtin-tiny-sd3", output=str(tmp_path / "dit"), **{**FAST, **option}
+    ).validate()
+    with pytest.raises(ConfigError, match="a DDPM-noise option; .* trains by flow matching"):
+        train_mod.Trainer.setup(config)
