@@ -13,7 +13,6 @@ transformer families (docs/design.md §7b).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from cat_engine.cat.buckets import (
 from cat_engine.cat.caption_ops import CaptionOptions, Concept, step_captions
 from cat_engine.cat.config import ConfigError, TrainConfig
 from cat_engine.cat.dataset import builtin_concept_dir, load_concept_images
+from cat_engine.cat.text_encoder_lora import frozen_text
 from cat_engine.engine.batch import CatBatch
 from cat_engine.engine.cache import (
     BucketedLatents,
@@ -39,7 +39,6 @@ from cat_engine.engine.cache import (
 )
 from cat_engine.engine.families import DitFamily, dit_family
 from cat_engine.engine.families.flow import TRAIN_TIMESTEPS, flow_noisy, flow_target
-from cat_engine.engine.lora import adapters_disabled, has_peft_adapter
 from cat_engine.engine.text import PromptEmbeds, encode_prompts
 
 log = logging.getLogger("cat_engine")
@@ -130,10 +129,7 @@ class LiveText:
         self.model = model
 
     def lookup(self, captions: list[str]) -> PromptEmbeds:
-        with contextlib.ExitStack() as stack:
-            for encoder in self.model.text_encoders:
-                if has_peft_adapter(encoder):
-                    stack.enter_context(adapters_disabled(encoder))
+        with frozen_text(self.model):
             return encode_prompts(self.model, captions)
 
 

@@ -14,9 +14,11 @@ captions change per step, the encoder run with its adapter disabled (``cat.data.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from cat_engine.engine.lora import add_lora, lora_named_parameters
+from cat_engine.engine.lora import adapters_disabled, add_lora, has_peft_adapter, lora_named_parameters
 from cat_engine.engine.text import PromptEmbeds, encode_prompts
 
 # The CLIP attention projections, as diffusers' DreamBooth-LoRA scripts target them.
@@ -52,3 +54,18 @@ class AdaptedText:
         with self.autocast():
             out = encode_prompts(self.model, captions, grad=True)
         return PromptEmbeds(out.embeds.float(), None if out.pooled is None else out.pooled.float())
+
+
+def has_text_adapter(model) -> bool:
+    """Whether any of ``model``'s text encoders carries a LoRA adapter."""
+    return any(has_peft_adapter(e) for e in model.text_encoders)
+
+
+@contextlib.contextmanager
+def frozen_text(model):
+    """``model``'s text encoders as the base model has them: their adapters disabled for the block."""
+    with contextlib.ExitStack() as stack:
+        for encoder in model.text_encoders:
+            if has_peft_adapter(encoder):
+                stack.enter_context(adapters_disabled(encoder))
+        yield model
