@@ -17,7 +17,7 @@ from pathlib import Path
 
 from cat_engine.cat.captions import DEFAULT_CAPTION_TEMPLATE, PLAIN_MODES
 from cat_engine.engine.errors import CatEngineError
-from cat_engine.engine.lora import DEFAULT_TARGETS
+from cat_engine.engine.lora import DEFAULT_TARGETS, SAVE_FORMATS
 from cat_engine.engine.memory_plan import ATTENTION_BACKENDS, PRECISIONS, MemoryPlan
 from cat_engine.engine.optimizers import LR_SCHEDULERS, OPTIMIZERS
 
@@ -114,6 +114,13 @@ class TrainConfig:
     )
     # output
     output: str = field(default="cat-output", metadata=help_metadata("output folder"))
+    save_format: str = field(
+        default="both",
+        metadata=help_metadata(
+            "LoRA file format: diffusers (pytorch_lora_weights.safetensors), kohya (OUTPUT_NAME.safetensors, "
+            "for ComfyUI/AUTOMATIC1111), or both"
+        ),
+    )
     save_every: int = field(
         default=100, metadata=help_metadata("checkpoint every N steps (0: only at the end)")
     )
@@ -223,10 +230,10 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown option {unknown[0]!r} (known: {', '.join(OPTIONS)})")
         values = {name: OPTIONS[name].coerce(value) for name, value in values.items()}
-        choices = {"precision": PRECISIONS, "attention": ATTENTION_BACKENDS}
+        choices = {"precision": PRECISIONS, "attention": ATTENTION_BACKENDS, "save_format": SAVE_FORMATS}
         for name, allowed in choices.items():
             if name in values and values[name] not in allowed:
-                raise ConfigError(f"--{name} must be one of {', '.join(allowed)}")
+                raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}")
         top = {k: v for k, v in values.items() if not OPTIONS[k].in_memory}
         plan = {k: v for k, v in values.items() if OPTIONS[k].in_memory}
         return cls(**top, memory=dataclasses.replace(default_memory_plan(), **plan))
@@ -294,6 +301,7 @@ def _options() -> dict[str, Option]:
 OPTIONS = _options()
 # Options that describe a run rather than the trained adapter: a resume may change them freely.
 RUN_ONLY = {"steps", "resume", "output", "save_every", "keep_checkpoints", "device", "config", "compile"}
+RUN_ONLY.add("save_format")  # how the adapter is written, not what it is
 RUN_ONLY |= {"epochs", "sample_every", "sample_prompts", "sample_seeds", "sample_steps", "log_with"}
 LOGGERS = ("none", "tensorboard", "wandb")
 

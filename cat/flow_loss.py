@@ -18,7 +18,7 @@ import functools
 
 import torch
 
-from cat_engine.cat.loss import CatLossOutput, batch_loss, cat_loss_reference
+from cat_engine.cat.loss import CatLossOutput, batch_loss, batch_loss_reference
 from cat_engine.engine.batch import CatBatch
 from cat_engine.engine.families import denoiser_family
 from cat_engine.engine.text import PromptEmbeds
@@ -65,7 +65,7 @@ def flow_cat_loss(
         family.conditioning(plain),
     )
     if reference:
-        return cat_loss_reference(transformer, **vars(batch), cat_weight=cat_weight)
+        return batch_loss_reference(transformer, batch, cat_weight)
     return batch_loss(transformer, batch, cat_weight)
 
 

@@ -9,7 +9,8 @@ resume), :meth:`Trainer.train` (the loop: :meth:`Trainer.run_step` once per step
 periodic checkpoints, Ctrl-C) and :meth:`Trainer.save` (the last checkpoint and the LoRA file).
 
 Also runnable as ``python -m cat_engine train``, and data-parallel under torchrun
-(``torchrun --nproc_per_node N -m cat_engine train ...``, or ``cat-engine train --nproc N``):
+(``torchrun --nproc_per_node N -m cat_engine train ...``, or ``cat-engine train --nproc N``, on one
+machine or several: cat/launch.py):
 ``--batch-size`` is the global batch; every rank draws the whole batch's randomness from the same
 seeded generator and keeps its own equal slice of rows, DDP averages the LoRA gradients, so N ranks
 train the adapter a single process would (up to float rounding). Rank 0 writes every output.
@@ -38,7 +39,6 @@ from cat_engine.cat.config import (
     add_config_arguments,
     config_differences,
     config_from_args,
-    flags_of,
 )
 from cat_engine.cat.data import (
     CachedData,
@@ -48,6 +48,7 @@ from cat_engine.cat.data import (
     draw_batch,
     prepare_data,
 )
+from cat_engine.cat.launch import add_launch_arguments, launch, rank_rows, wants_torchrun
 from cat_engine.cat.logs import console_logging
 from cat_engine.cat.loss_options import training_loss
 from cat_engine.cat.tracking import Tracker, make_tracker, memory_gib
@@ -59,6 +60,7 @@ from cat_engine.engine.cache import CaptionCache
 from cat_engine.engine.errors import CatEngineError
 from cat_engine.engine.families import dit_family
 from cat_engine.engine.files import write_text_atomically
+from cat_engine.engine.kohya import kohya_file_name, kohya_module_names
 from cat_engine.engine.lora import (
     LORA_WEIGHT_NAME,
     add_lora,
@@ -66,7 +68,8 @@ from cat_engine.engine.lora import (
     fuse_lora,
     lora_named_parameters,
     lora_parameters,
-    save_lora,
+    save_lora_files,
+    writes_kohya,
 )
 from cat_engine.engine.memory_plan import MemoryContext, MemoryPlan, apply_memory_plan, make_optimizer
 from cat_engine.engine.models import BaseModel, load_base
@@ -404,20 +407,26 @@ class Trainer:
                 self.generator,
                 state,
                 keep=self.config.keep_checkpoints,
+                extra=self.write_lora,  # a loadable LoRA in every checkpoint
             )
         if sync:
             dist.barrier(self.ranks)
         return path
 
     def save(self) -> Path:
-        """The last checkpoint, then the LoRA file with the metadata ``cat-engine eval`` reads; its path."""
+        """The last checkpoint, then the LoRA files of ``--save-format``; the path of the first."""
         self.save_checkpoint()
-        path = self.output / LORA_WEIGHT_NAME
-        if self.ranks.main:
-            info = adapter_metadata(self.config, self.model, self.resolution)
-            path = save_lora(self.model.unet, self.output, {**info, "steps": self.step})
+        paths = self.write_lora(self.output) if self.ranks.main else []
         dist.barrier(self.ranks)
-        return path
+        return paths[0] if paths else self.output / LORA_WEIGHT_NAME
+
+    def write_lora(self, folder: Path) -> list[Path]:
+        """The LoRA files (``--save-format``) with the metadata ``cat-engine eval`` and other tools
+        read, into ``folder`` (the output, or a checkpoint being written); the kohya file is named
+        after the run's output folder."""
+        info = {**adapter_metadata(self.config, self.model, self.resolution), "steps": self.step}
+        name = kohya_file_name(self.output)
+        return save_lora_files(self.model.unet, folder, self.config.save_format, info, name=name)
 
 
 # --------------------------------------------------------------------------- setup's parts
@@ -440,14 +449,6 @@ def with_total_steps(config: TrainConfig, sampler: BatchSampler) -> TrainConfig:
     if config.epochs is None:
         return config
     return dataclasses.replace(config, steps=config.epochs * sampler.steps_per_epoch)
-
-
-def rank_rows(batch_size: int, ranks: dist.DistContext) -> slice:
-    """This rank's rows of the global batch; a batch that does not divide by the ranks is a config error."""
-    try:
-        return dist.local_rows(batch_size, ranks)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
 
 
 def training_resolution(config: TrainConfig, model: BaseModel) -> int:
@@ -486,6 +487,8 @@ def add_adapter(unet, config: TrainConfig) -> None:
     add_lora(unet, config.rank, config.alpha, targets, seed=config.seed)
     if not lora_parameters(unet):
         raise ConfigError(f"--targets {','.join(targets)}: matched no module of the denoiser")
+    if writes_kohya(unet, config.save_format):
+        kohya_module_names(unet)  # a target the kohya format cannot name fails now, not at the first save
     fuse_lora(unet)
 
 
@@ -555,18 +558,15 @@ def adapter_metadata(config: TrainConfig, model: BaseModel, resolution: int) -> 
         "base": str(model.path),
         "family": model.family,
         "resolution": resolution,
+        "prediction_type": model.prediction_type,
+        "lr": config.lr,
+        "seed": config.seed,
     }
 
 
 # ------------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--nproc",
-        type=int,
-        default=None,
-        metavar="N",
-        help="data-parallel on N local ranks (GPUs; CPU processes without one) via torchrun",
-    )
+    add_launch_arguments(parser)
     parser.add_argument(
         "--manifest",
         metavar="FILE.yaml",
@@ -576,24 +576,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
 
 
-def launch(args: argparse.Namespace) -> int:
-    """``--nproc N``: run this very command under torchrun on N local ranks; return its exit code."""
-    import subprocess
-
-    if args.nproc < 1:
-        raise ConfigError("--nproc must be >= 1")
-    if not args.manifest:
-        config = config_from_args(args)  # fail here, once, rather than on every rank
-        rank_rows(config.batch_size, dist.DistContext(0, args.nproc))
-    manifest = ["--manifest", args.manifest] if args.manifest else []
-    command = dist.torchrun_command(args.nproc, "cat_engine", ["train", *manifest, *flags_of(args)])
-    return subprocess.run(command).returncode
-
-
 def run(args: argparse.Namespace) -> int:
     with console_logging():
         try:
-            if args.nproc and args.nproc > 1 and not dist.launched_by_torchrun():
+            if wants_torchrun(args):
                 return launch(args)
             if args.manifest:
                 from cat_engine.cat.manifest import run_manifest

@@ -31,6 +31,13 @@ class CatBatch:
     ``added_cond_kwargs``: SDXL's ``{"text_embeds": [B, P], "time_ids": [B, 6]}`` for the token
     captions, ``plain_added_cond_kwargs`` the same for the plain captions (``None``: the token
     captions' dict serves both).
+
+    The frozen base rows see the plain captions; ``base_embeds`` / ``base_added_cond_kwargs`` give
+    them their own conditioning when it differs from the adapter's plain rows (a trained text
+    encoder: the base rows take the frozen encoder's embeddings). ``unet_kwargs``: the UNet's other
+    keyword arguments (``class_labels``, ``timestep_cond``, ``cross_attention_kwargs``, ...) for every
+    row group; tensors whose first dimension is ``B`` are per-row. ``plain_unet_kwargs`` overrides
+    some of them for the plain and base rows (the plain captions' ``encoder_attention_mask``).
     """
 
     noisy_latents: torch.Tensor  # z_t, [B, C, h, w]
@@ -40,6 +47,10 @@ class CatBatch:
     target: torch.Tensor  # noise (or v), shaped like noisy_latents
     added_cond_kwargs: dict | None = None
     plain_added_cond_kwargs: dict | None = None
+    base_embeds: torch.Tensor | None = None  # [B, L, D] for the base rows; None: plain_embeds
+    base_added_cond_kwargs: dict | None = None  # None: the plain captions'
+    unet_kwargs: dict | None = None
+    plain_unet_kwargs: dict | None = None
 
     @property
     def plain_conditioning(self) -> dict | None:
@@ -49,6 +60,18 @@ class CatBatch:
             if self.plain_added_cond_kwargs is not None
             else self.added_cond_kwargs
         )
+
+    @property
+    def base_conditioning(self) -> tuple[torch.Tensor, dict | None]:
+        """The base rows' ``(embeds, added_cond_kwargs)``: their own when given, else the plain captions'."""
+        embeds = self.base_embeds if self.base_embeds is not None else self.plain_embeds
+        added = self.base_added_cond_kwargs
+        return embeds, added if added is not None else self.plain_conditioning
+
+    @property
+    def plain_kwargs(self) -> dict:
+        """The UNet's other keyword arguments for the plain and base rows."""
+        return {**(self.unet_kwargs or {}), **(self.plain_unet_kwargs or {})}
 
     @property
     def rows(self) -> int:

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -120,10 +121,17 @@ def save_checkpoint(
     generator: torch.Generator,
     trainer_state: dict,
     keep: int | None = None,
+    extra: Callable[[Path], object] | None = None,
 ) -> Path:
-    """Write ``OUTPUT/checkpoints/step-{step}`` atomically; prune to the newest ``keep``."""
+    """Write ``OUTPUT/checkpoints/step-{step}`` atomically; prune to the newest ``keep``.
+
+    ``extra(folder)`` writes further files into the checkpoint before it is complete (the loadable
+    LoRA files of the run's ``--save-format``).
+    """
 
     def write(folder: Path) -> None:
+        if extra is not None:
+            extra(folder)
         _save_tensors(lora, folder / LORA_FILE)
         opt_meta, opt_tensors = optimizer_to_files(optimizer)
         _save_tensors(opt_tensors, folder / OPTIMIZER_TENSORS)

@@ -2,7 +2,9 @@
 
 Launched by ``torchrun`` (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK`` in the environment), a process
 joins the group with gloo on the CPU and nccl on a GPU; launched plainly, it runs alone and every
-helper here is a no-op, so the recipe has one code path for one process and for many.
+helper here is a no-op, so the recipe has one code path for one process and for many. Several
+machines take part through torchrun's own rendezvous (:class:`Nodes`): nothing here depends on
+where a rank runs except its device, which is its local rank's.
 
 The split-batch step (the CAT loss) needs the raw UNet: it reads the UNet's split state, walks its
 modules and installs its own checkpoint function for the call. So DDP does not wrap the UNet; it
@@ -67,6 +69,16 @@ def init_distributed(device: str = "auto") -> DistContext:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     return DistContext(dist.get_rank(), dist.get_world_size(), local)
+
+
+def current_context() -> DistContext:
+    """This process's place in the initialised ``torch.distributed`` group, whoever set it up
+    (torchrun with :func:`init_distributed`, accelerate, the caller); :data:`SINGLE` when none is."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return SINGLE
+    return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get(LOCAL_RANK_ENV, "0")))
 
 
 def _wants_cuda(device: str) -> bool:
@@ -191,13 +203,60 @@ def data_parallel(step: TrainStep, ctx: DistContext, device: torch.device):
     return DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def torchrun_command(nproc: int, module: str, args: list[str]) -> list[str]:
-    """The command line that runs ``python -m module args`` on ``nproc`` local ranks."""
+@dataclass(frozen=True)
+class Nodes:
+    """The machines of a torchrun launch: ``count`` of them, meeting at ``endpoint`` (``HOST:PORT``).
+
+    Without ``node_rank`` the nodes meet through torchrun's c10d rendezvous, which numbers them in
+    the order they join; with it (a scheduler's node index, e.g. ``$SLURM_NODEID``) through torchrun's
+    static rendezvous, node 0 at ``endpoint``. One node and no endpoint: a standalone launch.
+    """
+
+    count: int = 1
+    endpoint: str | None = None
+    node_rank: int | None = None
+    run_id: str = "cat-engine"
+
+    def problem(self) -> str | None:
+        """What is wrong with these options, for a one-line error; ``None`` when nothing is."""
+        if self.count < 1:
+            return "--nnodes must be >= 1"
+        if self.count > 1 and not self.endpoint:
+            return "--nnodes > 1 needs --rdzv-endpoint HOST:PORT (a machine every node can reach)"
+        if self.endpoint is not None:
+            host, _, port = self.endpoint.rpartition(":")
+            if not host or not port.isdigit():
+                return f"--rdzv-endpoint {self.endpoint}: expected HOST:PORT"
+        if self.node_rank is not None and not 0 <= self.node_rank < self.count:
+            return f"--node-rank {self.node_rank} must be in [0, {self.count}) for --nnodes {self.count}"
+        return None
+
+    def torchrun_flags(self) -> list[str]:
+        if self.count == 1 and self.endpoint is None:
+            return ["--standalone"]
+        if self.node_rank is None:
+            return [
+                f"--nnodes={self.count}",
+                "--rdzv_backend=c10d",
+                f"--rdzv_endpoint={self.endpoint}",
+                f"--rdzv_id={self.run_id}",
+            ]
+        host, _, port = self.endpoint.rpartition(":")
+        return [
+            f"--nnodes={self.count}",
+            f"--node_rank={self.node_rank}",
+            f"--master_addr={host}",
+            f"--master_port={port}",
+        ]
+
+
+def torchrun_command(nproc: int, module: str, args: list[str], nodes: Nodes = Nodes()) -> list[str]:
+    """The command line that runs ``python -m module args`` on ``nproc`` ranks per node of ``nodes``."""
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--standalone",
+        *nodes.torchrun_flags(),
         f"--nproc_per_node={nproc}",
         "-m",
         module,

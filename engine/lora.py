@@ -1,4 +1,4 @@
-"""LoRA adapters on a diffusers UNet: add, prepare for the engine, disable, save in diffusers format.
+"""LoRA adapters on a diffusers UNet: add, prepare for the engine, disable, save (diffusers and kohya formats).
 
 The adapter itself is peft's (``unet.add_adapter(LoraConfig(...))``), so anything trained here
 loads with ``StableDiffusionPipeline.load_lora_weights`` and anything trained elsewhere with
@@ -27,12 +27,18 @@ ENGINE_METADATA_KEY = "cat_engine"
 
 
 def add_lora(
-    unet, rank: int = 16, alpha: float | None = None, targets=DEFAULT_TARGETS, seed: int | None = None
+    unet,
+    rank: int = 16,
+    alpha: float | None = None,
+    targets=DEFAULT_TARGETS,
+    seed: int | None = None,
+    dropout: float = 0.0,
 ):
     """Add a trainable peft LoRA adapter (default name) to a frozen diffusers UNet; return the UNet.
 
     ``alpha`` defaults to ``rank`` (scale 1). ``lora_B`` starts at zero as in peft, so the adapter
     model initially equals the base model; ``lora_A`` is Gaussian, seeded by ``seed`` when given.
+    ``dropout``: peft's ``lora_dropout`` on the adapter's input (in training mode).
     """
     from peft import LoraConfig
 
@@ -44,6 +50,7 @@ def add_lora(
         lora_alpha=float(rank if alpha is None else alpha),
         init_lora_weights="gaussian",
         target_modules=list(targets),
+        lora_dropout=float(dropout),
     )
     if seed is None:
         unet.add_adapter(config)
@@ -150,11 +157,17 @@ def lora_state_dict(unet) -> dict[str, torch.Tensor]:
 
 def lora_config_dict(unet) -> dict:
     cfg = unet.peft_config["default"]
-    return {
+    config = {
         "r": int(cfg.r),
         "lora_alpha": float(cfg.lora_alpha),
         "target_modules": sorted(cfg.target_modules),
     }
+    # Per-module ranks and alphas, when the adapter has them: without them a loader scales those
+    # modules by the global alpha / r.
+    for key in ("rank_pattern", "alpha_pattern"):
+        if getattr(cfg, key, None):
+            config[key] = dict(getattr(cfg, key))
+    return config
 
 
 def save_lora(unet, output_dir: str | os.PathLike, info: dict | None = None) -> Path:
@@ -180,8 +193,50 @@ def save_lora(unet, output_dir: str | os.PathLike, info: dict | None = None) -> 
     )
 
 
+SAVE_FORMATS = ("diffusers", "kohya", "both")
+
+
+def writes_kohya(unet, save_format: str) -> bool:
+    """Whether ``save_format`` writes a kohya file for ``unet``: ``kohya`` always (refused for a
+    model the format does not cover), ``both`` for the UNets it covers (SD1.x/2.x/SDXL)."""
+    from cat_engine.engine.kohya import kohya_supported
+
+    if save_format not in SAVE_FORMATS:
+        raise ValueError(f"save format must be one of {', '.join(SAVE_FORMATS)}, got {save_format!r}")
+    return save_format == "kohya" or (save_format == "both" and kohya_supported(unet))
+
+
+def save_lora_files(
+    unet,
+    output_dir: str | os.PathLike,
+    save_format: str = "both",
+    info: dict | None = None,
+    *,
+    name: str | None = None,
+) -> list[Path]:
+    """The adapter in the formats ``save_format`` names, written atomically into ``output_dir``.
+
+    ``diffusers``: :func:`save_lora` (``pytorch_lora_weights.safetensors``, for ``load_lora_weights``).
+    ``kohya``: ``<name>.safetensors`` with kohya keys, per-module alphas and ``ss_*`` metadata, for
+    ComfyUI, AUTOMATIC1111/Forge and sd-scripts (``engine/kohya.py``); ``name`` defaults to the
+    folder's name. ``both``: the two (the kohya file for SD1.x/2.x/SDXL UNets only: the format is
+    not defined here for diffusion transformers). Returns the paths written, the diffusers file first.
+    """
+    from cat_engine.engine.kohya import save_kohya
+
+    paths = []
+    if save_format in ("diffusers", "both"):
+        paths.append(save_lora(unet, output_dir, info))
+    if writes_kohya(unet, save_format):
+        record = json.dumps({**lora_config_dict(unet), **(info or {})}, sort_keys=True, default=str)
+        paths.append(
+            save_kohya(unet, output_dir, info, name=name, extra_metadata={ENGINE_METADATA_KEY: record})
+        )
+    return paths
+
+
 def read_lora_metadata(path: str | os.PathLike) -> dict:
-    """The engine metadata of a saved adapter (a folder or the .safetensors file)."""
+    """The engine metadata of a saved adapter (a folder, or either .safetensors file)."""
     from safetensors import safe_open
 
     path = Path(path)

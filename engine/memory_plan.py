@@ -228,16 +228,25 @@ def is_lora_name(name: str) -> bool:
     return "lora_" in name
 
 
+NORM_LAYERS = (torch.nn.LayerNorm, torch.nn.GroupNorm)
+
+
 def cast_frozen_weights(unet, dtype: torch.dtype):
-    """Store frozen weights in ``dtype``; keep LoRA parameters (names containing ``lora_``) in fp32.
+    """Store frozen weights in ``dtype``; keep LoRA parameters (names containing ``lora_``) and the
+    normalisation layers' scales and shifts in fp32.
 
     Parameters keep their identity (``.data`` is replaced), so an optimizer built before stays
     valid. Half-precision frozen weights need autocast in the forward: peft's LoRA layers then run
     with fp32 LoRA weights next to half base weights (autocast casts each matmul's inputs).
+    Normalisation layers stay fp32 because a norm can see an fp32 input before any autocast op has
+    run (the built-in UNet's text-embedding ``LayerNorm`` reads the fp32 text embeddings), and CPU
+    autocast leaves norms alone: fp32 input with half weights is an error there, while fp32 weights
+    take either input. CUDA autocast computes norms in fp32 anyway, so nothing changes there.
     """
+    norms = {id(p) for m in unet.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)}
     with torch.no_grad():
         for name, param in unet.named_parameters():
-            target = torch.float32 if is_lora_name(name) else dtype
+            target = torch.float32 if is_lora_name(name) or id(param) in norms else dtype
             if param.is_floating_point() and param.dtype != target:
                 param.data = param.data.to(target)
         for name, buf in unet.named_buffers():

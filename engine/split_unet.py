@@ -49,8 +49,13 @@ concatenation, nearest up-sampling, reshapes) passes the base rows' zero gradien
 nothing and does no FLOPs, but it is memory traffic over ``N`` rows.
 
 The LoRA layers must honour ``split_state(unet).adapter_rows``: the fused layers of
-``engine/fused_lora.py`` do; a UNet with plain peft LoRA layers is refused, since its base rows would
-silently carry the adapter.
+``engine/fused_lora.py`` do, and so do layers registered as row-aware (``engine/row_aware.py``); a
+UNet with plain peft LoRA layers, a replaced ``forward`` or trainable weights outside those layers is
+refused, since its base rows would silently carry the adapter.
+
+LoRA dropout: the checkpoint Function records the RNG state before a unit's forward and replays it
+for the recompute, as torch's own checkpoint does; the fused layers draw masks for the adapter rows
+only, so the recompute on the adapter rows draws the very masks of the forward over all rows.
 
 Without checkpointing, ``no_checkpoint`` chooses how base rows stay out of autograd:
 ``two_calls`` (the default: adapter rows with grad, then base rows under ``no_grad``) has the same
@@ -72,6 +77,7 @@ import torch
 
 from cat_engine.engine.denoiser import unet_forward
 from cat_engine.engine.families import denoiser_family
+from cat_engine.engine.row_aware import adapter_module_ids, check_adapter_layers, is_row_aware
 from cat_engine.engine.split_batch import adapter_rows as _adapter_rows_ctx
 from cat_engine.kernels.lora_linear import autocast_dtype
 
@@ -94,9 +100,7 @@ def row_unaware_layers(unet) -> list[str]:
         from peft.tuners.lora.layer import LoraLayer
     except ImportError:  # peft absent: there can be no peft layers
         return []
-    from cat_engine.engine.fused_lora import FusedLoraLinear
-
-    return [n for n, m in unet.named_modules() if isinstance(m, LoraLayer) and type(m) is not FusedLoraLinear]
+    return [n for n, m in unet.named_modules() if isinstance(m, LoraLayer) and not is_row_aware(m)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -296,6 +300,8 @@ class _AdapterRowCheckpoint(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, call, module, kwargs, dummy, *args):
+        device = next((a.device for a in args if torch.is_tensor(a)), torch.device("cpu"))
+        ctx.rng = _rng_snapshot(device) if call.dropout else None
         # autograd runs Function.forward without grad: the base rows never enter the graph.
         out = call.run_unit(module, args, kwargs)
         n, rows = call.n_adapter, call.n_rows
@@ -312,10 +318,10 @@ class _AdapterRowCheckpoint(torch.autograd.Function):
                 spec.append(("obj", a))
         ctx.save_for_backward(*saved)
         ctx.spec, ctx.call, ctx.module, ctx.kwargs, ctx.n = spec, call, module, kwargs, n
-        device = next((a.device.type for a in args if torch.is_tensor(a)), "cpu")
         # The recompute runs in backward, outside the caller's autocast: record it to restore it.
         # (autocast_dtype is meta-safe: the VRAM estimator runs this step on the meta device.)
-        ctx.autocast = (device, autocast_dtype(device))
+        ctx.autocast = (device.type, autocast_dtype(device.type))
+        ctx.device = device
         return out
 
     @staticmethod
@@ -340,6 +346,7 @@ class _AdapterRowCheckpoint(torch.autograd.Function):
             torch.enable_grad(),
             restore_autocast,
             _adapter_rows_ctx(ctx.call.unet, None),
+            _replayed_rng(ctx.rng, ctx.device),
             _skip_tail(ctx.module, args),
         ):
             out = ctx.module(*args, **ctx.kwargs)
@@ -365,6 +372,29 @@ class _AdapterRowCheckpoint(torch.autograd.Function):
         return (None, None, None, None, *result)
 
 
+def _rng_snapshot(device: torch.device):
+    """The RNG states a unit's dropout draws from: the CPU generator's and, on CUDA, the device's."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+@contextmanager
+def _replayed_rng(snapshot, device: torch.device):
+    """Run the block from ``snapshot``'s RNG states (None: as they are); outside it nothing changes."""
+    if snapshot is None:
+        yield
+        return
+    cpu, cuda = snapshot
+    index = (
+        device.index if device.index is not None else (torch.cuda.current_device() if cuda is not None else 0)
+    )
+    with torch.random.fork_rng(devices=[index] if cuda is not None else []):
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+        yield
+
+
 # --------------------------------------------------------------------------------------------------
 # One split call: dispatch of unit and glue module calls.
 # --------------------------------------------------------------------------------------------------
@@ -376,7 +406,7 @@ _call_ids = iter(range(1, 1 << 62))
 def _glue_leaves(module):
     """Leaf modules, with a LoRA layer (a module holding ``lora_A``) counted as one leaf."""
     for child in module.children():
-        if hasattr(child, "lora_A") or next(child.children(), None) is None:
+        if hasattr(child, "lora_A") or is_row_aware(child) or next(child.children(), None) is None:
             yield child
         else:
             yield from _glue_leaves(child)
@@ -397,24 +427,47 @@ def _glue_modules(module, family):
             yield child
 
 
-def _check_no_dropout(unet):
-    # The no-grad forward over all rows and the recompute over the adapter rows see different batch
-    # shapes, so their dropout masks could never match; the engine trains with dropout off.
-    for name, m in unet.named_modules():
-        if isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training:
-            raise ValueError(f"split-batch execution needs dropout off; {name} has p={m.p} in training mode")
+def _active_dropouts(module):
+    return [
+        (n, m)
+        for n, m in module.named_modules()
+        if isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training
+    ]
+
+
+def _adapter_dropout(unet) -> bool:
+    """Check the UNet's active dropouts; True when some LoRA layer's dropout will draw masks.
+
+    A LoRA layer's dropout draws for the adapter rows only, the same rows in the forward over all
+    rows and in the recompute, so the replayed RNG state gives the same masks. Any other dropout
+    would draw over all rows in the forward and over the adapter rows in the recompute: refused.
+    """
+    inside = set()
+    for m in unet.modules():
+        if is_row_aware(m):
+            inside.update(id(d) for _, d in _active_dropouts(m))
+    for name, m in _active_dropouts(unet):
+        if id(m) not in inside:
+            raise ValueError(
+                f"split-batch execution needs the model's own dropout off; {name} has p={m.p} in training mode "
+                "(LoRA dropout is fine)"
+            )
+    return bool(inside)
 
 
 class _SplitCall:
     """State of one split UNet call; its methods are what the UNet's modules call through."""
 
-    def __init__(self, unet, n_rows: int, n_adapter: int, n_groups: int, checkpoint: bool):
+    def __init__(
+        self, unet, n_rows: int, n_adapter: int, n_groups: int, checkpoint: bool, dropout: bool = False
+    ):
         self.unet, self.n_rows, self.n_adapter = unet, n_rows, n_adapter
         self.n_groups, self.group_rows = n_groups, n_rows // n_groups
         self.checkpoint = checkpoint
+        self.dropout = dropout  # LoRA dropout draws masks: each unit's recompute replays its RNG state
         self.token = next(_call_ids)
         self.depth = 0  # > 0 inside a unit or a split/shared module: its submodules run plainly
-        self._lora_ids = {id(p) for n, p in unet.named_parameters() if "lora_" in n}
+        self._adapter_modules = adapter_module_ids(unet)
         self._has_lora: dict[int, bool] = {}
         self._copies: dict[int, tuple] = {}  # id(x) -> (weakref(x), weakref(adapter-row copy))
         self._dummy = None
@@ -432,7 +485,7 @@ class _SplitCall:
     def has_lora(self, module) -> bool:
         key = id(module)
         if key not in self._has_lora:
-            self._has_lora[key] = any(id(p) in self._lora_ids for p in module.parameters())
+            self._has_lora[key] = any(id(m) in self._adapter_modules for m in module.modules())
         return self._has_lora[key]
 
     def dummy(self):
@@ -588,12 +641,13 @@ class _SplitCall:
                     m._gradient_checkpointing_func = func
 
 
-def _take(obj, rows: slice):
-    if obj is None:
-        return None
+def _take(obj, rows: slice, n_rows: int):
+    """``rows`` of every per-row tensor (first dimension ``n_rows``) in ``obj``; anything else as is."""
     if isinstance(obj, dict):
-        return {k: _take(v, rows) for k, v in obj.items()}
-    return obj[rows]
+        return {k: _take(v, rows, n_rows) for k, v in obj.items()}
+    if torch.is_tensor(obj) and obj.dim() and obj.shape[0] == n_rows:
+        return obj[rows]
+    return obj
 
 
 def split_batch_call(
@@ -605,6 +659,7 @@ def split_batch_call(
     added_cond_kwargs: dict | None = None,
     *,
     no_checkpoint: str = "two_calls",
+    **unet_kwargs,
 ) -> torch.Tensor:
     """One UNet call over a split batch; returns the prediction for all ``N`` rows.
 
@@ -625,6 +680,9 @@ def split_batch_call(
             no_grad), ``"split"`` (one call, every unit and glue module row-split; shares the
             pre-LoRA work but launches more, slower on a GPU), or ``"checkpoint"`` (the checkpoint
             Function on every unit: least memory, one more forward of the adapter rows).
+        unet_kwargs: the UNet's other keyword arguments (``class_labels``, ``timestep_cond``,
+            ``encoder_attention_mask``, ``cross_attention_kwargs``, ...); every tensor in them whose
+            first dimension is ``N`` is per-row, the rest is shared by all rows.
 
     Gradients reach the LoRA weights through ``loss.backward()`` (units recompute reentrantly and
     accumulate into ``.grad``; ``torch.autograd.grad`` w.r.t. LoRA weights is not supported).
@@ -644,7 +702,8 @@ def split_batch_call(
             f"({unaware[0]}, ...); call cat_engine.engine.fuse_lora(unet) first (LoRA on convolutions "
             "is not fused and cannot run split)"
         )
-    _check_no_dropout(unet)
+    check_adapter_layers(unet, "split_batch_call")
+    dropout = _adapter_dropout(unet)
     n_groups = n_rows // g
     if torch.is_tensor(timesteps) and timesteps.dim() == 1 and timesteps.shape[0] == g and n_groups > 1:
         timesteps = timesteps.repeat(n_groups)
@@ -665,7 +724,8 @@ def split_batch_call(
                 full[ada],
                 timesteps[ada] if per_row else timesteps,
                 embeds[ada].clone(),  # a saved view would keep the base rows' embeddings alive
-                _take(added_cond_kwargs, ada),
+                _take(added_cond_kwargs, ada, n_rows),
+                **_take(unet_kwargs, ada, n_rows),
             )
         with torch.no_grad(), _adapter_rows_ctx(unet, 0):
             pred_base = unet_forward(
@@ -673,12 +733,18 @@ def split_batch_call(
                 full[base],
                 timesteps[base] if per_row else timesteps,
                 embeds[base],
-                _take(added_cond_kwargs, base),
+                _take(added_cond_kwargs, base, n_rows),
+                **_take(unet_kwargs, base, n_rows),
             )
         return torch.cat([pred_adapter, pred_base])
 
     call = _SplitCall(
-        unet, n_rows, adapter_rows, n_groups, checkpoint=checkpointing or no_checkpoint == "checkpoint"
+        unet,
+        n_rows,
+        adapter_rows,
+        n_groups,
+        checkpoint=checkpointing or no_checkpoint == "checkpoint",
+        dropout=dropout,
     )
     if n_groups > 1:
         latents = call.mark(latents.repeat(n_groups, 1, 1, 1), (0,) * n_groups)
@@ -689,4 +755,4 @@ def split_batch_call(
         _adapter_rows_ctx(unet, adapter_rows),
         call.installed(force_units=not checkpointing),
     ):
-        return unet_forward(unet, latents, timesteps, embeds, added_cond_kwargs)
+        return unet_forward(unet, latents, timesteps, embeds, added_cond_kwargs, **unet_kwargs)
