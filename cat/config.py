@@ -24,6 +24,7 @@ from cat_engine.cat.option_values import TYPES, Bounds, DuplicateKey, strict_loa
 from cat_engine.engine.errors import CatEngineError
 from cat_engine.engine.lora import DEFAULT_TARGETS, SAVE_FORMATS
 from cat_engine.engine.memory_plan import ATTENTION_BACKENDS, PRECISIONS, MemoryPlan
+from cat_engine.engine.optimizers import LR_SCHEDULERS, OPTIMIZERS
 from cat_engine.engine.quantize import QUANT_MODES
 from cat_engine.kernels.lora_linear import MAX_RANK
 
@@ -149,6 +150,66 @@ class TrainConfig:
         metadata=help_metadata("replace the run already in --output (its LoRA, checkpoints and log)"),
     )
     device: str = field(default="auto", metadata=help_metadata("auto, cpu, cuda, cuda:1 ..."))
+    # trainer options (data, schedule, optimizer, loss, samples, logging); trainer_option_checks checks them
+    buckets: bool = field(
+        default=True,
+        metadata=help_metadata(
+            "aspect-ratio buckets of about --resolution^2 pixels, one bucket per batch (--no-buckets: centre square crop)"
+        ),
+    )
+    bucket_step: int = field(
+        default=64, metadata=help_metadata("bucket sides are multiples of this (pixels)")
+    )
+    epochs: int | None = field(
+        default=None, metadata=help_metadata("train this many epochs instead of --steps", "use --steps")
+    )
+    gradient_accumulation_steps: int = field(
+        default=1, metadata=help_metadata("micro-batches of --batch-size per optimizer step")
+    )
+    lr_scheduler: str = field(
+        default="constant",
+        metadata=help_metadata(
+            "constant, cosine, cosine_with_restarts, polynomial, linear (after the warm-up)"
+        ),
+    )
+    lr_scheduler_num_cycles: int = field(default=1, metadata=help_metadata("cycles of cosine_with_restarts"))
+    lr_scheduler_power: float = field(default=1.0, metadata=help_metadata("power of the polynomial schedule"))
+    optimizer: str = field(
+        default="adamw",
+        metadata=help_metadata(
+            "adamw, adamw8bit (needs bitsandbytes), prodigy (needs prodigyopt; use --lr 1)"
+        ),
+    )
+    weight_decay: float = field(
+        default=1e-2, metadata=help_metadata("decoupled weight decay of the optimizer")
+    )
+    min_snr_gamma: float | None = field(
+        default=None,
+        metadata=help_metadata("min-SNR weighting of the LDM term per sample (5 is usual)", "off"),
+    )
+    noise_offset: float = field(default=0.0, metadata=help_metadata("per-channel offset added to the noise"))
+    caption_dropout: float = field(
+        default=0.0, metadata=help_metadata("probability of training a row on the empty caption")
+    )
+    shuffle_caption: bool = field(
+        default=False, metadata=help_metadata("shuffle each caption's comma-separated tags every step")
+    )
+    keep_tokens: int = field(
+        default=0, metadata=help_metadata("leading tags --shuffle-caption keeps in place")
+    )
+    sample_every: int = field(
+        default=0, metadata=help_metadata("write a sample grid to OUTPUT/samples every N steps (0: never)")
+    )
+    sample_prompts: str | list[str] | None = field(
+        default=None,
+        metadata=help_metadata(
+            "a .txt file (one prompt a line) or prompts separated by |; each with the token",
+            "each concept's caption template",
+        ),
+    )
+    sample_seeds: int = field(default=2, metadata=help_metadata("seeds (grid columns) per sample prompt"))
+    sample_steps: int = field(default=20, metadata=help_metadata("DDIM steps of the samples"))
+    log_with: str = field(default="none", metadata=help_metadata("tensorboard, wandb or none"))
 
     def validate(self) -> TrainConfig:
         """Check every option (its type, a number's range, the choices); returns self."""
@@ -177,7 +238,7 @@ class TrainConfig:
                 "--resume continues the run in --output, --overwrite replaces it: give one",
             ),
         ]
-        for ok, message in checks:
+        for ok, message in checks + trainer_option_checks(self):
             if not ok:
                 raise ConfigError(message)
         if self.concepts is not None:
@@ -228,6 +289,20 @@ NUMERIC_BOUNDS = {
     "seed": Bounds(0, 2**64 - 1, why="64 bits"),
     "save_every": Bounds(0, why="0: only at the end"),
     "keep_checkpoints": Bounds(1),
+    # trainer options (data, schedule, optimizer, loss, samples)
+    "bucket_step": Bounds(8),
+    "epochs": Bounds(1),
+    "gradient_accumulation_steps": Bounds(1),
+    "lr_scheduler_num_cycles": Bounds(1),
+    "lr_scheduler_power": Bounds(0, above=True),
+    "weight_decay": Bounds(0),
+    "min_snr_gamma": Bounds(0, above=True),
+    "noise_offset": Bounds(0),
+    "caption_dropout": Bounds(0, 0.999, why="1 would drop every caption"),
+    "keep_tokens": Bounds(0),
+    "sample_every": Bounds(0, why="0: never"),
+    "sample_seeds": Bounds(1),
+    "sample_steps": Bounds(1),
 }
 
 
@@ -309,6 +384,25 @@ IDENTITY = (
     *("base", "data", "concepts", "token", "class_word", "caption_template", "plain_mode"),
     *("rank", "alpha", "targets", "seed", "resolution", "flip"),
 )
+RUN_ONLY |= {"epochs", "sample_every", "sample_prompts", "sample_seeds", "sample_steps", "log_with"}
+LOGGERS = ("none", "tensorboard", "wandb")
+
+
+def trainer_option_checks(c: TrainConfig) -> list[tuple[bool, str]]:
+    """(ok, message) of the trainer options' choices (their numeric ranges: :data:`NUMERIC_BOUNDS`)."""
+    return [
+        (c.bucket_step % 8 == 0, "--bucket-step must be a positive multiple of 8"),
+        (c.lr_scheduler in LR_SCHEDULERS, f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}"),
+        (c.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
+        (c.log_with in LOGGERS, f"--log-with must be one of {', '.join(LOGGERS)}"),
+        (
+            not (c.cuda_graphs and c.gradient_accumulation_steps > 1),
+            "--cuda-graphs replays one captured batch per step: raise --batch-size instead of "
+            "--gradient-accumulation-steps",
+        ),
+    ]
+
+
 CONCEPT_KEYS = ("data", "token", "class_word", "caption_template")
 
 
@@ -410,6 +504,8 @@ def options_of(raw: dict, where: str) -> dict:
 def build_config(file_values: dict, flag_values: dict) -> TrainConfig:
     """Defaults, overridden by the file, overridden by the flags the user actually gave."""
     merged = {**file_values, **{k: v for k, v in flag_values.items() if v is not None}}
+    if merged.get("epochs") is not None and merged.get("steps") is not None:
+        raise ConfigError("give --steps or --epochs, not both")
     if isinstance(merged.get("targets"), str):
         merged["targets"] = [t.strip() for t in merged["targets"].split(",") if t.strip()]
     return TrainConfig.from_dict(merged).validate()

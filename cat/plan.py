@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 
 from cat_engine.engine.errors import CatEngineError
+from cat_engine.engine.optimizers import OPTIMIZERS
 
 BYTES_HELP = (
     "a size such as 8GB, 8GiB, 12G, 8000MB or a plain number of bytes. Units are binary: "
@@ -63,6 +64,12 @@ def add_arguments(parser) -> None:
         help="half precision to plan with (fp16 on GPUs without bf16)",
     )
     parser.add_argument("--attention", choices=("sdpa", "xformers"), default="sdpa", help="attention backend")
+    parser.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default="adamw",
+        help="optimizer whose state is counted (default adamw)",
+    )
 
 
 ORDER = {
@@ -129,6 +136,7 @@ def run(args) -> int:
         loss_fn=loss_fn,
         half=args.half,
         attention=args.attention,
+        optimizer=args.optimizer,
     )
     chosen, failure = None, None
     if budget is not None:
@@ -142,6 +150,7 @@ def run(args) -> int:
                 loss_fn=loss_fn,
                 half=args.half,
                 attention=args.attention,
+                optimizer=args.optimizer,
             )
         except vram.NoPlanFits as exc:
             failure = str(exc)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cat_engine.cat.text_encoder_lora import frozen_text, has_text_adapter
 from cat_engine.engine.denoiser import unet_forward
 from cat_engine.engine.families import denoiser_family, dit_family
 from cat_engine.engine.lora import adapters_disabled, fuse_lora
@@ -189,9 +190,14 @@ def sample_jobs(
     encoded = encode_prompts(model, prompts)
     row_of = {p: i for i, p in enumerate(prompts)}
     uncond = uncond_embeds(model, encoded)
+    base_encoded, base_uncond = encoded, uncond
+    if has_text_adapter(model):  # a trained text encoder: the base rows read the frozen one
+        with frozen_text(model):
+            base_encoded = encode_prompts(model, prompts)
+            base_uncond = uncond_embeds(model, base_encoded)
 
-    def embeds_for(texts: list[str]) -> PromptEmbeds:
-        return encoded.rows(torch.tensor([row_of[p] for p in texts]))
+    def embeds_for(texts: list[str], source: PromptEmbeds = encoded) -> PromptEmbeds:
+        return source.rows(torch.tensor([row_of[p] for p in texts]))
 
     batches = [jobs[i : i + settings.batch_jobs] for i in range(0, len(jobs), settings.batch_jobs)]
     bar = tqdm(total=len(batches) * settings.steps, desc="sampling", unit="step", disable=not progress)
@@ -200,11 +206,12 @@ def sample_jobs(
         k = len(batch)
         tok = embeds_for([j.token_prompt for j in batch])
         plain = embeds_for([j.plain_prompt for j in batch])
+        base = embeds_for([j.plain_prompt for j in batch], base_encoded)
         if guided:
-            unc = _expand(uncond, k)
-            parts, n_adapter = [tok, plain, unc, unc, plain, unc], 4 * k
+            unc, base_unc = _expand(uncond, k), _expand(base_uncond, k)
+            parts, n_adapter = [tok, plain, unc, unc, base, base_unc], 4 * k
         else:
-            parts, n_adapter = [tok, plain, plain], 2 * k
+            parts, n_adapter = [tok, plain, base], 2 * k
         embeds = _to(PromptEmbeds.concat(parts), device, unet.dtype)
         denoise = _denoise if family is None else _denoise_flow
         latents = denoise(model, unet, batch, embeds, n_adapter, guided, shape, settings, bar.update)

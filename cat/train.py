@@ -22,6 +22,7 @@ adapter per concept instead (cat/manifest.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -32,6 +33,7 @@ from typing import NoReturn
 
 import torch
 
+from cat_engine.cat.buckets import BatchSampler
 from cat_engine.cat.config import (
     IDENTITY,
     ConfigError,
@@ -42,15 +44,15 @@ from cat_engine.cat.config import (
 )
 from cat_engine.cat.data import (
     CachedData,
+    NoiseOptions,
     compile_check_inputs,
     concept_list,
     draw_batch,
     prepare_data,
-    sample_indices,
 )
 from cat_engine.cat.launch import add_launch_arguments, launch, rank_rows, wants_torchrun
 from cat_engine.cat.logs import console_logging
-from cat_engine.cat.loss import step_loss
+from cat_engine.cat.loss_options import training_loss
 from cat_engine.cat.output_folder import (
     CONFIG_FILE,
     CONFIG_KEY,
@@ -60,9 +62,13 @@ from cat_engine.cat.output_folder import (
     prepare_output,
 )
 from cat_engine.cat.stopping import NonFiniteAdapter, Stopping, TrainingError
+from cat_engine.cat.tracking import Tracker, make_tracker, memory_gib
+from cat_engine.cat.train_samples import TrainSamples
 from cat_engine.engine import checkpoint as ckpt
 from cat_engine.engine import distributed as dist
 from cat_engine.engine import signals
+from cat_engine.engine.batch import CatBatch
+from cat_engine.engine.cache import CaptionCache
 from cat_engine.engine.cuda_graphs import GraphedTrainStep, check_cuda_graphs
 from cat_engine.engine.families import dit_family
 from cat_engine.engine.files import WRITE_ERRORS, WriteError, os_error_text, write_text_atomically
@@ -85,6 +91,7 @@ from cat_engine.engine.memory_plan import (
     resolve_precision,
 )
 from cat_engine.engine.models import BaseModel, load_base
+from cat_engine.engine.optimizers import make_scheduler
 from cat_engine.engine.run_folder import RunLock
 
 log = logging.getLogger("cat_engine")
@@ -93,7 +100,6 @@ log = logging.getLogger("cat_engine")
 DATA_POSITION_KEY = "data_position"
 LR_SCHEDULE_KEY = "lr_schedule"
 GRAD_SCALER_KEY = "grad_scaler"
-WEIGHT_DECAY = 1e-2
 
 
 def train(config: TrainConfig, progress: bool = True, ranks: dist.DistContext = dist.SINGLE) -> Path:
@@ -124,6 +130,7 @@ class Trainer(Stopping):
     model: BaseModel  # its UNet carries the adapter; the VAE and text encoders are released
     resolution: int
     data: CachedData
+    sampler: BatchSampler  # the rows of each step, a pure function of the step
     lora: dict[str, torch.nn.Parameter]  # the trained tensors, by name
     memory: MemoryContext
     step_fn: torch.nn.Module  # the CAT loss of a batch (TrainStep), DDP-wrapped on several ranks
@@ -142,10 +149,18 @@ class Trainer(Stopping):
     last_checkpoint: Path | None = None  # the newest checkpoint of this run (written or resumed from)
     saved_step: int | None = None  # the step it holds
     graphed: GraphedTrainStep | None = None  # --cuda-graphs: the captured step, else None
+    samples: TrainSamples | None = None  # --sample-every (rank 0)
+    tracker: Tracker = field(default_factory=Tracker)  # --log-with (rank 0)
+    grad_norm: torch.Tensor | None = None  # of the last update, before clipping
 
     @property
     def output(self) -> Path:
         return Path(self.config.output)
+
+    @property
+    def epochs(self) -> int:
+        """Epochs the run covers (the last may be partial)."""
+        return -(-self.config.steps // self.sampler.steps_per_epoch)
 
     # -------------------------------------------------------------------------------- setup
     @classmethod
@@ -185,24 +200,45 @@ class Trainer(Stopping):
         torch.manual_seed(config.seed)
         model = load_base(config.base)
         config = with_model_targets(config, model)
+        check_family_options(config, model)
         resolution = training_resolution(config, model)
         data = prepare_data(config, model, resolution, device)
-        model.release_encoders()  # the VAE and text encoders are not needed again
+        samples = None
+        if config.sample_every and ranks.main:  # keeps the VAE and text encoders it samples with
+            live = not isinstance(data.texts, CaptionCache)
+            samples = TrainSamples(
+                config, model, concept_list(config), resolution, device, park_text=not live
+            )
+        release_encoders(model, data)
+        sampler = data.sampler(config.batch_size * config.gradient_accumulation_steps, config.seed)
+        config = with_total_steps(config, sampler)
 
         add_adapter(model.unet, config)
         plan = memory_plan_for(config, model, resolution, device, batch=rows.stop - rows.start)
-        check_inputs = compile_check_inputs(data, resolution) if plan.compile else None
+        check_inputs = compile_check_inputs(data) if plan.compile else None
         ctx = apply_memory_plan(model.unet, plan, device, check_inputs=check_inputs)
         log.info("memory plan: %s", ctx.plan.describe())
         model.unet.train()
         named = lora_named_parameters(model.unet)
         # The step DDP wraps: its parameters are the LoRA tensors only (see engine/distributed.py).
         step_fn = dist.data_parallel(
-            dist.TrainStep(ctx.unet, list(named.values()), step_loss(config.cat_weight)), ranks, device
+            dist.TrainStep(
+                ctx.unet,
+                list(named.values()),
+                training_loss(config.cat_weight, config.min_snr_gamma, model.noise_scheduler),
+            ),
+            ranks,
+            device,
         )
         graphs = {"capturable": True} if config.cuda_graphs else {}
         optimizer = make_optimizer(
-            list(named.values()), config.lr, ctx.plan, device, weight_decay=WEIGHT_DECAY, **graphs
+            list(named.values()),
+            config.lr,
+            ctx.plan,
+            device,
+            name=config.optimizer,
+            weight_decay=config.weight_decay,
+            **graphs,
         )
         trainer = cls(
             config=config,
@@ -211,13 +247,15 @@ class Trainer(Stopping):
             model=model,
             resolution=resolution,
             data=data,
+            sampler=sampler,
             lora=named,
             memory=ctx,
             step_fn=step_fn,
             optimizer=optimizer,
-            lr_schedule=torch.optim.lr_scheduler.LambdaLR(optimizer, warmup(config.lr_warmup_steps)),
+            lr_schedule=lr_schedule(optimizer, config),
             scaler=ctx.scaler or torch.amp.GradScaler(enabled=False),
             generator=torch.Generator().manual_seed(config.seed),
+            samples=samples,
         )
         if resume_from is not None:
             trainer.restore(resume_from)
@@ -232,6 +270,7 @@ class Trainer(Stopping):
             )
         if ranks.main:
             write_text_atomically(trainer.output / CONFIG_FILE, json.dumps(config.to_dict(), indent=1))
+        trainer.tracker = make_tracker(config, ranks.main)
         return trainer
 
     def restore(self, path: Path) -> None:
@@ -263,7 +302,7 @@ class Trainer(Stopping):
                     )
                 param.copy_(saved)
         self.optimizer.load_state_dict(loaded["optimizer"])
-        # lr_lambdas are saved as [None]: the warm-up function is rebuilt by setup, not loaded
+        # lr_lambdas are saved as [None]: the schedule's function is rebuilt by setup, not loaded
         self.lr_schedule.load_state_dict(dict(state[LR_SCHEDULE_KEY]))
         ckpt.restore_rng(loaded["rng"], self.generator)
         if self.scaler.is_enabled() and state.get(GRAD_SCALER_KEY):
@@ -274,23 +313,36 @@ class Trainer(Stopping):
 
     # ---------------------------------------------------------------------------- one step
     def run_step(self) -> torch.Tensor:
-        """One optimizer step on this step's samples; returns the global batch's ``[loss, ldm, cat]``."""
+        """One optimizer step on this step's samples; returns the global batch's ``[loss, ldm, cat]``.
+
+        With ``--gradient-accumulation-steps K`` the step's batch is K micro-batches whose
+        gradients add up (DDP synchronises on the last only): the same update as one batch of K
+        times the rows, since the K batches are cut from one draw of all of them.
+        """
         self.step_rng = self.generator.get_state()
-        indices = sample_indices(self.step, self.config.batch_size, len(self.data), self.config.seed)
-        b = draw_batch(
-            self.data, indices, self.generator, self.model.noise_scheduler, self.resolution, self.rows
-        )
-        if self.graphed is not None:
-            return self.run_graphed_step(b)
-        with self.memory.autocast():
-            loss, ldm, cat = self.step_fn(b)
-        # The global batch's numbers (one process: its own), so every rank stops alike.
-        losses = dist.all_mean(self.ranks, torch.stack([loss.detach(), ldm, cat]).float())
-        if not torch.isfinite(losses[0]):
-            self.stop_non_finite(f"loss is {losses[0].item()}")
-        self.update(loss)
+        batches = self.draw()
+        if self.graphed is not None:  # one micro-batch: --cuda-graphs refuses accumulation
+            return self.run_graphed_step(batches[0])
+        k = len(batches)
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0
+        for i, b in enumerate(batches):
+            last = i == k - 1
+            with contextlib.nullcontext() if last else no_sync(self.step_fn):
+                with self.memory.autocast():
+                    loss, ldm, cat = self.step_fn(b)
+                # The global batch's numbers (one process: its own), so every rank stops alike.
+                losses = dist.all_mean(self.ranks, torch.stack([loss.detach(), ldm, cat]).float())
+                if not torch.isfinite(losses[0]):
+                    self.stop_non_finite(f"loss is {losses[0].item()}")
+                loss = loss / k if k > 1 else loss
+                if last:
+                    self.update(loss)
+                else:
+                    self.scaler.scale(loss).backward()
+            total = total + losses
         self.step, self.step_rng, self.updating = self.step + 1, None, False
-        return losses
+        return total / k if k > 1 else total
 
     def run_graphed_step(self, b) -> torch.Tensor:
         """The step through the captured CUDA graph (forward to optimizer in one replay); a step whose
@@ -307,20 +359,37 @@ class Trainer(Stopping):
                 else "gradient norm is not finite"
             )
             self.stop_non_finite(what)
+        self.grad_norm = norm
         self.lr_schedule.step()
         self.step, self.step_rng, self.updating = self.step + 1, None, False
         return losses
 
+    def draw(self) -> list[CatBatch]:
+        """This step's micro-batches (one without accumulation): this rank's rows of each."""
+        indices = self.sampler.indices(self.step)
+        noise = NoiseOptions(self.config.noise_offset)
+        scheduler, k, size = (
+            self.model.noise_scheduler,
+            self.config.gradient_accumulation_steps,
+            self.config.batch_size,
+        )
+        if k == 1:
+            return [draw_batch(self.data, indices, self.generator, scheduler, self.rows, noise)]
+        rows = torch.cat([torch.arange(i * size, (i + 1) * size)[self.rows] for i in range(k)])
+        batch = draw_batch(self.data, indices, self.generator, scheduler, rows, noise)
+        m = len(rows) // k
+        return [batch.map(lambda t, i=i: t[i * m : (i + 1) * m] if t.dim() else t) for i in range(k)]
+
     def update(self, loss: torch.Tensor) -> None:
-        """Backward, clip, optimizer and schedule step.
+        """Backward (adding to the gradients of earlier micro-batches), clip, optimizer and schedule step.
 
         fp16: the loss is scaled, and the scaler skips a step whose gradients overflowed. Otherwise
         the scaler passes everything through, and a non-finite gradient norm stops the run.
         """
-        self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(list(self.lora.values()), self.config.max_grad_norm)
+        self.grad_norm = norm
         if not (self.scaler.is_enabled() or torch.isfinite(norm)):  # all-reduced: every rank sees it
             self.stop_non_finite("gradient norm is not finite")
         self.updating = True  # from here on, abandoning the step would leave a half-updated adapter
@@ -368,18 +437,28 @@ class Trainer(Stopping):
             try:
                 start, t0 = self.step, time.perf_counter()
                 while self.step < self.config.steps and not self.stop_agreed():
+                    lr = self.lr_schedule.get_last_lr()[0]  # the rate this step uses
                     loss, ldm, cat = self.run_step()
                     record = {
                         "step": self.step,
+                        "epoch": self.sampler.epoch_of(self.step - 1) + 1,
                         "loss": loss.item(),
                         "ldm": ldm.item(),
                         "cat": cat.item(),
-                        "lr": self.lr_schedule.get_last_lr()[0],
+                        "lr": lr,
                         "it_s": round((self.step - start) / max(time.perf_counter() - t0, 1e-9), 3),
+                        "grad_norm": self.grad_norm.item(),
+                        "memory_gib": memory_gib(self.memory.device),
                     }
                     log_file.write(record, self.last_good)
+                    bar.set_description(f"train epoch {record['epoch']}/{self.epochs}", refresh=False)
                     bar.set_postfix(ldm=f"{record['ldm']:.4f}", cat=f"{record['cat']:.2e}", refresh=False)
                     bar.update(1)
+                    self.tracker.log(self.step, record)
+                    if self.samples is not None and self.samples.due(self.step):
+                        self.tracker.log_image(
+                            self.step, "samples", self.samples.write(self.step, self.memory.autocast)
+                        )
                     every = self.config.save_every
                     if every and self.step % every == 0 and self.step < self.config.steps:  # the last: save()
                         self.save_checkpoint()
@@ -393,6 +472,7 @@ class Trainer(Stopping):
                 raise self.interrupted_mid_step() from None
             finally:
                 bar.close()
+                self.tracker.close()
         if self.step < self.config.steps:  # stopped on request
             raise self.interrupted()
 
@@ -407,7 +487,7 @@ class Trainer(Stopping):
         if self.ranks.main:
             state = {
                 CONFIG_KEY: self.config.to_dict(),
-                DATA_POSITION_KEY: self.step * self.config.batch_size,
+                DATA_POSITION_KEY: self.step * self.sampler.batch_size,  # samples read, every micro-batch
                 LR_SCHEDULE_KEY: self.lr_schedule.state_dict(),
                 GRAD_SCALER_KEY: self.scaler.state_dict() if self.scaler.is_enabled() else None,
             }
@@ -461,6 +541,27 @@ class Trainer(Stopping):
 
 
 # --------------------------------------------------------------------------- setup's parts
+def no_sync(step_fn) -> contextlib.AbstractContextManager:
+    """DDP's ``no_sync`` (gradients stay local: a micro-batch before the last), a no-op on one process."""
+    return step_fn.no_sync() if hasattr(step_fn, "no_sync") else contextlib.nullcontext()
+
+
+def release_encoders(model: BaseModel, data: CachedData) -> None:
+    """Drop the VAE and the text encoders once the data is cached (the encoders stay when the
+    captions are encoded each step)."""
+    if isinstance(data.texts, CaptionCache):
+        model.release_encoders()
+    else:
+        model.vae = None
+
+
+def with_total_steps(config: TrainConfig, sampler: BatchSampler) -> TrainConfig:
+    """``config`` with ``steps`` set from ``--epochs`` when given (epochs of ``sampler``'s length)."""
+    if config.epochs is None:
+        return config
+    return dataclasses.replace(config, steps=config.epochs * sampler.steps_per_epoch)
+
+
 def training_resolution(config: TrainConfig, model: BaseModel) -> int:
     resolution = config.resolution or model.native_resolution
     # A transformer's latents are cut into 2x2 patches.
@@ -468,6 +569,20 @@ def training_resolution(config: TrainConfig, model: BaseModel) -> int:
     if resolution % multiple:
         raise ConfigError(f"--resolution {resolution} must be a multiple of {multiple} for this model")
     return resolution
+
+
+def check_family_options(config: TrainConfig, model: BaseModel) -> None:
+    """Refuse the DDPM-noise options on a transformer family (flow matching has no SNR table or
+    epsilon to offset)."""
+    family = dit_family(model.family)
+    if family is None:
+        return
+    for flag, given in (
+        ("--min-snr-gamma", config.min_snr_gamma is not None),
+        ("--noise-offset", config.noise_offset > 0),
+    ):
+        if given:
+            raise ConfigError(f"{flag}: a DDPM-noise option; {family.title} trains by flow matching")
 
 
 def with_model_targets(config: TrainConfig, model: BaseModel) -> TrainConfig:
@@ -513,9 +628,10 @@ def memory_plan_for(
             batch or config.batch_size,
             budget,
             config.rank,
-            loss_fn=step_loss(config.cat_weight),
+            loss_fn=training_loss(config.cat_weight, config.min_snr_gamma, model.noise_scheduler),
             half=half,
             attention=config.memory.attention,
+            optimizer=config.optimizer,
         )
     except vram.NoPlanFits as exc:
         raise ConfigError(f"--vram-budget {config.vram_budget}: {exc}") from None
@@ -523,9 +639,16 @@ def memory_plan_for(
     return dataclasses.replace(plan, compile=config.memory.compile, channels_last=config.memory.channels_last)
 
 
-def warmup(steps: int):
-    """The learning-rate factor of step ``s``: linear from ``1/steps`` to 1 over ``steps`` steps."""
-    return lambda s: min(1.0, (s + 1) / steps) if steps > 0 else 1.0
+def lr_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """``--lr-scheduler`` after ``--lr-warmup-steps`` of linear warm-up, over the run's steps."""
+    return make_scheduler(
+        optimizer,
+        config.lr_scheduler,
+        config.lr_warmup_steps,
+        config.steps,
+        config.lr_scheduler_num_cycles,
+        config.lr_scheduler_power,
+    )
 
 
 def adapter_metadata(config: TrainConfig, model: BaseModel, resolution: int) -> dict:

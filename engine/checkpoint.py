@@ -78,24 +78,55 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+# Nested per-parameter state (bitsandbytes keeps its 8-bit buffers in a dict under one key) is
+# flattened into the key path: "3.outer/inner", where 3 is the parameter's index.
+_NESTED = "/"
+
+
 def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Split ``optimizer.state_dict()`` into JSON (groups, scalars) and tensors (safetensors)."""
+    """Split ``optimizer.state_dict()`` into JSON (groups, scalars) and tensors (safetensors).
+
+    Every entry must be a tensor or a JSON value (nested dicts of them too): anything else would
+    not come back as it was, so it is refused rather than written as its ``str``.
+    """
     state = optimizer.state_dict()
     tensors, scalars = {}, {}
+
+    def put(path: str, value) -> None:
+        if torch.is_tensor(value):
+            tensors[path] = value
+        elif isinstance(value, dict):
+            for key, inner in value.items():
+                put(f"{path}{_NESTED}{key}", inner)
+        else:
+            scalars[path] = _json_value(path, value)
+
     for index, per_param in state["state"].items():
         for key, value in per_param.items():
-            if torch.is_tensor(value):
-                tensors[f"{index}.{key}"] = value
-            else:
-                scalars[f"{index}.{key}"] = value
-    return {"param_groups": state["param_groups"], "scalars": scalars}, tensors
+            put(f"{index}.{key}", value)
+    groups = [{k: _json_value(f"param_groups.{k}", v) for k, v in g.items()} for g in state["param_groups"]]
+    return {"param_groups": groups, "scalars": scalars}, tensors
+
+
+def _json_value(where: str, value):
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_json_value(where, v) for v in value]
+    raise CheckpointError(
+        f"optimizer state {where}: a {type(value).__name__} cannot be stored in a checkpoint (JSON or tensors)"
+    )
 
 
 def optimizer_from_files(meta: dict, tensors: dict[str, torch.Tensor]) -> dict:
     state: dict[int, dict] = {}
     for flat, value in [*tensors.items(), *meta["scalars"].items()]:
         index, key = flat.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
+        *outer, last = key.split(_NESTED)
+        entry = state.setdefault(int(index), {})
+        for name in outer:
+            entry = entry.setdefault(name, {})
+        entry[last] = value
     return {"state": state, "param_groups": meta["param_groups"]}
 
 

@@ -389,13 +389,20 @@ def fused_adamw_wanted(plan: MemoryPlan, device) -> bool:
     return _device(device).type == "cuda"
 
 
-def make_optimizer(params, lr: float, plan: MemoryPlan, device, **kwargs) -> torch.optim.Optimizer:
+def make_optimizer(
+    params, lr: float, plan: MemoryPlan, device, name: str = "adamw", **kwargs
+) -> torch.optim.Optimizer:
     """AdamW over ``params``; fused when the plan wants it and this torch supports it here.
 
     The fused kernel is feature-checked (the ``fused`` argument exists, and construction accepts
     these parameters on this device); when it is refused we warn and use the default AdamW.
+    Another ``name`` (``adamw8bit``, ``prodigy``) comes from ``engine/optimizers.py``.
     """
     params = list(params)
+    if name != "adamw":
+        from cat_engine.engine.optimizers import make_extra_optimizer
+
+        return make_extra_optimizer(name, params, lr, **kwargs)
     if fused_adamw_wanted(plan, device):
         if "fused" in inspect.signature(torch.optim.AdamW).parameters:
             try:

@@ -64,14 +64,18 @@ def _tokenize(tokenizer, prompts: list[str], device) -> torch.Tensor:
     return ids.to(device)
 
 
-@torch.no_grad()
-def encode_prompts(model, prompts: list[str], batch_size: int = 64) -> PromptEmbeds:
+def encode_prompts(model, prompts: list[str], batch_size: int = 64, *, grad: bool = False) -> PromptEmbeds:
     """Encode prompts with the model's text encoder(s), in batches; float32 results on the encoder device.
 
     SD: the last hidden state of the one encoder. SDXL: the penultimate hidden states of both
     encoders, concatenated, plus the second encoder's pooled projection (as diffusers' SDXL
-    pipeline does).
+    pipeline does). ``grad``: keep the autograd graph (a text encoder being trained).
     """
+    with torch.set_grad_enabled(grad):
+        return _encode(model, prompts, batch_size)
+
+
+def _encode(model, prompts: list[str], batch_size: int) -> PromptEmbeds:
     if not model.text_encoders:
         raise RuntimeError("text encoders were released; encode prompts before release_encoders()")
     family = dit_family(model.family)

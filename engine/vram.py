@@ -16,8 +16,10 @@ What is counted, and how:
   per-row scales. With ``plan.offload`` the blocks' frozen tensors are in CPU memory
   (``offloaded``, not in the total); the copies of the blocks in flight are allocated during the
   measured step (engine/offload.py runs on meta too), so they are in ``activations``/``workspace``.
-- ``lora``, ``grads``, ``optimizer``: LoRA master weights, their gradients and AdamW's two moment
-  buffers, all fp32. Gradients are counted as resident for the whole step (they exist only late
+- ``lora``, ``grads``, ``optimizer``: LoRA master weights and their gradients (fp32), and the
+  optimizer's state (``engine/optimizers.py``: AdamW's two fp32 moments, AdamW8bit's 8-bit moments
+  with their block scales, Prodigy's four fp32 buffers). Gradients are counted as resident for the
+  whole step (they exist only late
   in backward with ``zero_grad(set_to_none=True)``; they are small, so the error is small and safe).
 - ``activations`` and ``workspace`` are **measured, not guessed**: the real training step (the
   caller's loss function on a :class:`~cat_engine.engine.batch.CatBatch`, forward and backward)
@@ -90,7 +92,6 @@ KERNEL_WORKSPACE = 128 * MiB
 # The CUDA context and loaded kernels occupy the card but are not in max_memory_allocated; a plan
 # "fits" a budget only with this much left over.
 CUDA_CONTEXT_RESERVE = 512 * MiB
-_ADAM_STATES = 2  # exp_avg, exp_avg_sq (the step counter is a scalar)
 
 
 @dataclass(frozen=True)
@@ -348,8 +349,26 @@ def _param_bytes(unet, plan: MemoryPlan) -> tuple[int, int, int]:
     return weights, lora, offloaded
 
 
+def _optimizer_bytes(unet, optimizer: str) -> int:
+    from cat_engine.engine.optimizers import state_bytes
+
+    return sum(
+        rounded(b)
+        for name, p in unet.named_parameters()
+        if is_lora_name(name)
+        for b in state_bytes(optimizer, p.numel())
+    )
+
+
 def estimate_peak(
-    model, resolution: int, batch: int, plan: MemoryPlan, rank: int = 16, *, loss_fn: StepLoss
+    model,
+    resolution: int,
+    batch: int,
+    plan: MemoryPlan,
+    rank: int = 16,
+    *,
+    loss_fn: StepLoss,
+    optimizer: str = "adamw",
 ) -> VramEstimate:
     """Predict peak training memory (``torch.cuda.max_memory_allocated``) of one step.
 
@@ -364,6 +383,7 @@ def estimate_peak(
         rank: LoRA rank (default targets: the model family's).
         loss_fn: the training step's loss, ``loss_fn(unet, batch: CatBatch)`` (:data:`StepLoss`),
             e.g. ``cat_engine.cat.loss.step_loss(cat_weight)``.
+        optimizer: ``adamw``, ``adamw8bit`` or ``prodigy`` (``engine/optimizers.py``), whose state is counted.
     """
     spec = resolve_model(model)
     if resolution % spec.pixel_multiple:
@@ -371,7 +391,8 @@ def estimate_peak(
     if plan.precision == "auto":
         plan = replace(plan, precision="bf16")
     at_backward, peak, method = _measure_cached(spec, resolution, batch, plan, rank, loss_fn)
-    weights, lora, offloaded = _param_bytes(_meta_lora_unet(spec, rank, True, plan.frozen_quant), plan)
+    unet = _meta_lora_unet(spec, rank, True, plan.frozen_quant)
+    weights, lora, offloaded = _param_bytes(unet, plan)
     return VramEstimate(
         model=spec.name,
         resolution=resolution,
@@ -381,7 +402,7 @@ def estimate_peak(
         weights=weights,
         lora=lora,
         grads=lora,
-        optimizer=_ADAM_STATES * lora,
+        optimizer=_optimizer_bytes(unet, optimizer),
         activations=at_backward,
         workspace=peak - at_backward + KERNEL_WORKSPACE,
         method=method,
@@ -429,17 +450,19 @@ class NoPlanFits(CatEngineError):
 
 
 def plan_candidates(model, resolution: int, batch: int, rank: int = 16, *, loss_fn: StepLoss,
-                    half: str = "bf16", attention: str = "sdpa") -> list[tuple[MemoryPlan, VramEstimate]]:  # fmt: skip
+                    half: str = "bf16", attention: str = "sdpa",
+                    optimizer: str = "adamw") -> list[tuple[MemoryPlan, VramEstimate]]:  # fmt: skip
     """Every candidate plan with its estimate, fastest first (see :func:`candidate_plans`)."""
     spec = resolve_model(model)
     return [
-        (p, estimate_peak(spec, resolution, batch, p, rank, loss_fn=loss_fn))
+        (p, estimate_peak(spec, resolution, batch, p, rank, loss_fn=loss_fn, optimizer=optimizer))
         for p in candidate_plans(half, attention, spec.family)
     ]
 
 
 def best_plan(model, resolution: int, batch: int, budget_bytes: int, rank: int = 16, *, loss_fn: StepLoss,
-              half: str = "bf16", attention: str = "sdpa", reserve: int = CUDA_CONTEXT_RESERVE):  # fmt: skip
+              half: str = "bf16", attention: str = "sdpa", reserve: int = CUDA_CONTEXT_RESERVE,
+              optimizer: str = "adamw"):  # fmt: skip
     """The fastest candidate plan whose estimate plus ``reserve`` (CUDA context) fits ``budget_bytes``.
 
     Returns ``(MemoryPlan, VramEstimate)``; raises :class:`NoPlanFits` naming the smallest plan's
@@ -448,7 +471,7 @@ def best_plan(model, resolution: int, batch: int, budget_bytes: int, rank: int =
     spec = resolve_model(model)
     candidates = []
     for plan in candidate_plans(half, attention, spec.family):  # lazily: stop at the first that fits
-        est = estimate_peak(spec, resolution, batch, plan, rank, loss_fn=loss_fn)
+        est = estimate_peak(spec, resolution, batch, plan, rank, loss_fn=loss_fn, optimizer=optimizer)
         if est.fits(budget_bytes, reserve):
             return plan, est
         candidates.append((plan, est))

@@ -33,7 +33,7 @@ def test_flow_batch_follows_the_family_recipe(name):
     family, data = DIT_FAMILIES[name], _data(name)
     scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULERS[name])
     indices = [2, 0, 3]
-    batch = draw_batch(data, indices, torch.Generator().manual_seed(5), scheduler, 32)
+    batch = draw_batch(data, indices, torch.Generator().manual_seed(5), scheduler)
 
     g = torch.Generator().manual_seed(5)  # the same draws, in the same order
     idx = torch.tensor(indices)
@@ -54,13 +54,13 @@ def test_flow_batch_follows_the_family_recipe(name):
 
 def test_a_ranks_rows_are_the_global_batchs():
     data, scheduler = _data("flux"), FlowMatchEulerDiscreteScheduler(**SCHEDULERS["flux"])
-    whole = draw_batch(data, [0, 1, 2, 3], torch.Generator().manual_seed(1), scheduler, 32)
-    part = draw_batch(data, [0, 1, 2, 3], torch.Generator().manual_seed(1), scheduler, 32, rows=slice(2, 4))
+    whole = draw_batch(data, [0, 1, 2, 3], torch.Generator().manual_seed(1), scheduler)
+    part = draw_batch(data, [0, 1, 2, 3], torch.Generator().manual_seed(1), scheduler, rows=slice(2, 4))
     for field in ("noisy_latents", "timesteps", "target", "token_embeds"):
         assert torch.equal(getattr(part, field), getattr(whole, field)[2:4]), field
 
 
 def test_compile_check_inputs_carry_the_familys_conditioning():
-    batch = compile_check_inputs(_data("sd3"), 32)
+    batch = compile_check_inputs(_data("sd3"))
     assert batch.rows == 1 and batch.timesteps.tolist() == [500.0]
     assert set(batch.added_cond_kwargs) == {"pooled_projections"}

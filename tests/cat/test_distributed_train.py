@@ -225,3 +225,15 @@ def test_two_nodes_on_localhost_equal_one_process(tmp_path):
     diff = max_diff(load_file(str(written[0])), one)
     print(f"2 nodes vs 1 process after 2 steps: max abs diff {diff:.3g}")
     assert diff < TOL < lora_b_moved(one) / 20
+
+
+@pytest.mark.slow
+def test_two_ranks_accumulating_micro_batches_equal_one_process_on_the_whole_batch(tmp_path):
+    # Each rank keeps the first micro-batch's gradients local (no_sync) and all-reduces with the last.
+    torchrun(tmp_path, output=tmp_path / "two", steps=3, save_every=0, gradient_accumulation_steps=2)
+    single(output=str(tmp_path / "one"), steps=3, save_every=0, batch_size=4)
+    a = load_file(str(tmp_path / "two" / LORA_WEIGHT_NAME))
+    b = load_file(str(tmp_path / "one" / LORA_WEIGHT_NAME))
+    diff = max_diff(a, b)
+    print(f"2 ranks x 2 micro-batches vs 1 process, batch 4, 3 steps: max abs diff {diff:.3g}")
+    assert diff < TOL < lora_b_moved(b) / 20

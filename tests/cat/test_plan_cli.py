@@ -69,3 +69,11 @@ def test_plan_flux_at_1024px_fits_a_12gb_card(capsys):
     chosen = [line for line in out.splitlines() if "<- chosen" in line]
     assert len(chosen) == 1 and chosen[0].split()[-3] == "yes"
     assert "--gradient-checkpointing" in out and "--offload" in out
+
+
+def test_plan_counts_the_optimizer_state_it_is_told(capsys):
+    assert main(["plan", "--base", "builtin", "--optimizer", "prodigy"]) == 0
+    prodigy = capsys.readouterr().out
+    assert main(["plan", "--base", "builtin"]) == 0
+    adamw = capsys.readouterr().out
+    assert prodigy != adamw  # four fp32 buffers a tensor instead of two: a larger lora+opt column

@@ -279,13 +279,13 @@ def _signal_at(monkeypatch, moment, signum, call=1):
         real_draw = train_mod.draw_batch
         monkeypatch.setattr(train_mod, "draw_batch", lambda *a, **k: (real_draw(*a, **k), tick())[0])
     elif moment == "forward":
-        real_loss = train_mod.step_loss
+        real_loss = train_mod.training_loss
 
-        def step_loss(weight):
-            loss = real_loss(weight)
+        def training_loss(*args, **kwargs):
+            loss = real_loss(*args, **kwargs)
             return lambda model, batch: (loss(model, batch), tick())[0]
 
-        monkeypatch.setattr(train_mod, "step_loss", step_loss)
+        monkeypatch.setattr(train_mod, "training_loss", training_loss)
     elif moment in ("backward", "optimizer.step"):
         real_make = train_mod.make_optimizer
 
