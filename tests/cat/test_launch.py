@@ -18,11 +18,24 @@ def _args(*argv):
 def _command(monkeypatch, *argv):
     seen = {}
 
-    def fake_run(command, **kwargs):
-        seen["command"] = command
-        return subprocess.CompletedProcess(command, 0)
+    class FakePopen:  # launch runs torchrun as a child it forwards signals to
+        def __init__(self, command, **kwargs):
+            seen["command"] = command
+            self.pid = -1
 
-    monkeypatch.setattr(subprocess, "run", fake_run)
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def wait(self):
+            return 0
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", FakePopen)
     assert train_mod.launch(_args(*argv)) == 0
     command = seen["command"]
     return command[command.index("torch.distributed.run") + 1 : command.index("-m", 3)]
