@@ -1,4 +1,5 @@
-"""LoRA files in the kohya format: what ComfyUI, AUTOMATIC1111/Forge and kohya's sd-scripts load.
+"""LoRA files in the kohya format: what ComfyUI, AUTOMATIC1111/Forge and kohya's sd-scripts load
+(docs/design.md §11).
 
 Those tools do not read peft's ``lora_A``/``lora_B`` keys (diffusers does). They read, per module::
 
