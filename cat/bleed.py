@@ -156,7 +156,7 @@ def evaluate_concepts(
     """
     config.validate()
     device = device or dist.device_for("auto", ranks)
-    templates, seeds = config.templates, list(range(config.seeds))
+    templates, seeds = config.templates, config.seed_list()
     per_concept = len(templates) * len(seeds)
     jobs = [job for c in concepts for job in make_jobs(templates, seeds, c["token"], c["class_word"])]
     ref_images = [read_images(c["refs"]) for c in concepts]

@@ -85,7 +85,12 @@ class EvalConfig:
             ", ".join(repr(t) for t in DEFAULT_TEMPLATES),
         ),
     )
-    seeds: int = field(default=4, metadata=help_metadata("seeds 0..N-1 per prompt"))
+    seeds: int = field(
+        default=4, metadata=help_metadata("sampling seeds per prompt: first-seed .. first-seed+N-1")
+    )
+    first_seed: int = field(
+        default=0, metadata=help_metadata("the first sampling seed (disjoint seed sets compare evaluations)")
+    )
     clip: str | None = field(
         default=None,
         metadata=help_metadata(f"CLIP model folder, or {RANDOM_CLIP_NAME}", "the built-in CLIP"),
@@ -105,10 +110,16 @@ class EvalConfig:
             setattr(self, f.name, cast(f.name, f.type.removesuffix(" | None"), getattr(self, f.name)))
         if self.seeds < 1 or self.steps < 1 or self.batch_size < 1:
             raise EvalError("--seeds, --steps and --batch-size must be at least 1")
+        if self.first_seed < 0:
+            raise EvalError("--first-seed must be >= 0")
         if self.dtype not in EVAL_DTYPES:
             raise EvalError(f"--dtype must be one of {', '.join(EVAL_DTYPES)}, got {self.dtype!r}")
         self.templates = check_templates(list(self.templates), "prompt templates")
         return self
+
+    def seed_list(self) -> list[int]:
+        """The sampling seeds of every prompt."""
+        return list(range(self.first_seed, self.first_seed + self.seeds))
 
 
 # ------------------------------------------------------------------------------------ the API
@@ -134,7 +145,7 @@ def evaluate(
     token = config.token or meta.get("token") or DEFAULT_TOKEN
     class_word = config.class_word or meta.get("class_word") or DEFAULT_CLASS_WORD
     refs_dir = Path(config.refs).expanduser() if config.refs else builtin_concept_dir()
-    templates, seeds = config.templates, list(range(config.seeds))
+    templates, seeds = config.templates, config.seed_list()
     jobs = make_jobs(templates, seeds, token, class_word)
     ref_images = read_images(refs_dir)
 
