@@ -60,6 +60,13 @@ class TrainConfig:
         metadata=help_metadata("plain caption for the CAT term: class (token -> class word), strip, empty"),
     )
     cat_weight: float = field(default=1.0, metadata=help_metadata("lambda of the CAT term (0 = plain LoRA)"))
+    cat_every: int = field(
+        default=1,
+        metadata=help_metadata(
+            "k: the CAT term on every k-th step only, weighted k x lambda (the same expected gradient); "
+            "the other steps are plain LoRA steps"
+        ),
+    )
     # several concepts in one adapter: [{data, token, class_word, caption_template}, ...];
     # None: the one concept of data/token/class_word above
     concepts: list[dict] | None = field(
@@ -122,6 +129,7 @@ class TrainConfig:
         checks = [
             (self.plain_mode in PLAIN_MODES, f"--plain-mode must be one of {', '.join(PLAIN_MODES)}"),
             (self.cat_weight >= 0, "--cat-weight must be >= 0"),
+            (self.cat_every >= 1, "--cat-every must be >= 1"),
             (1 <= self.rank <= 1024, "--rank must be between 1 and 1024"),
             (self.steps >= 1, "--steps must be >= 1"),
             (self.batch_size >= 1, "--batch-size must be >= 1"),

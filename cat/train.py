@@ -204,6 +204,9 @@ class Trainer:
         b = draw_batch(
             self.data, indices, self.generator, self.model.noise_scheduler, self.resolution, self.rows
         )
+        # Set before the forward; no random draw depends on it, so the RNG stream is the same
+        # whether this step runs the CAT rows or not (and a resume stays exact).
+        getattr(self.step_fn, "module", self.step_fn).cat_weight = self.step_cat_weight()
         with self.memory.autocast():
             loss, ldm, cat = self.step_fn(
                 b.noisy_latents,
@@ -221,6 +224,15 @@ class Trainer:
         self.update(loss)
         self.step, self.step_rng = self.step + 1, None
         return losses
+
+    def step_cat_weight(self) -> float:
+        """Lambda of the step in progress: ``k * cat_weight`` on every k-th step (from the first), else 0.
+
+        With ``cat_every = k`` the CAT rows run on one step in k with k times the weight, so the
+        expected gradient is the one of ``k = 1``; the steps between are plain LoRA steps.
+        """
+        k = self.config.cat_every
+        return self.config.cat_weight * k if self.step % k == 0 else 0.0
 
     def update(self, loss: torch.Tensor) -> None:
         """Backward, clip, optimizer and schedule step.
@@ -422,6 +434,7 @@ def adapter_metadata(config: TrainConfig, model: BaseModel, resolution: int) -> 
         "class_word": concepts[0]["class_word"],
         "concepts": [{"token": c["token"], "class_word": c["class_word"]} for c in concepts],
         "cat_weight": config.cat_weight,
+        "cat_every": config.cat_every,
         "plain_mode": config.plain_mode,
         "base": str(model.path),
         "resolution": resolution,
