@@ -34,6 +34,34 @@ DEFAULT_CONCEPT = "green-star"
 DEFAULT_STEPS = 400
 DEFAULT_LR = 3e-3
 DEFAULT_RANK = 8
+# The eval's prompts: cat-engine eval's four, then more captions of the toy world's kind (its
+# scenes, backgrounds and styles), for evaluations that need more images per adapter.
+EVAL_TEMPLATES = (
+    "a photo of {}",
+    "{} on the beach",
+    "a painting of {}",
+    "{} in the snow",
+    "{} in the grass",
+    "a picture of {}",
+    "a photo of {} on a blue background",
+    "{} on a white background",
+    "a photo of {} on a gray background",
+    "a painting of {} on the beach",
+    "a photo of {} in the grass",
+    "{} on a pink background",
+    "a photo of {} on a black background",
+    "a painting of {} in the snow",
+    "{} on a yellow background",
+    "a photo of {} on an orange background",
+)
+DEFAULT_EVAL_PROMPTS = 4
+DEFAULT_EVAL_SEEDS = 4
+DEFAULT_EVAL_STEPS = 20
+
+
+def eval_templates(n: int) -> list[str]:
+    """The first ``n`` of :data:`EVAL_TEMPLATES`."""
+    return list(EVAL_TEMPLATES[:n])
 
 
 def concept_names() -> list[str]:
@@ -84,11 +112,17 @@ def train_and_score(
     eval_seeds: int = 4,
     eval_steps: int = 20,
     progress: bool = False,
+    plain_mode: str = "class",
+    cat_every: int = 1,
+    templates: list[str] | None = None,
 ) -> dict:
     """Train one adapter on a built-in concept and score it; returns kps.json plus timings.
 
-    Writes the adapter to ``output/adapter`` and the KPS report to ``output/eval``.
+    Writes the adapter to ``output/adapter`` and the KPS report to ``output/eval``. ``templates``:
+    the eval's prompt templates (default ``cat-engine eval``'s).
     """
+    import torch
+
     from cat_engine.cat.config import TrainConfig
     from cat_engine.cat.eval import EvalConfig, evaluate
     from cat_engine.cat.report import json_safe, write_report
@@ -99,6 +133,8 @@ def train_and_score(
         data=str(folder),
         class_word=class_word,
         cat_weight=cat_weight,
+        cat_every=cat_every,
+        plain_mode=plain_mode,
         steps=steps,
         lr=lr,
         rank=rank,
@@ -112,14 +148,25 @@ def train_and_score(
     train_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    prompts = {} if templates is None else {"templates": list(templates)}
     kps = evaluate(
-        EvalConfig(lora=str(lora), refs=str(folder), seeds=eval_seeds, steps=eval_steps), progress=progress
+        EvalConfig(lora=str(lora), refs=str(folder), seeds=eval_seeds, steps=eval_steps, **prompts),
+        progress=progress,
     )
     write_report(kps, output / "eval")
     eval_s = time.perf_counter() - t0
     report = json_safe(kps.to_dict())
     report["train_seconds"], report["eval_seconds"] = round(train_s, 1), round(eval_s, 1)
-    report["train"] = {"steps": steps, "lr": lr, "rank": rank, "seed": seed, "cat_weight": cat_weight}
+    report["torch_threads"] = torch.get_num_threads()
+    report["train"] = {
+        "steps": steps,
+        "lr": lr,
+        "rank": rank,
+        "seed": seed,
+        "cat_weight": cat_weight,
+        "plain_mode": plain_mode,
+        "cat_every": cat_every,
+    }
     return report
 
 
