@@ -72,6 +72,7 @@ def embed(args, lora: Path, seeds: list[int], cache: Path) -> dict:
     from cat_engine.engine import distributed as dist
 
     templates = demo.eval_templates(args.prompts)
+    stride = args.prompt_seed_stride
     state = torch.load(cache) if cache.exists() else {"by_seed": {}}
     if state.get("templates") not in (None, templates) or state.get("steps") not in (None, args.eval_steps):
         raise CatEngineError(f"{cache}: made with other prompts or DDIM steps; use another --work")
@@ -94,7 +95,7 @@ def embed(args, lora: Path, seeds: list[int], cache: Path) -> dict:
         for i in range(0, len(missing), args.chunk):
             chunk = missing[i : i + args.chunk]
             t0 = time.perf_counter()
-            jobs = kps_eval.make_jobs(templates, chunk, meta["token"], meta["class_word"])
+            jobs = kps_eval.make_jobs(templates, chunk, meta["token"], meta["class_word"], stride)
             emb = kps_eval.generate(model, jobs, settings, embedder, dist.SINGLE, False, lambda j: False)
             for k, seed in enumerate(chunk):  # jobs are template-major: row p * len(chunk) + k
                 rows = torch.arange(len(templates)) * len(chunk) + k
@@ -127,13 +128,21 @@ def spreads(pool: dict, adapters: list[dict], prompts: int, seeds: int) -> dict:
     for m in SHOWN:
         eval_sd = stats.sample_std([e[m] for e in evals])
         total_sd = stats.sample_std([t[m] for t in trained])
-        out[m] = {
-            "eval_sd": eval_sd,
-            "train_seeds_sd": total_sd,
-            "training_part_sd": math.sqrt(max(total_sd**2 - eval_sd**2, 0.0)),
+        out[m] = {  # None where there are too few sets or seeds for a standard deviation
+            "eval_sd": _number(eval_sd),
+            "train_seeds_sd": _number(total_sd),
+            "training_part_sd": _number(math.sqrt(max(total_sd**2 - eval_sd**2, 0.0))),
         }
     out["train_seeds_kps"] = [t["kps"] for t in trained]
     return out
+
+
+def _number(x: float) -> float | None:
+    return None if math.isnan(x) else x
+
+
+def _show(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
 
 
 def timed_eval(args, lora: Path, prompts: int, seeds: int) -> float:
@@ -144,7 +153,14 @@ def timed_eval(args, lora: Path, prompts: int, seeds: int) -> float:
     t0 = time.perf_counter()
     templates = demo.eval_templates(prompts)
     evaluate(
-        EvalConfig(lora=str(lora), refs=str(folder), templates=templates, seeds=seeds, steps=args.eval_steps),
+        EvalConfig(
+            lora=str(lora),
+            refs=str(folder),
+            templates=templates,
+            seeds=seeds,
+            steps=args.eval_steps,
+            prompt_seed_stride=args.prompt_seed_stride,
+        ),
         progress=False,
     )
     return time.perf_counter() - t0
@@ -168,6 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     add("--settings-prompts", type=_ints, default=[4, 8, 16], help="P values scored (default 4,8,16)")
     add("--settings-seeds", type=_ints, default=[4, 8, 16], help="S values scored (default 4,8,16)")
     add("--eval-steps", type=int, default=demo.DEFAULT_EVAL_STEPS)
+    add(
+        "--prompt-seed-stride",
+        type=int,
+        default=1000,
+        help="prompt p samples seeds + p x STRIDE: 0 (every prompt the same seeds) or >= --pool-seeds (default %(default)s)",
+    )
     add("--target", type=float, default=0.01, help="eval spread of KPS to reach (default %(default)s)")
     add("--chunk", type=int, default=8, help="seeds generated per cached chunk (default %(default)s)")
     add("--only", choices=("pool", "adapters"), default=None, help="only generate that part (two processes)")
@@ -195,25 +217,39 @@ def study(args, command: str) -> int:
         )
     if args.pool_seeds < 2 * s_max:
         raise CatEngineError("--pool-seeds must hold at least two sets of the largest --settings-seeds")
+    if 0 < args.prompt_seed_stride < args.pool_seeds:
+        raise CatEngineError(
+            "--prompt-seed-stride must be 0 or at least --pool-seeds (no seed shared by two prompts)"
+        )
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     # Two processes may share the work: --only pool (adapter 0, every pool seed), --only adapters
     # (the other training seeds); neither touches the other's files.
     if args.only != "adapters":
-        pool = embed(args, train_adapter(args, 0), list(range(args.pool_seeds)), args.work / "pool-seed0.pt")
+        pool = embed(
+            args,
+            train_adapter(args, 0),
+            list(range(args.pool_seeds)),
+            args.work / f"pool-seed0-stride{args.prompt_seed_stride}.pt",
+        )
     others = []
     if args.only != "pool":
         for seed in range(1, args.train_seeds):
             others.append(
-                embed(args, train_adapter(args, seed), list(range(s_max)), args.work / f"emb-seed{seed}.pt")
+                embed(
+                    args,
+                    train_adapter(args, seed),
+                    list(range(s_max)),
+                    args.work / f"emb-seed{seed}-stride{args.prompt_seed_stride}.pt",
+                )
             )
     if args.only:
         return 0
     adapters = [pool, *others]  # adapter 0's scores on seeds 0..S-1 come from the pool
     rows = [spreads(pool, adapters, p, s) for p in args.settings_prompts for s in args.settings_seeds]
     good = sorted(
-        (r for r in rows if r["kps"]["eval_sd"] <= args.target),
+        (r for r in rows if r["kps"]["eval_sd"] is not None and r["kps"]["eval_sd"] <= args.target),
         key=lambda r: (r["images_per_set"], -r["prompts"]),
     )
     chosen = good[0] if good else None
@@ -227,6 +263,7 @@ def study(args, command: str) -> int:
         "one adapter's metric over disjoint sampling-seed sets; train_seeds_sd: over training seeds 0..T-1 "
         "scored on seeds 0..S-1; training_part_sd = sqrt(train^2 - eval^2)",
         "templates": demo.eval_templates(args.prompts),
+        "prompt_seed_stride": args.prompt_seed_stride,
         "pool_seeds": args.pool_seeds,
         "train_seeds": args.train_seeds,
         "target_eval_sd": args.target,
@@ -241,7 +278,7 @@ def study(args, command: str) -> int:
     for r in rows:
         print(
             f"{r['prompts']:3d} {r['seeds']:3d} {r['eval_sets']:5d} "
-            + " ".join(f"{r[m]['eval_sd']:13.4f} / {r[m]['train_seeds_sd']:<12.4f}" for m in SHOWN)
+            + " ".join(f"{_show(r[m]['eval_sd']):>13s} / {_show(r[m]['train_seeds_sd']):<12s}" for m in SHOWN)
         )
     print(f"recommended: {result['recommended']} ({seconds} s per eval); wrote {args.results}")
     return 0

@@ -29,7 +29,7 @@ def test_spreads_from_cached_embeddings_match_an_eval_run(tmp_path):
         assert row["kps"]["eval_sd"] >= 0 and len(row["train_seeds_kps"]) == 2
 
     # The cached pool scored on seeds 0..1 is what cat-engine eval gives for that adapter and setting.
-    pool = torch.load(tmp_path / "work" / "pool-seed0.pt")
+    pool = torch.load(tmp_path / "work" / "pool-seed0-stride1000.pt")
     assert sorted(pool["by_seed"]) == [0, 1, 2, 3]  # made in two chunks, the second one seed
     folder, _ = demo.concept_folder("green-star")
     lora = tmp_path / "work" / "adapter-seed0"
