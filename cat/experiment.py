@@ -123,6 +123,7 @@ def shared_setup(args) -> dict:
         "eval_prompts": demo.eval_templates(args.eval_prompts),
         "eval_seeds": args.eval_seeds,
         "eval_steps": args.eval_steps,
+        "eval_seed_stride": args.eval_seed_stride,
     }
 
 
@@ -158,6 +159,7 @@ def run_one(task: dict) -> dict:
         plain_mode=arm.plain_mode,
         cat_every=arm.cat_every,
         templates=setup["eval_prompts"],
+        prompt_seed_stride=setup["eval_seed_stride"],
     )
     shutil.rmtree(folder / "adapter" / "checkpoints", ignore_errors=True)  # the LoRA file is kept
     return {
@@ -275,6 +277,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="sampling seeds per prompt (default %(default)s)",
     )
     add("--eval-steps", type=int, default=demo.DEFAULT_EVAL_STEPS, help="DDIM steps (default %(default)s)")
+    add(
+        "--eval-seed-stride",
+        type=int,
+        default=demo.DEFAULT_EVAL_SEED_STRIDE,
+        help="eval prompt p samples seeds + p x STRIDE (cat-engine eval --prompt-seed-stride; default %(default)s)",
+    )
     add("--work", type=Path, default=Path("cat-experiment"), help="run folders, runs.jsonl, commands.jsonl")
     add("--results", type=Path, default=DEFAULT_RESULTS, help="the record (JSON; default %(default)s)")
     add("--plot", type=Path, default=None, help="also draw the metrics against the CAT weight (PNG)")
@@ -304,6 +312,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             f"--eval-prompts must be 1..{len(demo.EVAL_TEMPLATES)}",
         ),
         (args.eval_seeds >= 1 and args.eval_steps >= 1, "--eval-seeds and --eval-steps must be >= 1"),
+        (args.eval_seed_stride >= 0, "--eval-seed-stride must be >= 0"),
         (args.processes >= 1, "--processes must be >= 1"),
     ]
     for ok, message in checks:

@@ -9,16 +9,8 @@ from cat_engine.cat import experiment
 from cat_engine.cat.experiment import Arm
 
 TINY = [
-    "--concepts",
-    "green-star",
-    "--seeds",
-    "1",
-    "--eval-prompts",
-    "2",
-    "--eval-seeds",
-    "1",
-    "--eval-steps",
-    "2",
+    *("--concepts", "green-star", "--seeds", "1"),
+    *("--eval-prompts", "2", "--eval-seeds", "1", "--eval-steps", "2", "--eval-seed-stride", "100"),
 ]
 ARMS = ["--cat-weights", "0.5", "--cat-every", "1,2", "--steps", "2"]
 
