@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
+
 from cat_engine.cat import stats
 from cat_engine.cat.experiment import Arm
 
@@ -42,8 +44,17 @@ def by_concept(rows: list[dict], value) -> dict[str, list[float]]:
 
 
 def describe(groups: dict[str, list[float]]) -> dict:
-    """The pooled mean and interval, and each concept's (seeds only)."""
-    return stats.hierarchical(groups) | {"per_concept": {c: stats.seeds_only(v) for c, v in groups.items()}}
+    """The pooled mean and interval, each concept's (seeds only), and the spread between seeds.
+
+    ``seed_sd``: the standard deviation between training seeds within a concept, pooled over the
+    concepts (root mean of their sample variances): training's spread plus the evaluation's own.
+    """
+    variances = [stats.sample_std(v) ** 2 for v in groups.values() if len(v) > 1]
+    seed_sd = float(np.sqrt(np.mean(variances))) if variances else None
+    return stats.hierarchical(groups) | {
+        "seed_sd": seed_sd,
+        "per_concept": {c: stats.seeds_only(v) for c, v in groups.items()},
+    }
 
 
 def paired(rows: dict[tuple, dict], *arms_and_signs: tuple[Arm, int]) -> dict | None:

@@ -82,6 +82,7 @@ def test_demo_prints_the_sweep_intervals_beside_its_one_seed(tmp_path):
     lines = demo.sweep_lines(tmp_path / "sweep.json", args, diff)
     assert lines[0].startswith("this run (one training seed): CAT - LoRA kps +0.050")
     assert "2 concepts x 3 training seeds" in lines[1]
+    assert record["summary"][1]["metrics"]["kps"]["seed_sd"] == pytest.approx(0.01)  # 0.6, 0.61, 0.62
     kps = record["summary"][1]["vs_lora"]["kps"]
     assert f"kps {kps['mean']:+.3f} [{kps['ci'][0]:+.3f}, {kps['ci'][1]:+.3f}]" in lines[2]
     assert lines[3].startswith("  green-star only: kps +0.100")
