@@ -13,10 +13,15 @@ One concept and one training setting (default: the demo's CAT adapter on ``green
   the part that is the training's.
 
 Images are generated once and embedded with the toy CLIP; every setting's scores come from subsets
-of those embeddings (cached in ``WORK``, so an interrupted study continues). The smallest setting
-(fewest images) whose evaluation spread of KPS is at most ``--target`` is the recommendation; its
-cost is measured with one timed ``cat-engine eval`` run of that setting on adapter 0 (``--threads``,
-default 1). Writes ``--results`` (default ``bench/results/toyworld_eval_noise.json``).
+of those embeddings (cached in ``WORK``, so an interrupted study continues).
+
+A standard deviation from a handful of sets is itself uncertain by a third or so, so the
+recommendation rests on a fit: for each P, the spread of one seed's worth of images,
+``sd_1(P)^2 = sum (sets - 1) S sd_S^2 / sum (sets - 1)`` over the measured S (disjoint seeds are
+independent, so ``sd_S = sd_1 / sqrt(S)``), then the fewest seeds ``S = ceil((sd_1 / target)^2)``;
+the recommendation is the P with the fewest jobs P x S. Its cost is measured with one timed
+``cat-engine eval`` run of that setting on adapter 0 (``--threads``, default 1). Writes
+``--results`` (default ``bench/results/toyworld_eval_noise.json``).
 """
 
 from __future__ import annotations
@@ -137,6 +142,21 @@ def spreads(pool: dict, adapters: list[dict], prompts: int, seeds: int) -> dict:
     return out
 
 
+def fit(rows: list[dict], prompts: int, target: float) -> dict:
+    """One seed's spread of KPS at ``prompts`` (pooled over the measured S) and the seeds for ``target``."""
+    mine = [r for r in rows if r["prompts"] == prompts and r["kps"]["eval_sd"] is not None]
+    weights = [r["eval_sets"] - 1 for r in mine]
+    variance = sum(w * r["seeds"] * r["kps"]["eval_sd"] ** 2 for w, r in zip(weights, mine)) / sum(weights)
+    seeds = max(1, math.ceil(variance / target**2))
+    return {
+        "prompts": prompts,
+        "per_seed_sd": math.sqrt(variance),
+        "seeds": seeds,
+        "jobs": prompts * seeds,
+        "fitted_eval_sd": {r["seeds"]: math.sqrt(variance / r["seeds"]) for r in mine},
+    }
+
+
 def _number(x: float) -> float | None:
     return None if math.isnan(x) else x
 
@@ -248,13 +268,10 @@ def study(args, command: str) -> int:
         return 0
     adapters = [pool, *others]  # adapter 0's scores on seeds 0..S-1 come from the pool
     rows = [spreads(pool, adapters, p, s) for p in args.settings_prompts for s in args.settings_seeds]
-    good = sorted(
-        (r for r in rows if r["kps"]["eval_sd"] is not None and r["kps"]["eval_sd"] <= args.target),
-        key=lambda r: (r["images_per_set"], -r["prompts"]),
-    )
-    chosen = good[0] if good else None
+    fits = {p: fit(rows, p, args.target) for p in args.settings_prompts}
+    chosen = min(fits.values(), key=lambda f: (f["jobs"], -f["prompts"]))
     seconds = None
-    if chosen and not args.no_timing:
+    if not args.no_timing:
         seconds = round(timed_eval(args, train_adapter(args, 0), chosen["prompts"], chosen["seeds"]), 1)
     result = {
         "command": command,
@@ -268,7 +285,8 @@ def study(args, command: str) -> int:
         "train_seeds": args.train_seeds,
         "target_eval_sd": args.target,
         "settings": rows,
-        "recommended": None if chosen is None else {"prompts": chosen["prompts"], "seeds": chosen["seeds"]},
+        "fit": list(fits.values()),
+        "recommended": {"prompts": chosen["prompts"], "seeds": chosen["seeds"]},
         "recommended_eval_seconds": seconds,
         "timing_threads": args.threads,
         "seconds_this_invocation": round(time.perf_counter() - t0, 1),
@@ -279,6 +297,10 @@ def study(args, command: str) -> int:
         print(
             f"{r['prompts']:3d} {r['seeds']:3d} {r['eval_sets']:5d} "
             + " ".join(f"{_show(r[m]['eval_sd']):>13s} / {_show(r[m]['train_seeds_sd']):<12s}" for m in SHOWN)
+        )
+    for f in fits.values():
+        print(
+            f"P {f['prompts']:2d}: one seed's KPS sd {f['per_seed_sd']:.4f} -> {f['seeds']} seeds, {f['jobs']} jobs"
         )
     print(f"recommended: {result['recommended']} ({seconds} s per eval); wrote {args.results}")
     return 0
