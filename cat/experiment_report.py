@@ -265,7 +265,8 @@ def plot(result: dict, path: Path) -> Path:
     """The five metrics against the CAT weight (LoRA at 0) with their intervals; other arms beside.
 
     Top row: each arm's pooled mean; bottom row: CAT - LoRA, paired. The sweep (plain mode class,
-    CAT every step, the fewest steps) is the line; other arms are single marked points at their weight.
+    CAT every step, the fewest steps) is the line; other arms are single marked points just right of
+    their weight.
     """
     import matplotlib
 
@@ -302,7 +303,7 @@ def plot(result: dict, path: Path) -> Path:
                 capsize=3,
                 label=f"plain class, every step, {budget} steps",
             )
-            for e in others:
+            for i, e in enumerate(others, 1):
                 value = e[key][m] if key == "metrics" else (e.get(key) or {}).get(m)
                 if not value:
                     continue
@@ -310,7 +311,7 @@ def plot(result: dict, path: Path) -> Path:
                 if label not in styles:
                     styles[label] = next(markers, "x")
                 ax.errorbar(
-                    [e["arm"]["cat_weight"] * 1.04],
+                    [e["arm"]["cat_weight"] + 0.05 * i],  # beside the sweep's point, each arm its own place
                     [value["mean"]],
                     yerr=_yerr([value]),
                     marker=styles[label],
