@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cat_engine.cat import demo
+from cat_engine.cat.captions import PLAIN_MODES
 from cat_engine.engine.builtin import BUILTIN_NAME
 from cat_engine.engine.builtin_clip import BUILTIN_CLIP_NAME
 from cat_engine.engine.errors import CatEngineError
@@ -47,7 +48,6 @@ METRICS = demo.METRICS  # what each run logs
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "bench" / "results"
 DEFAULT_RESULTS = RESULTS_DIR / "toyworld_experiment.json"
 RUNS_FILE, COMMANDS_FILE = "runs.jsonl", "commands.jsonl"
-PLAIN_MODES = ("class", "strip", "empty")
 
 
 @dataclass(frozen=True)
