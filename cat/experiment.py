@@ -20,7 +20,9 @@ stopped (the runs in progress start again). ``--processes N`` runs N worker proc
 **Record.** ``--results`` summarises every run logged in WORK with this invocation's shared
 settings, concepts and seeds, whichever invocation made it, so successive invocations on one work
 folder (a sweep, then its follow-ups) build one record; each invocation's command is kept in
-``WORK/commands.jsonl`` and listed there. The statistics, the decision rule and the plot are in
+``WORK/commands.jsonl`` and listed there. ``--record-only`` writes the record of the runs logged so
+far without running any (while the experiment runs in another process, say); the runs still to do
+are listed in it as ``missing_runs``. The statistics, the decision rule and the plot are in
 :mod:`cat_engine.cat.experiment_report`; ``--plot`` draws the weight sweep.
 """
 
@@ -195,28 +197,28 @@ def read_log(path: Path) -> list[dict]:
     return rows
 
 
-def append_log(path: Path, row: dict) -> None:
+def append_log(path: Path, row: dict) -> dict:
+    """Append ``row`` with the time it was logged; returns it as logged."""
+    row = row | {"logged_at": time.strftime("%Y-%m-%d %H:%M:%S")}
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
         f.flush()
         os.fsync(f.fileno())
+    return row
 
 
 def execute(tasks: list[dict], processes: int, threads: int, log_path: Path, on_row) -> None:
     """Run ``tasks`` (in this process, or in a pool of worker processes), logging each row as it comes."""
     if processes <= 1:
         for task in tasks:
-            row = run_one(task)
-            append_log(log_path, row)
-            on_row(row)
+            on_row(append_log(log_path, run_one(task)))
         return
     import multiprocessing
 
     os.environ["OMP_NUM_THREADS"] = str(threads)  # the workers' libraries read it as they start
     with multiprocessing.get_context("spawn").Pool(processes, _worker_init, (threads,)) as pool:
         for row in pool.imap_unordered(run_one, tasks):
-            append_log(log_path, row)
-            on_row(row)
+            on_row(append_log(log_path, row))
 
 
 # ------------------------------------------------------------------------------------------- CLI
@@ -294,6 +296,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="torch threads per process (default: 1 with --processes > 1, else torch's)",
     )
     add("--dry-run", action="store_true", help="list the runs still to do and stop")
+    add(
+        "--record-only",
+        action="store_true",
+        help="write the record of the runs logged so far and stop (partial while runs are missing, e.g. "
+        "while the experiment runs in another process)",
+    )
     args = parser.parse_args(argv)
     args.concepts = [c.strip() for c in args.concepts.split(",") if c.strip()]
     for concept in args.concepts:
@@ -372,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         for task in tasks:
             print(f"  {task['concept']} seed {task['seed']} {Arm(**task['arm']).label()}")
         return 0
+    missing = [] if not args.record_only else tasks
+    tasks = [] if args.record_only else tasks
     if tasks:
         append_log(
             args.work / COMMANDS_FILE, {"command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -400,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
         "model": f"{BUILTIN_NAME} (engine/assets/toyworld)",
         "embedding": f"{BUILTIN_CLIP_NAME} (engine/assets/toyworld_clip)",
         "shared_setup": setup,
+        "missing_runs": [
+            {"concept": t["concept"], "seed": t["seed"], "label": Arm(**t["arm"]).label()} for t in missing
+        ],
         "seconds_this_invocation": round(time.perf_counter() - t0, 1),
         "processes": args.processes,
         "threads_per_process": args.threads or torch.get_num_threads(),
@@ -408,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot:
         report.plot(result, args.plot)
     print(result["table_markdown"])
-    print(f"wrote {args.results}" + (f" and {args.plot}" if args.plot else ""))
+    partial = f" (partial: {len(missing)} runs still to do)" if missing else ""
+    print(f"wrote {args.results}" + (f" and {args.plot}" if args.plot else "") + partial)
     return 0
 
 

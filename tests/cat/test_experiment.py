@@ -43,10 +43,12 @@ def interrupted_then_resumed(tmp_path_factory):
     try:
         first = experiment.main(_argv(tmp_path, "--threads", "1"))
         logged = experiment.read_log(tmp_path / "work" / experiment.RUNS_FILE)
+        assert experiment.main(_argv(tmp_path, "--record-only")) == 0  # runs nothing
+        partial = json.loads((tmp_path / "results.json").read_text())
         second = experiment.main(_argv(tmp_path, "--threads", "1"))
     finally:
         experiment.run_one = original
-    return tmp_path, first, logged, second, calls
+    return tmp_path, first, logged, second, calls, partial
 
 
 def test_arms_are_the_grid_of_the_lists_with_one_lora_per_budget():
@@ -68,15 +70,17 @@ def test_arms_are_the_grid_of_the_lists_with_one_lora_per_budget():
 
 
 def test_an_interrupted_experiment_continues_with_the_runs_it_lacks(interrupted_then_resumed):
-    tmp_path, first, logged, second, calls = interrupted_then_resumed
+    tmp_path, first, logged, second, calls, partial = interrupted_then_resumed
     lora, every_step, every_2 = Arm(0.0, "class", 2, 1), Arm(0.5, "class", 2, 1), Arm(0.5, "class", 2, 2)
-    assert first == 130 and [Arm.of(r) for r in logged] == [lora]
+    assert first == 130 and [Arm.of(r) for r in logged] == [lora] and "logged_at" in logged[0]
+    assert [Arm.of(r) for r in partial["runs"]] == [lora] and len(partial["missing_runs"]) == 2
     assert second == 0 and calls == [lora, every_step, every_step, every_2]  # the interrupted run again, once
     result = json.loads((tmp_path / "results.json").read_text())
     assert sorted(Arm.of(r).label() for r in result["runs"]) == sorted(
         a.label() for a in (lora, every_step, every_2)
     )
     assert len(result["commands"]) == 2 and "--cat-every 1,2" in result["command"]
+    assert result["missing_runs"] == []
 
 
 def test_the_record_pairs_each_arm_with_lora_and_its_reference(interrupted_then_resumed):
