@@ -12,9 +12,11 @@ from pathlib import Path
 import torch
 
 from cat_engine.bench import report
-from cat_engine.bench.harness import ATTENTION, PRECISIONS, BenchConfig, run_bench
-from cat_engine.bench.presets import PRESETS
+from cat_engine.bench.harness import BenchConfig, run_bench
 from cat_engine.engine.builtin import cache_root
+from cat_engine.engine.errors import CatEngineError
+from cat_engine.engine.memory_plan import ATTENTION_BACKENDS, PRECISIONS
+from cat_engine.engine.unet_configs import MODEL_NAMES
 
 QUICK = dict(preset="tiny", steps=5, warmup=1)
 DEFAULTS = dict(preset="tiny", steps=10, warmup=2)
@@ -22,7 +24,7 @@ DEFAULTS = dict(preset="tiny", steps=10, warmup=2)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--preset", help=f"{', '.join(PRESETS)}, or a local diffusers model folder (default tiny)"
+        "--preset", help=f"{', '.join(MODEL_NAMES)}, or a local diffusers model folder (default tiny)"
     )
     parser.add_argument(
         "--resolution", type=int, help="image side in pixels (default: the preset's native one)"
@@ -31,21 +33,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
     parser.add_argument(
         "--precision",
-        choices=["auto", *PRECISIONS],
+        choices=PRECISIONS,
         default="auto",
-        help="autocast dtype; frozen weights in it, LoRA in fp32 (auto: bf16 on CUDA, else fp32)",
+        help="autocast dtype; frozen weights in it, LoRA in fp32 (auto, as in train: bf16 on CUDA "
+        "(fp16 on GPUs without bf16), else fp32)",
     )
     parser.add_argument(
         "--attention",
-        choices=ATTENTION,
+        choices=ATTENTION_BACKENDS,
         default="sdpa",
-        help="sdpa (diffusers AttnProcessor2_0) or math (AttnProcessor)",
+        help="sdpa (diffusers AttnProcessor2_0), xformers or math (AttnProcessor), as in train",
     )
     parser.add_argument("--checkpointing", action="store_true", help="unet.enable_gradient_checkpointing()")
     parser.add_argument(
         "--compile",
+        nargs="?",
+        const="default",
+        default=False,
+        metavar="MODE",
+        help="torch.compile the UNets, in mode default or MODE (reduce-overhead, max-autotune); "
+        "on CPU for profiling only: known wrong LoRA gradients",
+    )
+    parser.add_argument(
+        "--cuda-graphs",
         action="store_true",
-        help="torch.compile the UNets (on CPU for profiling only: known wrong LoRA gradients)",
+        help="also run the engine's CAT and LoRA steps captured as CUDA graphs (CUDA only)",
     )
     parser.add_argument("--steps", type=int, help="timed steps per variant (default 10; --quick 5)")
     parser.add_argument("--warmup", type=int, help="untimed steps per variant first (default 2; --quick 1)")
@@ -53,8 +65,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--quick", action="store_true", help="tiny preset, few steps: under a minute on 2 CPU cores"
+        "--threads", type=int, default=1, help="torch threads on a CPU (default 1: ratios side by side)"
     )
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu", "cuda_events"),
+        default="wall",
+        help="wall (default; the device synchronised around each step), cpu (the process's CPU time: "
+        "steadier on a shared CPU, one thread) or cuda_events",
+    )
+    parser.add_argument(
+        "--variants",
+        help="comma-separated variants to run (default all), e.g. peft_lora,engine_lora for an A/B",
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny preset, few steps: a quick check on a CPU")
     parser.add_argument(
         "--results-dir",
         type=Path,
@@ -73,29 +97,28 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    precision = args.precision
-    if precision == "auto":
-        precision = "bf16" if device.startswith("cuda") else "fp32"
     return BenchConfig(
         preset=args.preset or defaults["preset"],
         resolution=args.resolution,
         batch=args.batch,
         rank=args.rank,
-        precision=precision,
+        precision=args.precision,
         attention=args.attention,
         checkpointing=args.checkpointing,
         compile=args.compile,
+        cuda_graphs=args.cuda_graphs,
         steps=args.steps if args.steps is not None else defaults["steps"],
         warmup=args.warmup if args.warmup is not None else defaults["warmup"],
         cat_weight=args.cat_weight,
         seed=args.seed,
         device=device,
+        threads=args.threads,
+        clock=args.clock,
+        variants=tuple(v.strip() for v in args.variants.split(",")) if args.variants else None,
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    from cat_engine.engine.errors import CatEngineError
-
     cfg = config_from_args(args)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise CatEngineError("--device cuda: no CUDA device visible to torch")

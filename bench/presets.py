@@ -1,189 +1,99 @@
-"""Bench presets: a name (or a local diffusers folder) -> a UNet and inputs of the right shapes.
+"""Bench models: a name of ``engine/unet_configs.py``'s table (or a local diffusers folder) -> a
+denoiser (a UNet or a diffusion transformer) and a batch of the right shapes.
 
 | preset  | UNet                                              | default resolution |
 |---------|---------------------------------------------------|--------------------|
 | tiny    | the built-in tiny SD-shaped UNet (engine.builtin) | 64 px (latent /4)  |
 | tiny-xl | the same, SDXL-shaped (text_time conditioning)    | 64 px (latent /4)  |
-| small   | a mid-size SD-shaped UNet defined here            | 256 px             |
+| small   | a mid-size SD-shaped UNet                         | 256 px             |
 | sd15    | full-size SD1.5 config, random weights            | 512 px             |
 | sd21    | full-size SD2.1 config, random weights            | 768 px             |
 | sdxl    | full-size SDXL config, random weights             | 1024 px            |
+| builtin | the toy world shipped with the engine (its weights) | 64 px            |
+| flux, flux-schnell | full-size Flux.1 dev / schnell transformer, random | 1024 px |
+| sd3-medium, sd35-medium, sd35-large | full-size SD3 / SD3.5 transformers, random | 1024 px |
+| zimage  | full-size Z-Image transformer, random             | 1024 px            |
+| tiny-sd3, tiny-flux, tiny-zimage | the random tiny transformers (engine.builtin_dit) | 64 px |
 
-Nothing is downloaded. Full-size UNets are random-initialised directly on the target device
-(building SDXL's 2.6 B parameters on a CPU first would take longer than the bench).
+Nothing is downloaded. Named models are random-initialised directly on the target device
+(building SDXL's 2.6 B parameters, or Flux's 12 B, on a CPU first would take longer than the bench).
+A transformer's batch is its family's (``engine/families/``): latents, text of the pipeline's
+length, pooled text or text mask.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from pathlib import Path
-
 import torch
 
-from cat_engine.engine.builtin import NATIVE_RESOLUTION as TINY_RESOLUTION
-from cat_engine.engine.builtin import tiny_unet
-from cat_engine.engine.unet_configs import NATIVE_RESOLUTION, UNET_CONFIGS
-
-TEXT_TOKENS = 77
-SD_VAE_SCALE = 8
-TINY_VAE_SCALE = 4  # the built-in tiny VAE has three blocks: downsampling by 4
-
-# ~0.5 s per plain LoRA step on one CPU core at 256 px, batch 1: big enough that framework overhead
-# does not dominate, small enough for a CPU run. SD1.5's block layout at a fifth of the width.
-SMALL_CONFIG = dict(
-    sample_size=32,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=2,
-    block_out_channels=(64, 128, 256),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768,
-    attention_head_dim=8,
-    norm_num_groups=32,
-)
-
-PRESETS = ("tiny", "tiny-xl", "small", "sd15", "sd21", "sdxl")
+from cat_engine.engine.batch import CatBatch
+from cat_engine.engine.families import dit_family
+from cat_engine.engine.memory_plan import is_lora_name
+from cat_engine.engine.unet_configs import ModelSpec
 
 
-@dataclass
-class Preset:
-    """How to build one bench model: a diffusers config, or a folder to load from."""
+def build_unet(spec: ModelSpec, device: torch.device | str, seed: int = 0):
+    """The model's denoiser (UNet or transformer) on ``device`` in float32, frozen, in eval mode.
 
-    name: str
-    config: dict | None  # UNet2DConditionModel kwargs; None when loading from ``folder``
-    resolution: int  # default image side in pixels
-    vae_scale: int  # pixels per latent pixel
-    folder: Path | None = None
-
-
-def resolve_preset(name_or_path: str) -> Preset:
-    """A preset name from :data:`PRESETS`, or a local diffusers model folder (with ``unet/``)."""
-    if name_or_path in ("tiny", "tiny-xl"):
-        family = "sd" if name_or_path == "tiny" else "sdxl"
-        return Preset(name_or_path, dict(tiny_unet(family).config), TINY_RESOLUTION, TINY_VAE_SCALE)
-    if name_or_path == "small":
-        return Preset("small", dict(SMALL_CONFIG), SMALL_CONFIG["sample_size"] * SD_VAE_SCALE, SD_VAE_SCALE)
-    if name_or_path in UNET_CONFIGS:
-        return Preset(
-            name_or_path, dict(UNET_CONFIGS[name_or_path]), NATIVE_RESOLUTION[name_or_path], SD_VAE_SCALE
-        )
-    folder = Path(name_or_path).expanduser()
-    unet_config = folder / "unet" / "config.json"
-    if not unet_config.exists():
-        raise ValueError(
-            f"unknown preset {name_or_path!r}: choose from {', '.join(PRESETS)} "
-            "or give a local diffusers model folder (with unet/config.json)"
-        )
-    config = json.loads(unet_config.read_text())
-    vae_scale = SD_VAE_SCALE
-    vae_config = folder / "vae" / "config.json"
-    if vae_config.exists():
-        vae_scale = 2 ** (len(json.loads(vae_config.read_text())["block_out_channels"]) - 1)
-    return Preset(folder.name, None, int(config["sample_size"]) * vae_scale, vae_scale, folder=folder)
-
-
-def unet_config(preset: Preset) -> dict:
-    if preset.config is not None:
-        return preset.config
-    return json.loads((preset.folder / "unet" / "config.json").read_text())
-
-
-def build_unet(preset: Preset, device: torch.device | str, seed: int = 0):
-    """The preset's UNet on ``device`` in float32, frozen, in eval mode.
-
-    ``device="meta"`` gives a weightless copy for counting FLOPs. A folder preset loads its
-    safetensors weights (never pickles); a config preset is random-initialised from ``seed``.
+    ``device="meta"`` gives a weightless copy for counting FLOPs. A folder model loads its
+    safetensors weights (never pickles); a named config is random-initialised from ``seed``.
     """
-    from diffusers import UNet2DConditionModel
+    import diffusers
 
     device = torch.device(device)
-    if preset.folder is not None and device.type != "meta":
-        unet = UNet2DConditionModel.from_pretrained(
-            preset.folder, subfolder="unet", use_safetensors=True, local_files_only=True
-        ).to(device)
+    family = dit_family(spec.family)
+    cls = diffusers.UNet2DConditionModel if family is None else getattr(diffusers, family.transformer_class)
+    if spec.unet_folder is not None and device.type != "meta":
+        unet = cls.from_pretrained(spec.unet_folder, use_safetensors=True, local_files_only=True).to(device)
     else:
-        config = {k: v for k, v in unet_config(preset).items() if not k.startswith("_")}
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             with device:
-                unet = UNet2DConditionModel(**config)
+                unet = cls.from_config(spec.config)
     return unet.requires_grad_(False).eval()
 
 
 def shared_weights_copy(unet):
-    """A second UNet whose frozen tensors *are* ``unet``'s (no extra memory), built on meta.
+    """A second UNet whose frozen tensors *are* ``unet``'s (no extra memory), without its LoRA layers.
 
-    The bench keeps two UNets, one with peft's LoRA layers (the peers) and one prepared by
-    ``fuse_lora`` (the engine), without paying for two copies of the frozen weights.
+    The bench keeps two UNets, one prepared the engine's way and one with peft's LoRA layers (the
+    peers), without paying for two copies of the frozen weights.
     """
-    from diffusers import UNet2DConditionModel
-
     with torch.device("meta"):
-        twin = UNet2DConditionModel.from_config(unet.config)
-    twin.load_state_dict(unet.state_dict(), assign=True)
+        twin = type(unet).from_config(unet.config)
+    frozen = {k: v for k, v in unet.state_dict().items() if not is_lora_name(k)}
+    # A LoRA-wrapped layer keeps its frozen weights under ``base_layer``; the plain twin does not.
+    twin.load_state_dict({k.replace(".base_layer.", "."): v for k, v in frozen.items()}, assign=True)
     return twin.requires_grad_(False).eval()
 
 
-@dataclass
-class Batch:
-    """One training batch of ``B`` rows: the same ``z_t``, ``t`` and noise for every CAT term."""
+def make_batch(spec: ModelSpec, batch: int, resolution: int, device, seed: int = 0) -> CatBatch:
+    """Random inputs shaped for the model (float32; autocast casts them as the knobs say).
 
-    noisy_latents: torch.Tensor  # [B, 4, h, w]
-    timesteps: torch.Tensor  # [B] long
-    token_embeds: torch.Tensor  # [B, 77, D] captions with the trigger token
-    plain_embeds: torch.Tensor  # [B, 77, D] plain captions
-    target: torch.Tensor  # [B, 4, h, w]
-    added_cond_kwargs: dict | None = None  # SDXL: {"text_embeds": [B, P], "time_ids": [B, 6]}
-
-    @property
-    def rows(self) -> int:
-        return int(self.noisy_latents.shape[0])
-
-    def repeated(self, times: int) -> Batch:
-        """The batch with every tensor repeated ``times`` along dim 0 (a LoRA step on ``times*B`` rows)."""
-
-        def rep(x):
-            return x.repeat(times, *([1] * (x.dim() - 1)))
-
-        added = (
-            None if self.added_cond_kwargs is None else {k: rep(v) for k, v in self.added_cond_kwargs.items()}
-        )
-        return Batch(
-            rep(self.noisy_latents),
-            rep(self.timesteps),
-            rep(self.token_embeds),
-            rep(self.plain_embeds),
-            rep(self.target),
-            added,
-        )
-
-
-def make_batch(config: dict, batch: int, resolution: int, vae_scale: int, device, seed: int = 0) -> Batch:
-    """Random inputs shaped for a UNet ``config`` (float32; autocast casts them as the knobs say)."""
+    The token and plain captions share SDXL's pooled text and time ids (``plain_added_cond_kwargs``
+    is None).
+    """
     device = torch.device(device)
-    if resolution % vae_scale:
-        raise ValueError(f"resolution {resolution} is not a multiple of the VAE scale {vae_scale}")
-    side = resolution // vae_scale
-    width = config["cross_attention_dim"]
-    if isinstance(width, (list, tuple)):
-        width = width[0]
+    if resolution % spec.pixel_multiple:
+        what = "the VAE scale" if spec.family is None else "the VAE scale times the 2x2 patches"
+        raise ValueError(f"resolution {resolution} is not a multiple of {what} {spec.pixel_multiple}")
+    side = resolution // spec.vae_scale_factor
+    config = spec.config
     gen = torch.Generator().manual_seed(seed)
+    family = dit_family(spec.family)
+    if family is not None:
+        return family.example_batch(config, batch, side, spec.text_tokens, generator=gen, device=device)
 
     def randn(*shape):
         return torch.randn(*shape, generator=gen).to(device)
 
-    channels = config.get("in_channels", 4)
     added = None
-    if config.get("addition_embed_type") == "text_time":
-        pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
-        added = {"text_embeds": randn(batch, pooled), "time_ids": randn(batch, 6).abs() * 100}
-    return Batch(
-        noisy_latents=randn(batch, channels, side, side),
+    if spec.pooled_width is not None:
+        added = {"text_embeds": randn(batch, spec.pooled_width), "time_ids": randn(batch, 6).abs() * 100}
+    return CatBatch(
+        noisy_latents=randn(batch, config.get("in_channels", 4), side, side),
         timesteps=torch.randint(0, 1000, (batch,), generator=gen).to(device),
-        token_embeds=randn(batch, TEXT_TOKENS, width),
-        plain_embeds=randn(batch, TEXT_TOKENS, width),
+        token_embeds=randn(batch, spec.text_tokens, spec.text_width),
+        plain_embeds=randn(batch, spec.text_tokens, spec.text_width),
         target=randn(batch, config.get("out_channels", 4), side, side),
         added_cond_kwargs=added,
     )

@@ -5,20 +5,18 @@ python -m cat_engine.bench.report RESULTS.jsonl   # one summary line per recorde
 
 from __future__ import annotations
 
-import datetime
-import importlib.metadata
 import json
 import os
-import platform
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
+from cat_engine.bench.environment import environment
+from cat_engine.engine.files import write_atomically
+
 SCHEMA = "cat-engine-bench-v1"
 RESULTS_FILE = "bench.jsonl"
-PACKAGES = ("torch", "triton", "diffusers", "peft", "transformers", "cat-engine")
 MIB = 2**20
 
 
@@ -30,84 +28,9 @@ def default_results_dir() -> Path:
     return Path.cwd() / "bench-results"
 
 
-def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    out["torch"] = torch.__version__  # the running one, whatever the metadata says
-    out["cuda"] = torch.version.cuda
-    return out
-
-
-def git_info() -> dict:
-    """Commit of the source tree; ``$CAT_ENGINE_GIT_COMMIT`` where the tree has no .git (GPU copies)."""
-    repo = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        return {"commit": commit, "dirty": bool(dirty)}
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": os.environ.get("CAT_ENGINE_GIT_COMMIT"), "dirty": None}
-
-
-def device_info(device: torch.device) -> dict:
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info = {
-            "type": "cuda",
-            "name": props.name,
-            "capability": f"{props.major}.{props.minor}",
-            "total_memory_bytes": props.total_memory,
-        }
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            info["driver"] = pynvml.nvmlSystemGetDriverVersion()
-        except Exception:
-            pass
-        return info
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "type": device.type,
-        "name": name,
-        "torch_threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
-    }
-
-
 def make_record(result: dict, device: torch.device) -> dict:
     """The harness result plus what makes it comparable later: device, versions, commit, time."""
-    return {
-        "schema": SCHEMA,
-        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": device_info(device),
-        "versions": versions(),
-        "git": git_info(),
-        **result,
-    }
+    return {"schema": SCHEMA, **environment(device), **result}
 
 
 def append_jsonl(path: Path, record: dict) -> None:
@@ -180,7 +103,9 @@ def chart_name(config: dict) -> str:
     if config["checkpointing"]:
         knobs.append("ckpt")
     if config["compile"]:
-        knobs.append("compile")
+        knobs.append("compile" if config["compile"] in (True, "default") else f"compile-{config['compile']}")
+    if config.get("cuda_graphs"):
+        knobs.append("graphs")
     device = str(config["device"]).split(":")[0]
     return f"bench_{preset}_{config['resolution']}px_b{config['batch']}_r{config['rank']}_{'_'.join(knobs)}_{device}.png"
 
@@ -242,11 +167,7 @@ def write_chart(record: dict, path: Path) -> Path:
         fontsize=9,
     )
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, dpi=100, format="png")
-    os.replace(tmp, path)
-    return path
+    return write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
 
 
 def summary(records: list[dict]) -> str:
@@ -256,11 +177,12 @@ def summary(records: list[dict]) -> str:
     for rec in records:
         c, r = rec["config"], rec["ratios"]
         v = {x["name"]: x for x in rec["variants"]}
-        peak = v["engine_cat"]["cuda_peak_bytes"]
+        naive, engine = v.get("naive_cat", {}), v.get("engine_cat", {})  # absent: not selected
+        peak = engine.get("cuda_peak_bytes")
         lines.append(
             f"{Path(c['preset']).name:<8}{c['resolution']:>6}{c['batch']:>3} {c['precision']:<5}"
-            f"{('on' if c['checkpointing'] else 'off'):<5}{_fmt(v['naive_cat']['median_s'], 1e-3):>10}"
-            f"{_fmt(v['engine_cat']['median_s'], 1e-3):>10}{_fmt(r['engine_cat_over_naive_cat_time'], digits=3):>10}"
+            f"{('on' if c['checkpointing'] else 'off'):<5}{_fmt(naive.get('median_s'), 1e-3):>10}"
+            f"{_fmt(engine.get('median_s'), 1e-3):>10}{_fmt(r['engine_cat_over_naive_cat_time'], digits=3):>10}"
             f"{_fmt(r.get('cat_overhead_engine_fwd'), digits=2):>8}{_fmt(r.get('cat_overhead_naive_fwd'), digits=2):>10}"
             f"{_fmt(peak, 2**30, 2):>9}"
         )

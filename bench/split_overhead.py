@@ -1,11 +1,11 @@
 """What CAT's third group of rows costs: the split batch against LoRA alone and naive three-pass CAT.
 
-    OMP_NUM_THREADS=1 python -m cat_engine.bench.split_overhead [--model tiny|tiny-xl|small]
-        [--batch 1] [--checkpointing both|on|off] [--repeats 7] [--clock cpu|wall]
+    python -m cat_engine.bench.split_overhead [--model tiny|tiny-xl|small|sd15|...]
+        [--batch 1] [--checkpointing both|on|off] [--repeats 7] [--clock cpu|wall|cuda_events]
         [--no-checkpoint-strategies split two_calls checkpoint] [--no-record]
 
-Side by side in one run, on the same weights and inputs (docs/design.md §7), interleaved round-robin so
-that load from other processes hits every candidate alike; median of ``--repeats`` timed steps
+Side by side in one run, on the same weights and inputs (docs/design.md §7), interleaved round-robin
+with one torch thread on a CPU (``measure.time_interleaved``); median of ``--repeats`` timed steps
 after one warm-up each:
 
     lora      engine LoRA step (fused layers) on the 2B adapter rows [token; plain], forward+backward
@@ -15,34 +15,45 @@ after one warm-up each:
     peft_fwd  peft no-grad forward of B rows                } unfused
     naive     naive three-pass CAT with peft: adapter/token, adapter/plain, disable_adapters()/plain
 
-Printed and recorded: overhead = (cat - lora) / fwd_b (target <= 1.0), the same for naive with the
-peft figures, cat / naive, plus FLOP and saved-bytes ratios (``engine/step_accounting.py``). Appends
-one JSON line per configuration to ``bench/results/split_overhead.jsonl``.
+The engine's UNet is prepared as ``cat-engine train`` prepares it (fp32 memory plan); the peers'
+shares its frozen weights and carries an equal peft adapter (bench/peers.py). Printed and
+recorded: overhead = (cat - lora) / fwd_b (target <= 1.0), the same for naive with the peft
+figures, cat / naive, plus FLOP and saved-bytes ratios (``bench/measure.py``). Appends one JSON
+line per configuration to ``bench/results/split_overhead.jsonl``.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import json
-import os
-import platform
-import statistics
-import subprocess
-import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from cat_engine.cat.loss import cat_loss, mse
+from cat_engine.bench import measure, peers
+from cat_engine.bench.environment import environment
+from cat_engine.bench.harness import engine_loss
+from cat_engine.bench.presets import build_unet, make_batch, shared_weights_copy
+from cat_engine.bench.report import append_jsonl
+from cat_engine.cat.loss import mse
+from cat_engine.engine.batch import CatBatch
+from cat_engine.engine.denoiser import unet_forward
 from cat_engine.engine.lora import add_lora, fuse_lora, lora_parameters
-from cat_engine.engine.split_unet import split_batch_call
-from cat_engine.engine.step_accounting import counting_checkpoint, saved_bytes, step_flops
+from cat_engine.engine.memory_plan import MemoryPlan, apply_memory_plan
+from cat_engine.engine.split_unet import NO_CHECKPOINT_STRATEGIES, split_batch_call
+from cat_engine.engine.unet_configs import MODEL_NAMES, resolve_model
 
 RESULTS = Path(__file__).parent / "results" / "split_overhead.jsonl"
-MODELS = ("tiny", "tiny-xl", "small", "sd15")
-TEXT_TOKENS = 77
+
+
+def _cat_rows(*parts):
+    """The parts' rows one after the other (dicts key by key; ``None`` stays ``None``)."""
+    if parts[0] is None:
+        return None
+    if isinstance(parts[0], dict):
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    return torch.cat(parts)
 
 
 @dataclass
@@ -50,92 +61,62 @@ class Case:
     """One model, one batch: an engine (fused) UNet and a peft twin with identical weights."""
 
     name: str
-    batch: int
     checkpointing: bool
     engine: torch.nn.Module
     peft: torch.nn.Module
-    latents: torch.Tensor
-    timesteps: torch.Tensor
-    token: torch.Tensor
-    plain: torch.Tensor
-    target: torch.Tensor
-    added: dict | None  # token rows' SDXL conditioning
-    plain_added: dict | None
+    data: CatBatch
+
+    @property
+    def batch(self) -> int:
+        return self.data.rows
+
+    def adapter_rows(self) -> CatBatch:
+        """The 2B adapter rows of the CAT step, [token; plain], as a plain LoRA batch (target: the noise)."""
+        d = self.data
+        return CatBatch(
+            d.noisy_latents.repeat(2, 1, 1, 1),
+            d.timesteps.repeat(2),
+            _cat_rows(d.token_embeds, d.plain_embeds),
+            _cat_rows(d.token_embeds, d.plain_embeds),  # unused by a LoRA step
+            _cat_rows(d.target, d.target),
+            _cat_rows(d.added_cond_kwargs, peers.plain_added(d)),
+        )
 
     # ---- the steps, each returning the loss (or the prediction for forwards) -------------------
 
-    def _call(self, unet, latents, timesteps, embeds, added):
-        kwargs = {"added_cond_kwargs": added} if added is not None else {}
-        return unet(latents, timesteps, encoder_hidden_states=embeds, return_dict=False, **kwargs)[0]
+    def forward_b(self, unet):
+        d = self.data
+        with torch.no_grad():
+            return unet_forward(unet, d.noisy_latents, d.timesteps, d.plain_embeds, peers.plain_added(d))
 
-    def _two_b(self):
-        def cat2(a, b):
-            return torch.cat([a, b])
-
-        added = None
-        if self.added is not None:
-            added = {k: cat2(self.added[k], self.plain_added[k]) for k in self.added}
-        z2 = self.latents.repeat(2, 1, 1, 1)
-        return (
-            z2,
-            self.timesteps.repeat(2),
-            cat2(self.token, self.plain),
-            cat2(self.target, self.target),
-            added,
-        )
-
-    def lora_loss(self, unet):
-        """A LoRA step's loss on the 2B adapter rows [token; plain] (target for both: the noise)."""
-        z2, t2, e2, target2, added2 = self._two_b()
-        return mse(self._call(unet, z2, t2, e2, added2), target2)
+    def lora_loss(self):
+        """The engine's LoRA step (``cat_loss`` with ``cat_weight=0``) on the 2B adapter rows."""
+        return engine_loss(self.engine, self.adapter_rows(), 0.0)
 
     def engine_lora_loss(self):
         """The same LoRA step through the engine's checkpoint Function (every row an adapter row)."""
-        z2, t2, e2, target2, added2 = self._two_b()
-        return mse(split_batch_call(self.engine, z2, t2, e2, 2 * self.batch, added2), target2)
-
-    def forward_b(self, unet):
-        with torch.no_grad():
-            return self._call(unet, self.latents, self.timesteps, self.plain, self.plain_added)
+        b2 = self.adapter_rows()
+        pred = split_batch_call(
+            self.engine, b2.noisy_latents, b2.timesteps, b2.token_embeds, b2.rows, b2.added_cond_kwargs
+        )
+        return mse(pred, b2.target)
 
     def cat_loss(self):
-        return cat_loss(
-            self.engine,
-            self.latents,
-            self.timesteps,
-            self.token,
-            self.plain,
-            self.target,
-            added_cond_kwargs=self.added,
-            plain_added_cond_kwargs=self.plain_added,
-        ).loss
+        return engine_loss(self.engine, self.data, 1.0)
 
     def split_loss(self, no_checkpoint: str):
         """The engine CAT loss with a chosen no-checkpointing strategy (``split_batch_call``)."""
-        b = self.batch
-        embeds = torch.cat([self.token, self.plain, self.plain])
-        added = None
-        if self.added is not None:
-            added = {
-                k: torch.cat([self.added[k], self.plain_added[k], self.plain_added[k]]) for k in self.added
-            }
+        d, b = self.data, self.batch
+        embeds = _cat_rows(d.token_embeds, d.plain_embeds, d.plain_embeds)
+        added = _cat_rows(d.added_cond_kwargs, peers.plain_added(d), peers.plain_added(d))
         pred = split_batch_call(
-            self.engine, self.latents, self.timesteps, embeds, 2 * b, added, no_checkpoint=no_checkpoint
+            self.engine, d.noisy_latents, d.timesteps, embeds, 2 * b, added, no_checkpoint=no_checkpoint
         )
-        return mse(pred[:b], self.target) + mse(pred[b : 2 * b], pred[2 * b :].detach())
+        return mse(pred[:b], d.target) + mse(pred[b : 2 * b], pred[2 * b :].detach())
 
     def naive_loss(self):
         """Three UNet calls with peft, as "output preservation" features of other trainers do."""
-        unet = self.peft
-        pred_token = self._call(unet, self.latents, self.timesteps, self.token, self.added)
-        pred_plain = self._call(unet, self.latents, self.timesteps, self.plain, self.plain_added)
-        with torch.no_grad():
-            unet.disable_adapters()
-            try:
-                pred_base = self._call(unet, self.latents, self.timesteps, self.plain, self.plain_added)
-            finally:
-                unet.enable_adapters()
-        return mse(pred_token, self.target) + mse(pred_plain, pred_base)
+        return peers.naive_cat_loss(self.peft, self.data)
 
     def steps(self, strategies: tuple[str, ...] = ()) -> dict:
         """name -> zero-argument callable running that step (forward, and backward for training).
@@ -157,34 +138,13 @@ class Case:
         if self.checkpointing:  # the LoRA step with the engine's checkpoint instead of torch's
             extra["lora[engine]"] = train(self.engine_lora_loss, self.engine)
         return extra | {
-            "lora": train(lambda: self.lora_loss(self.engine), self.engine),
+            "lora": train(self.lora_loss, self.engine),
             "fwd_b": lambda: self.forward_b(self.engine),
             "cat": train(self.cat_loss, self.engine),
-            "peft_lora": train(lambda: self.lora_loss(self.peft), self.peft),
+            "peft_lora": train(lambda: peers.peft_lora_loss(self.peft, self.adapter_rows()), self.peft),
             "peft_fwd": lambda: self.forward_b(self.peft),
             "naive": train(self.naive_loss, self.peft),
         }
-
-
-def build_unet(model: str):
-    from cat_engine.bench.presets import SMALL_CONFIG
-    from cat_engine.engine.builtin import tiny_unet
-
-    if model == "tiny":
-        return tiny_unet("sd"), 16
-    if model == "tiny-xl":
-        return tiny_unet("sdxl"), 16
-    if model == "small":
-        from diffusers import UNet2DConditionModel
-
-        return UNet2DConditionModel(**SMALL_CONFIG), SMALL_CONFIG["sample_size"]
-    if model == "sd15":  # full size, random weights: for GPU runs
-        from diffusers import UNet2DConditionModel
-
-        from cat_engine.engine.unet_configs import UNET_CONFIGS
-
-        return UNet2DConditionModel(**UNET_CONFIGS["sd15"]), UNET_CONFIGS["sd15"]["sample_size"]
-    raise ValueError(f"model must be one of {MODELS}, got {model!r}")
 
 
 def make_case(
@@ -196,51 +156,31 @@ def make_case(
     seed: int = 0,
     device: str = "cpu",
 ) -> Case:
-    """Build the engine UNet (fused) and its peft twin, with non-zero ``lora_B`` so the adapter acts."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        peft, side = build_unet(model)
-        side = latent_size or side
-        peft.eval()  # dropout off: the split batch needs it (and the peers get the same)
-        add_lora(peft, rank=rank, seed=seed + 1)
-        with torch.no_grad():
-            for p in lora_parameters(peft):
-                if p.dim() == 2 and not p.abs().sum():  # lora_B starts at zero: give it weight
-                    p.normal_(0.0, 0.02)
-        peft.to(device)
-        engine = fuse_lora(copy.deepcopy(peft))
-        for unet in (engine, peft):
-            if checkpointing:
-                unet.enable_gradient_checkpointing(gradient_checkpointing_func=counting_checkpoint)
-        cfg = peft.config
-        width = cfg.cross_attention_dim
-        latents = torch.randn(batch, cfg.in_channels, side, side, device=device)
-        timesteps = torch.randint(0, 1000, (batch,), device=device)
-        token = torch.randn(batch, TEXT_TOKENS, width, device=device)
-        plain = torch.randn(batch, TEXT_TOKENS, width, device=device)
-        target = torch.randn_like(latents)
-        added = plain_added = None
-        if cfg.addition_embed_type == "text_time":
-            pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-            time_ids = torch.tensor(
-                [[side * 4.0, side * 4.0, 0.0, 0.0, side * 4.0, side * 4.0]], device=device
-            ).repeat(batch, 1)
-            added = {"text_embeds": torch.randn(batch, pooled, device=device), "time_ids": time_ids}
-            plain_added = {"text_embeds": torch.randn(batch, pooled, device=device), "time_ids": time_ids}
-    return Case(
-        model,
-        batch,
-        checkpointing,
-        engine,
-        peft,
-        latents,
-        timesteps,
-        token,
-        plain,
-        target,
-        added,
-        plain_added,
-    )
+    """Build the engine UNet (as train prepares it, fp32) and its peft twin, with non-zero ``lora_B``
+    so the adapter acts. SDXL-shaped models get the plain captions' own pooled text."""
+    spec = resolve_model(model)
+    side = latent_size or spec.config["sample_size"]
+    data = make_batch(spec, batch, side * spec.vae_scale_factor, device, seed=seed)
+    if data.added_cond_kwargs is not None:
+        pooled = data.added_cond_kwargs["text_embeds"]
+        gen = torch.Generator().manual_seed(seed + 1)
+        plain = torch.randn(pooled.shape, generator=gen).to(device)
+        data = dataclasses.replace(
+            data, plain_added_cond_kwargs={**data.added_cond_kwargs, "text_embeds": plain}
+        )
+    engine = add_lora(build_unet(spec, device, seed=seed), rank=rank, seed=seed + 1)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 2)
+        for p in lora_parameters(engine):
+            if p.dim() == 2 and not p.abs().sum():  # lora_B starts at zero: give it weight
+                p.copy_(torch.randn(p.shape) * 0.02)
+    fuse_lora(engine)
+    plan = MemoryPlan(gradient_checkpointing=checkpointing)
+    ctx = apply_memory_plan(engine, plan, device, checkpoint_func=measure.counting_checkpoint)
+    twin = peers.prepare_peer(shared_weights_copy(engine), engine, ctx.plan, measure.counting_checkpoint)
+    for unet in (engine, twin):
+        unet.eval()  # dropout off: the split batch needs it (and the peers get the same)
+    return Case(model, checkpointing, engine, twin, data)
 
 
 def accounting(case: Case) -> dict:
@@ -249,15 +189,17 @@ def accounting(case: Case) -> dict:
     One CAT step runs first: the engine's recompute learns each unit's frozen tail on its first
     backward (``engine/split_unet.py``), so the counts are those of every later step.
     """
-    case.steps()["cat"]()
+    steps = case.steps()
+    steps["cat"]()
+    weights = list(case.engine.parameters())
     flops = {
-        "lora": step_flops(case.steps()["lora"]),
-        "fwd_b": step_flops(lambda: case.forward_b(case.engine)),
-        "cat": step_flops(case.steps()["cat"]),
+        "lora": measure.count_flops(steps["lora"]),
+        "fwd_b": measure.count_flops(lambda: case.forward_b(case.engine)),
+        "cat": measure.count_flops(steps["cat"]),
     }
     saved = {
-        "lora": saved_bytes(lambda: case.lora_loss(case.engine), case.engine),
-        "cat": saved_bytes(case.cat_loss, case.engine),
+        "lora": measure.saved_bytes(case.lora_loss, exclude=weights),
+        "cat": measure.saved_bytes(case.cat_loss, exclude=weights),
     }
     return {
         "flops": flops,
@@ -265,28 +207,6 @@ def accounting(case: Case) -> dict:
         "flops_ratio": flops["cat"] / (flops["lora"] + flops["fwd_b"]),
         "saved_ratio": saved["cat"] / saved["lora"],
     }
-
-
-def time_steps(steps: dict, repeats: int, clock: str = "cpu") -> dict:
-    """Median seconds per step; candidates interleaved round-robin after one warm-up each.
-
-    ``clock="cpu"`` times process CPU time: with one thread per process (``OMP_NUM_THREADS=1``) it
-    is what the step costs, and far less sensitive than wall time to other processes sharing the
-    cores. ``"wall"`` is ``perf_counter``; ``"cuda"`` is wall time with the device synchronized.
-    """
-    timer = time.process_time if clock == "cpu" else time.perf_counter
-    sync = torch.cuda.synchronize if clock == "cuda" else (lambda: None)
-    for step in steps.values():
-        step()
-    times = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            sync()
-            start = timer()
-            step()
-            sync()
-            times[name].append(timer() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def gradient_check(case: Case) -> dict:
@@ -303,22 +223,6 @@ def gradient_check(case: Case) -> dict:
     return {"loss_rel_err": abs(loss - naive_loss) / abs(naive_loss), "max_grad_rel_err": max(errors)}
 
 
-def _commit() -> str:
-    if os.environ.get("CAT_ENGINE_GIT_COMMIT"):  # a copy without .git (the GPU machine)
-        return os.environ["CAT_ENGINE_GIT_COMMIT"]
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            check=False,
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-        )
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
 def run(
     model: str,
     batch: int,
@@ -329,24 +233,29 @@ def run(
     strategies=(),
     device: str = "cpu",
     count: bool = True,
+    threads: int | None = 1,
 ) -> dict:
     case = make_case(model, batch, checkpointing, rank, device=device)
     check = gradient_check(case)
     acct = accounting(case) if count else {}
-    t = time_steps(case.steps(() if checkpointing else tuple(strategies)), repeats, clock)
-    record = {
+    steps = case.steps(() if checkpointing else tuple(strategies))
+    times = measure.time_interleaved(steps, repeats, device, warmup=1, clock=clock, threads=threads)
+    spread = {name: measure.Spread.of(ts) for name, ts in times.items()}
+    t = {name: s.median for name, s in spread.items()}
+    return {
         "bench": "split_overhead",
+        **environment(device),
         "model": model,
         "batch": batch,
         "rank": rank,
         "checkpointing": checkpointing,
         "dtype": "float32",
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         **check,
-        "threads": torch.get_num_threads(),
+        "threads": threads if torch.device(device).type == "cpu" else None,
         "repeats": repeats,
         "clock": clock,
         "times_s": t,
+        "iqr_s": {name: [s.q1, s.q3] for name, s in spread.items()},
         "cat_overhead_fwd_b": (t["cat"] - t["lora"]) / t["fwd_b"],
         "naive_overhead_fwd_b": (t["naive"] - t["peft_lora"]) / t["peft_fwd"],
         "cat_over_naive": t["cat"] / t["naive"],
@@ -357,20 +266,14 @@ def run(
             name: (t[name] - t["lora"]) / t["fwd_b"] for name in t if name.startswith("cat[")
         },
         **acct,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "commit": _commit(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    return record
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m cat_engine.bench.split_overhead", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--model", choices=MODELS, default="tiny")
+    parser.add_argument("--model", choices=MODEL_NAMES, default="tiny")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--checkpointing", choices=("both", "on", "off"), default="both")
@@ -378,16 +281,18 @@ def main(argv=None):
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument(
         "--clock",
-        choices=("cpu", "wall", "cuda"),
+        choices=measure.CLOCKS,
         default=None,
-        help="process CPU time (CPU default), wall, cuda",
+        help="cpu: process CPU time (the CPU default); wall: synchronized wall time (the CUDA default); "
+        "cuda_events",
     )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads on a CPU (default 1)")
     parser.add_argument("--no-count", action="store_true", help="skip the FLOP and saved-bytes counts")
     parser.add_argument(
         "--no-checkpoint-strategies",
         nargs="*",
         default=(),
-        choices=("split", "two_calls", "checkpoint"),
+        choices=NO_CHECKPOINT_STRATEGIES,
         help="also time these split_batch_call strategies (runs without checkpointing only)",
     )
     parser.add_argument(
@@ -406,10 +311,11 @@ def main(argv=None):
             ckpt,
             args.repeats,
             args.rank,
-            args.clock or ("cuda" if args.device == "cuda" else "cpu"),
+            args.clock or ("wall" if args.device == "cuda" else "cpu"),
             args.no_checkpoint_strategies,
             args.device,
             not args.no_count,
+            args.threads,
         )
         t = r["times_s"]
         print(
@@ -428,9 +334,7 @@ def main(argv=None):
         for name, overhead in r["strategies_overhead_fwd_b"].items():
             print(f"  {name}: {t[name]:.4f} s, overhead {overhead:.2f} no-grad forwards of B rows")
         if not args.no_record:
-            RESULTS.parent.mkdir(parents=True, exist_ok=True)
-            with RESULTS.open("a") as f:
-                f.write(json.dumps(r, sort_keys=True) + "\n")
+            append_jsonl(RESULTS, r)
 
 
 if __name__ == "__main__":

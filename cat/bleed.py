@@ -31,7 +31,6 @@ import torch
 
 from cat_engine.cat import kps as kps_metrics
 from cat_engine.cat.eval import (
-    SCHEDULER_NAME,
     EvalConfig,
     EvalError,
     generate,
@@ -40,6 +39,7 @@ from cat_engine.cat.eval import (
     model_info,
     prepare_models,
     read_images,
+    scheduler_name,
     score,
 )
 from cat_engine.cat.grid import label_font, make_grid
@@ -194,9 +194,9 @@ def evaluate_concepts(
         model=model_info(config.base, model, lora_file(config.lora)),
         embedding=embedder.info(),
         sampling={
-            "scheduler": SCHEDULER_NAME,
+            "scheduler": scheduler_name(model),
             "steps": config.steps,
-            "guidance": config.guidance,
+            "guidance": settings.guidance,
             "resolution": settings.resolution,
         },
         throughput={

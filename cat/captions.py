@@ -28,6 +28,12 @@ def has_token(caption: str, token: str) -> bool:
     return bool(_token_pattern(token).search(caption))
 
 
+def token_span(caption: str, token: str) -> tuple[int, int] | None:
+    """The character span of ``token``'s first whole-word occurrence in ``caption``, or ``None``."""
+    match = _token_pattern(token).search(caption)
+    return match.span() if match else None
+
+
 def _tidy(text: str) -> str:
     text = re.sub(r"\s+", " ", text).strip()
     text = re.sub(r"\s+([,.;:!?])", r"\1", text)

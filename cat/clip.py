@@ -9,9 +9,25 @@ import torch
 from cat_engine.engine import builtin_clip
 from cat_engine.engine.errors import CatEngineError
 
+# Weights in these formats are pickles: loading one can run any code it holds.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
 
 class ClipError(CatEngineError):
     """A ``--clip`` folder that cannot be used; the message names it and the problem."""
+
+
+def check_safetensors_weights(path: Path) -> None:
+    """Refuse a folder without safetensors weights: nothing a user hands the engine is unpickled."""
+    if any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ClipError(
+            f"--clip {path}: only pickle weights ({', '.join(pickles)}); the engine reads safetensors "
+            "only (a pickle can run code): convert them, e.g. with transformers' save_pretrained"
+        )
+    raise ClipError(f"--clip {path}: no .safetensors weights in the folder")
 
 
 def resolve_clip(clip: str | None) -> tuple[Path, str]:
@@ -44,9 +60,12 @@ class ClipEmbedder:
         path, self.id = resolve_clip(clip)
         if not (path / "config.json").is_file():
             raise ClipError(f"--clip {path}: not a transformers CLIP folder (no config.json)")
+        check_safetensors_weights(path)
         try:
             # float32 whatever the folder stores (the built-in one is saved in float16 to stay small)
-            self.model = AutoModel.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32)
+            self.model = AutoModel.from_pretrained(
+                path, local_files_only=True, torch_dtype=torch.float32, use_safetensors=True
+            )
             self.model = self.model.to(device).eval()
             self.tokenizer = CLIPTokenizer.from_pretrained(path, local_files_only=True)
             self.processor = _image_processor_class().from_pretrained(path, local_files_only=True)

@@ -1,7 +1,10 @@
 """A concept data set: a folder of images with optional same-name ``.txt`` captions.
 
-``load_concept_images`` reads the folder once into a float tensor (the images are encoded by the
-VAE once and cached, docs/design.md §3, so there is no lazy loading to gain). Bad input never ends in
+``load_concept_images`` reads the folder once into float tensors (the images are encoded by the
+VAE once and cached, docs/design.md §3, so there is no lazy loading to gain). Subfolders named
+``N_name`` (kohya's convention) are read too, each of their images counting ``N`` times per epoch.
+Images are centre-cropped to the square resolution, or fitted to aspect-ratio buckets
+(``cat/buckets.py``) when the caller gives them. Bad input never ends in
 a traceback: a folder that cannot be used raises ``DataError`` with one line naming it and what
 to do; a bad file is skipped with one warning line naming it. Warnings go to the ``logging``
 logger ``cat_engine.cat.dataset`` (a child of ``cat_engine``), and ``ConceptData.summary``
@@ -11,6 +14,7 @@ counts what was used, skipped and changed.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,12 +22,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from cat_engine.cat.buckets import Crop, choose_bucket, cover_scale, fit_to_bucket
 from cat_engine.cat.captions import DEFAULT_CAPTION_TEMPLATE, has_token, plain_caption, token_caption
 from cat_engine.engine.errors import CatEngineError
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")  # kohya's "10_sks dog": its images count 10 times
 DEFAULT_TOKEN = "sks"
 DEFAULT_CLASS_WORD = "star"
 BUILTIN_CONCEPT = "sks-star"
@@ -45,7 +51,7 @@ class DataSummary:
     used: list[str] = field(default_factory=list)
     corrupt: list[str] = field(default_factory=list)  # skipped: could not be decoded
     not_image: list[str] = field(default_factory=list)  # skipped: not an image suffix
-    upscaled: list[str] = field(default_factory=list)  # smaller than the resolution
+    upscaled: list[str] = field(default_factory=list)  # smaller than their bucket (or the resolution)
     converted: list[str] = field(default_factory=list)  # mode was not RGB (grey, alpha, 16-bit, palette)
     caption_files: int = 0  # captions read from .txt files; the rest came from the template
     without_token: list[str] = field(default_factory=list)  # captions that lack the trigger token
@@ -75,12 +81,14 @@ class DataSummary:
 class ConceptData:
     """A loaded concept data set.
 
-    ``pixels``: ``[N, 3, R, R]`` float32 in ``[-1, 1]``, CPU. ``captions``: ``N`` token captions,
-    row ``i`` belongs to ``pixels[i]``. ``files``: the source image of each row (a flipped copy
-    names its source again; ``flipped[i]`` tells which).
+    ``images``: ``N`` rows ``[3, H, W]`` float32 in ``[-1, 1]``, CPU (``H, W`` the row's bucket, or
+    the square resolution). ``captions``: ``N`` token captions, row ``i`` belongs to
+    ``images[i]``. ``files``: the source image of each row (a flipped copy names its source again;
+    ``flipped[i]`` tells which). ``crops``: how each row was cut (SDXL's size conditioning).
+    ``repeats``: how often each row counts per epoch (``N`` of its ``N_name`` folder, else 1).
     """
 
-    pixels: torch.Tensor
+    images: list[torch.Tensor]
     captions: list[str]
     files: list[Path]
     flipped: list[bool]
@@ -88,9 +96,19 @@ class ConceptData:
     class_word: str
     resolution: int
     summary: DataSummary
+    crops: list[Crop] = field(default_factory=list)
+    repeats: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return self.pixels.shape[0]
+        return len(self.images)
+
+    @property
+    def pixels(self) -> torch.Tensor:
+        """The rows stacked, ``[N, 3, H, W]``: for a set whose rows share one size."""
+        sizes = {tuple(x.shape) for x in self.images}
+        if len(sizes) > 1:
+            raise ValueError(f"the rows have {len(sizes)} sizes (buckets); use .images")
+        return torch.stack(self.images)
 
     def plain_captions(self, mode: str = "class") -> list[str]:
         """The captions without the trigger token (``class``, ``strip`` or ``empty``; see captions.py)."""
@@ -119,20 +137,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:
-    """Shorter side to ``resolution`` (Lanczos down, bicubic up), then the centre square."""
-    w, h = image.size
-    scale = resolution / min(w, h)
-    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
-    if size != (w, h):
-        resample = Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC
-        image = image.resize(size, resample)
-    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    return image.crop((left, top, left + resolution, top + resolution))
-
-
 def _to_tensor(image: Image.Image) -> torch.Tensor:
-    """8-bit RGB ``[R, R]`` image to ``[3, R, R]`` float32 in ``[-1, 1]``."""
+    """8-bit RGB ``[H, W]`` image to ``[3, H, W]`` float32 in ``[-1, 1]``."""
     array = np.asarray(image, dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
@@ -152,37 +158,52 @@ def _read_caption(path: Path) -> str | None:
     return text
 
 
-def _list_files(data_dir: Path) -> list[Path]:
+def _list_entries(folder: Path, data_dir: Path) -> list[Path]:
+    try:
+        entries = sorted(folder.iterdir(), key=lambda p: p.name)
+    except OSError as exc:
+        raise DataError(f"--data {data_dir}: cannot list {folder} ({exc.strerror or exc})") from None
+    return [p for p in entries if not p.name.startswith(".")]  # .DS_Store, editor swap files: never data
+
+
+def _list_files(data_dir: Path) -> list[tuple[Path, int]]:
+    """``(file, repeats)`` of the top level (1) and of every ``N_name`` subfolder (``N``)."""
     if not data_dir.exists():
         raise DataError(f"--data {data_dir}: folder not found")
     if not data_dir.is_dir():
         raise DataError(f"--data {data_dir}: is a file; give a folder of images")
-    try:
-        entries = sorted(data_dir.iterdir(), key=lambda p: p.name)
-    except OSError as exc:
-        raise DataError(f"--data {data_dir}: cannot list the folder ({exc.strerror or exc})") from None
     files = []
-    for path in entries:
-        if path.name.startswith("."):
-            continue  # .DS_Store, editor swap files: never data
-        if path.is_dir():
-            log.warning("%s: subfolder ignored; images are read from the top level of --data only", path)
+    for path in _list_entries(data_dir, data_dir):
+        if not path.is_dir():
+            files.append((path, 1))
             continue
-        files.append(path)
-    if not any(p.suffix.lower() != ".txt" for p in files):
+        match = REPEAT_FOLDER.match(path.name)
+        if match is None or int(match.group(1)) < 1:
+            log.warning(
+                "%s: subfolder ignored; images are read from the top level of --data and from "
+                "N_name subfolders (N repeats per epoch, e.g. 10_sks dog)",
+                path,
+            )
+            continue
+        for inner in _list_entries(path, data_dir):
+            if inner.is_dir():
+                log.warning("%s: subfolder ignored; N_name folders are read one level deep", inner)
+            else:
+                files.append((inner, int(match.group(1))))
+    if not any(p.suffix.lower() != ".txt" for p, _ in files):
         raise DataError(
             f"--data {data_dir}: folder has no images; put {', '.join(s[1:] for s in IMAGE_SUFFIXES)} files in it"
         )
     return files
 
 
-def _open_rgb(path: Path, resolution: int, summary: DataSummary) -> Image.Image | None:
+def _open_rgb(path: Path, name: str, summary: DataSummary) -> Image.Image | None:
     """The image at ``path`` as 8-bit RGB, or ``None`` (with one warning) when it is skipped."""
     suffix = path.suffix.lower()
     if suffix not in IMAGE_SUFFIXES:
         kinds = ", ".join(s[1:] for s in IMAGE_SUFFIXES)
         log.warning("%s: skipped, not an image file (%s); use %s", path, suffix or "no suffix", kinds)
-        summary.not_image.append(path.name)
+        summary.not_image.append(name)
         return None
     try:
         with Image.open(path) as opened:
@@ -194,19 +215,26 @@ def _open_rgb(path: Path, resolution: int, summary: DataSummary) -> Image.Image 
         else:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         log.warning("%s: skipped, cannot read the image (%s); re-export or remove it", path, reason)
-        summary.corrupt.append(path.name)
+        summary.corrupt.append(name)
         return None
     if image.mode != "RGB":
-        summary.converted.append(path.name)
+        summary.converted.append(name)
         image = _to_rgb(image)
-    if min(image.size) < resolution:
-        w, h = image.size
+    return image
+
+
+def _warn_upscaled(path: Path, image: Image.Image, bucket: tuple[int, int], resolution: int) -> None:
+    w, h = image.size
+    if bucket == (resolution, resolution):
         log.warning(
             "%s: %dx%d is smaller than %d px; upscaled, results may look soft (use images of at least %d px)",
             *(path, w, h, resolution, resolution),
         )
-        summary.upscaled.append(path.name)
-    return image
+    else:
+        log.warning(
+            "%s: %dx%d is smaller than its %dx%d bucket; upscaled, results may look soft",
+            *(path, w, h, bucket[1], bucket[0]),
+        )
 
 
 def load_concept_images(
@@ -217,14 +245,18 @@ def load_concept_images(
     resolution: int = 512,
     *,
     flip: bool = False,
+    buckets: list[tuple[int, int]] | None = None,
 ) -> ConceptData:
-    """Read a concept folder into ``[N, 3, R, R]`` float32 pixels in ``[-1, 1]`` and N captions.
+    """Read a concept folder into ``N`` rows ``[3, H, W]`` float32 in ``[-1, 1]`` and N captions.
 
-    Files are taken in sorted name order. Each image's caption is its same-name ``.txt`` file,
-    else ``caption_template`` filled with ``token`` and ``class_word``. ``flip=True`` appends a
-    mirrored copy of every image with the same caption (N becomes twice the images), so the
-    augmentation survives latent caching. Raises ``DataError`` when the folder is missing, empty
-    or has no usable image, or the template uses a field other than ``{token}`` and ``{class_word}``.
+    Files are taken in sorted name order, an ``N_name`` subfolder's (``repeats`` N) where its name
+    sorts. Each image's caption is its same-name ``.txt`` file, else
+    ``caption_template`` filled with ``token`` and ``class_word``. ``buckets`` (``(h, w)`` sizes,
+    ``cat/buckets.py``): each image is fitted to the one closest to its aspect ratio; without
+    them, to the centre ``resolution`` square. ``flip=True`` appends a mirrored copy of every row
+    with the same caption (N becomes twice the images), so the augmentation survives latent
+    caching. Raises ``DataError`` when the folder is missing, empty or has no usable image, or the
+    template uses a field other than ``{token}`` and ``{class_word}``.
     """
     data_dir = Path(data_dir).expanduser()
     if resolution < 8:
@@ -236,11 +268,12 @@ def load_concept_images(
         detail = str(exc).replace(f"caption template {caption_template!r} ", "")  # named once is enough
         raise DataError(f"--caption-template {caption_template!r}: {detail}") from None
     summary = DataSummary()
-    pixels, captions, used = [], [], []
-    for path in files:
+    rows, captions, used, crops, sizes, repeats = [], [], [], [], [], []
+    for path, times in files:
         if path.suffix.lower() == ".txt":
             continue  # a caption, read with its image
-        image = _open_rgb(path, resolution, summary)
+        name = str(path.relative_to(data_dir))
+        image = _open_rgb(path, name, summary)
         if image is None:
             continue
         caption = _read_caption(path.with_suffix(".txt"))
@@ -252,11 +285,19 @@ def load_concept_images(
                 txt = path.with_suffix(".txt")
                 log.warning("%s: caption %r does not contain the token %r", txt, caption, token)
         if not has_token(caption, token):
-            summary.without_token.append(path.name)
-        pixels.append(_to_tensor(_resize_center_crop(image, resolution)))
+            summary.without_token.append(name)
+        bucket = choose_bucket(*image.size, buckets) if buckets else (resolution, resolution)
+        if cover_scale(*image.size, bucket) > 1:
+            _warn_upscaled(path, image, bucket, resolution)
+            summary.upscaled.append(name)
+        fitted, crop, size = fit_to_bucket(image, bucket)
+        rows.append(_to_tensor(fitted))
+        crops.append(crop)
+        sizes.append(size)
         captions.append(caption)
         used.append(path)
-        summary.used.append(path.name)
+        repeats.append(times)
+        summary.used.append(name)
     if not used:
         raise DataError(
             f"--data {data_dir}: no usable image ({len(summary.corrupt)} unreadable, "
@@ -268,9 +309,16 @@ def load_concept_images(
             "caption template %r gives %r, which does not contain the token %r",
             *(caption_template, template_caption, token),
         )
-    stacked = torch.stack(pixels)
     flipped = [False] * len(used)
     if flip:
-        stacked = torch.cat([stacked, stacked.flip(-1)])
-        captions, used, flipped = captions * 2, used * 2, flipped + [True] * len(flipped)
-    return ConceptData(stacked, captions, used, flipped, token, class_word, resolution, summary)
+        rows = rows + [x.flip(-1) for x in rows]
+        crops = crops + [c.mirrored(size[0]) for c, size in zip(crops, sizes)]
+        captions, used, repeats, flipped = (
+            captions * 2,
+            used * 2,
+            repeats * 2,
+            flipped + [True] * len(flipped),
+        )
+    return ConceptData(
+        rows, captions, used, flipped, token, class_word, resolution, summary, crops=crops, repeats=repeats
+    )

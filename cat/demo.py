@@ -155,6 +155,7 @@ def train_and_score(
         rank=rank,
         seed=seed,
         output=str(output / "adapter"),
+        overwrite=True,  # a demo run starts afresh
         save_every=0,
         keep_checkpoints=1,
     )

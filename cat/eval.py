@@ -35,6 +35,7 @@ from cat_engine.engine import builtin
 from cat_engine.engine import distributed as dist
 from cat_engine.engine.builtin_clip import RANDOM_CLIP_NAME
 from cat_engine.engine.errors import CatEngineError
+from cat_engine.engine.families import dit_family, lora_prefix
 from cat_engine.engine.lora import LORA_WEIGHT_NAME, has_peft_adapter, read_lora_metadata
 from cat_engine.engine.memory_plan import DTYPES
 from cat_engine.engine.models import BUILTIN, load_base
@@ -46,7 +47,8 @@ DEFAULT_TEMPLATES = (
     "a painting of {}",
     "{} in the snow",
 )
-SCHEDULER_NAME = "DDIM"
+SCHEDULER_NAME = "DDIM"  # the UNets' sampler; transformer families report their own
+SD_GUIDANCE = 7.5  # the default guidance of the UNet families
 EVAL_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
@@ -103,12 +105,23 @@ class EvalConfig:
         metadata=help_metadata(f"CLIP model folder, or {RANDOM_CLIP_NAME}", "the built-in CLIP"),
     )
     resolution: int | None = field(default=None, metadata=help_metadata("image size", "the model's native"))
-    steps: int = field(default=25, metadata=help_metadata("DDIM steps"))
-    guidance: float = field(default=7.5, metadata=help_metadata("classifier-free guidance scale"))
+    steps: int = field(
+        default=25, metadata=help_metadata("sampling steps (DDIM; flow-matching Euler for transformers)")
+    )
+    guidance: float | None = field(
+        default=None,
+        metadata=help_metadata(
+            "guidance scale (classifier-free; Flux.1-dev: its embedded guidance)",
+            f"{SD_GUIDANCE} for SD/SDXL, the pipeline's default for SD3, Flux and Z-Image",
+        ),
+    )
     batch_size: int = field(default=8, metadata=help_metadata("(prompt, seed) jobs per denoising batch"))
     dtype: str = field(
         default="auto",
-        metadata=help_metadata("UNet and text encoder precision; auto: float16 on a GPU, else float32"),
+        metadata=help_metadata(
+            "denoiser and text encoder precision; auto: float16 on a GPU (bfloat16 for SD3, Flux, Z-Image), "
+            "else float32"
+        ),
     )
 
     def validate(self) -> EvalConfig:
@@ -147,7 +160,7 @@ def evaluate(
     config.validate()
     device = device or dist.device_for("auto", ranks)
     lora = lora_file(config.lora)
-    meta = read_lora_metadata(lora)
+    meta = lora_metadata(lora)
     base = base_from_metadata(config.base, meta)
     token = config.token or meta.get("token") or DEFAULT_TOKEN
     class_word = config.class_word or meta.get("class_word") or DEFAULT_CLASS_WORD
@@ -175,9 +188,9 @@ def evaluate(
         embedding=embedder.info(),
         references={"folder": str(refs_dir), "count": len(ref_images)},
         sampling={
-            "scheduler": SCHEDULER_NAME,
+            "scheduler": scheduler_name(model),
             "steps": config.steps,
-            "guidance": config.guidance,
+            "guidance": settings.guidance,
             "prompt_seed_stride": config.prompt_seed_stride,
             "resolution": settings.resolution,
             "dtype": str(model.unet.dtype).removeprefix("torch."),
@@ -202,6 +215,18 @@ def lora_file(path: str) -> Path:
             f"--lora {p}: no adapter there (expected a folder with {LORA_WEIGHT_NAME}, or the file)"
         )
     return file
+
+
+def lora_metadata(lora: Path) -> dict:
+    """The adapter file's engine metadata; a file that is not a whole safetensors file (empty,
+    truncated, garbage) is an :class:`EvalError` naming it."""
+    from safetensors import SafetensorError
+
+    try:
+        return read_lora_metadata(lora)
+    except (SafetensorError, OSError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise EvalError(f"--lora {lora}: not a readable safetensors adapter ({reason})") from None
 
 
 def check_templates(templates: list[str], where: str) -> list[str]:
@@ -281,26 +306,37 @@ def prepare_models(config: EvalConfig, base: str | None, device: torch.device):
     resolution = config.resolution or model.native_resolution
     if resolution % (model.vae_scale_factor * 2) != 0:
         raise EvalError(f"--resolution {resolution}: must be a multiple of {model.vae_scale_factor * 2}")
-    settings = SampleSettings(resolution, config.steps, config.guidance, config.batch_size)
+    settings = SampleSettings(resolution, config.steps, sampling_guidance(config, model), config.batch_size)
     return model, settings, ClipEmbedder(config.clip, device)
+
+
+def sampling_guidance(config: EvalConfig, model) -> float:
+    """``--guidance``, else the model family's default."""
+    if config.guidance is not None:
+        return config.guidance
+    family = dit_family(model.family)
+    return SD_GUIDANCE if family is None else family.sample_guidance
 
 
 def load_adapted_model(base: str | None, lora: Path, dtype: str, device: torch.device):
     """The base model with the adapter loaded into its UNet, on ``device``, in ``dtype`` (``auto``:
     float16 on a GPU, else float32); the VAE stays in float32."""
+    from safetensors import SafetensorError
+
     model = load_base(base)
     try:
         model.unet.load_lora_adapter(
-            str(lora.parent), prefix="unet", weight_name=lora.name, local_files_only=True
+            str(lora.parent), prefix=lora_prefix(model.unet), weight_name=lora.name, local_files_only=True
         )
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         raise EvalError(
             f"--lora {lora}: cannot load it into the --base UNet: {str(exc).splitlines()[0]}"
         ) from None
     if not has_peft_adapter(model.unet):
-        raise EvalError(f"--lora {lora}: no UNet LoRA weights in it")
-    if dtype == "auto":  # half precision where it is fast
-        dtype = "float16" if device.type == "cuda" else "float32"
+        raise EvalError(f"--lora {lora}: no LoRA weights for this --base's {lora_prefix(model.unet)} in it")
+    if dtype == "auto":  # half precision where it is fast; transformers (and T5) in bf16, as released
+        half = "bfloat16" if dit_family(model.family) is not None else "float16"
+        dtype = half if device.type == "cuda" else "float32"
     for module in [model.unet, *model.text_encoders]:
         _move(module, device, DTYPES[dtype])
     _move(model.vae, device, torch.float32)  # the SD VAE overflows in float16; decoding is a small share
@@ -320,6 +356,11 @@ def base_id(base: str | None, model) -> str:
     if base is None or str(base) == BUILTIN:
         return model.path.name  # the random tiny pipeline's cache folder: its name and fingerprint
     return str(model.path)
+
+
+def scheduler_name(model) -> str:
+    family = dit_family(model.family)
+    return SCHEDULER_NAME if family is None else family.scheduler_name
 
 
 def model_info(base: str | None, model, lora: Path) -> dict:

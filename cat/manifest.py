@@ -24,10 +24,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
-from cat_engine.cat.config import OPTIONS, ConfigError, TrainConfig, build_config, load_yaml
+from cat_engine.cat.config import (
+    OPTIONS,
+    ConfigError,
+    TrainConfig,
+    build_config,
+    load_yaml,
+    options_of,
+    read_yaml,
+)
 from cat_engine.cat.data import concept_list
 from cat_engine.cat.eval import EvalConfig, evaluate, read_templates
 from cat_engine.cat.report import write_report
@@ -48,26 +57,36 @@ PER_CONCEPT_FLAGS = ("data", "token", "class_word", "concepts", "resume")
 
 
 def _options(raw: dict, where: str) -> dict:
-    values = {}
-    for key, value in raw.items():
-        name = str(key).replace("-", "_")
-        if name not in OPTIONS:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of options, got {raw!r}")
+    for key in raw:
+        if str(key).replace("-", "_") not in OPTIONS:
             raise ConfigError(f"{where}: unknown option {key!r}")
-        values[name] = value
-    return values
+    return options_of(raw, where)
+
+
+def check_concept_name(name, root_hint: str) -> str:
+    """``name`` when it is one plain folder name inside the farm's folder: not empty, ``.`` or
+    ``..``, no path separator, and not the farm's own summary file. The message names the manifest."""
+    if isinstance(name, bool) or not isinstance(name, (str, int)):
+        raise ConfigError(f"{root_hint}: concept name {name!r} must be a string")
+    name = str(name)
+    separators = {"/", "\\", os.sep, os.altsep or "/", "\0"}
+    plain = name not in ("", ".", "..") and not any(sep in name for sep in separators)
+    if not plain or Path(name).is_absolute() or Path(name).name != name:
+        raise ConfigError(
+            f"{root_hint}: concept name {name!r} is not a folder name inside the farm's folder "
+            "(one path component: no '/', not '.' or '..')"
+        )
+    if name == SUMMARY_FILE:
+        raise ConfigError(f"{root_hint}: concept name {name!r} is the farm's summary file; choose another")
+    return name
 
 
 def read_manifest(path: str | Path) -> dict:
     """The manifest as ``{output, defaults, kps, concepts: [(name, options)]}``; data folders made absolute."""
-    import yaml
-
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"--manifest {path}: no such file")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--manifest {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    raw = read_yaml(path, "--manifest")
     if isinstance(raw, list):  # a bare list of concepts
         raw = {"concepts": raw}
     if not isinstance(raw, dict) or not raw.get("concepts"):
@@ -79,6 +98,10 @@ def read_manifest(path: str | Path) -> dict:
         )
     kps = raw.get("kps", {})
     if kps is not False:
+        if not isinstance(kps or {}, dict):
+            raise ConfigError(
+                f"--manifest {path}: kps: expected a mapping of eval options or false, got {kps!r}"
+            )
         kps = {str(k).replace("-", "_"): v for k, v in (kps or {}).items()}
         bad = sorted(set(kps) - set(KPS_OPTIONS))
         if bad:
@@ -87,14 +110,19 @@ def read_manifest(path: str | Path) -> dict:
             )
         kps = {**KPS_DEFAULTS, **kps}
     defaults = _options(raw.get("defaults") or {}, f"--manifest {path}: defaults")
+    if not isinstance(raw["concepts"], list):
+        raise ConfigError(
+            f"--manifest {path}: concepts: expected a list of concepts, got {raw['concepts']!r}"
+        )
     concepts, names = [], set()
     for i, entry in enumerate(raw["concepts"]):
         if not isinstance(entry, dict):
             raise ConfigError(f"--manifest {path}: concepts[{i}] must be a mapping of options")
         entry = dict(entry)
-        name = str(entry.pop("name", "") or f"{entry.get('token', 'sks')}-{entry.get('class_word', 'star')}")
-        if name in names or "/" in name:
-            raise ConfigError(f"--manifest {path}: concept name {name!r} repeated or not a folder name")
+        name = entry.pop("name", "") or f"{entry.get('token', 'sks')}-{entry.get('class_word', 'star')}"
+        name = check_concept_name(name, f"--manifest {path}: concepts[{i}]")
+        if name in names:
+            raise ConfigError(f"--manifest {path}: concept name {name!r} repeated; give each concept its own")
         names.add(name)
         options = _options(entry, f"--manifest {path}: concepts[{i}] ({name})")
         if options.get("data"):

@@ -5,7 +5,8 @@ may name them all. Sub-command modules are imported only when chosen, so ``cat-e
 stays fast and one broken optional feature cannot take the others down.
 
 Library code raises :class:`~cat_engine.engine.errors.CatEngineError` for anything the user can fix;
-here, and only here, it becomes one line on stderr and exit code 2.
+here, and only here, it becomes one line on stderr and exit code 2. A run stopped by SIGINT or
+SIGTERM ends with one line saying what was kept, and exit code 128 + the signal's number.
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     module_name, help_text = COMMANDS[name]
+    from cat_engine.engine.quantize import quiet_torchao_import_logs
+
+    quiet_torchao_import_logs()  # before the command's imports: peft imports torchao when installed
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"cat-engine {name}", description=help_text)
     module.add_arguments(parser)
@@ -64,6 +68,6 @@ def main(argv: list[str] | None = None) -> int:
     except CatEngineError as exc:
         print(f"cat-engine {name}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"cat-engine {name}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # SIGINT/SIGTERM: the message says what was kept (engine/signals.py)
+        print(f"cat-engine {name}: {exc or 'interrupted'}", file=sys.stderr)
+        return getattr(exc, "exit_code", 130)

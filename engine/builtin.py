@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from cat_engine.engine.files import write_folder_atomically
 
 BUILTIN_NAME = "toyworld-v2"  # the id of the default model in reports
 RANDOM_NAME = "builtin-tiny-sd-v1"  # cache folder prefix of the random tiny pipeline
@@ -94,10 +94,11 @@ def tiny_unet(family: str = "sd", **overrides):
     return UNet2DConditionModel(**config)
 
 
-def tiny_vae():
+def tiny_vae(**overrides):
+    """The tiny 4x VAE (4 latent channels; ``overrides`` change its config, as for the transformers')."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(
+    config = dict(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 3,
@@ -108,6 +109,7 @@ def tiny_vae():
         norm_num_groups=8,
         sample_size=NATIVE_RESOLUTION,
     )
+    return AutoencoderKL(**{**config, **overrides})
 
 
 def tiny_scheduler(prediction_type: str = "epsilon"):
@@ -164,19 +166,13 @@ def cache_root() -> Path:
 
 
 def save_pipeline_atomically(pipe, target: Path) -> Path:
-    """Save a pipeline as a diffusers folder under a temporary name, then rename it into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process won the race: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    """Save a pipeline as a diffusers folder under a temporary name, then rename it into place.
+
+    When another process saved it first, theirs is kept.
+    """
+    return write_folder_atomically(
+        target, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True), replace_existing=False
+    )
 
 
 def _fingerprint(pipe) -> str:
@@ -196,6 +192,7 @@ def _fingerprint(pipe) -> str:
             described[name] = dict(config)
         elif module is not None:
             described[name] = [type(module).__name__, len(getattr(module, "encoder", {}) or {})]
+
     def stable(value):  # sets (diffusers' _use_default_values) print in hash order: sort them
         return sorted(map(str, value)) if isinstance(value, (set, frozenset)) else str(value)
 
@@ -210,21 +207,25 @@ def _builtin_name(family: str, prediction_type: str) -> str:
     return f"{RANDOM_NAME}-{family}-{prediction_type}-{_fingerprint(tiny_pipeline(family, prediction_type))}"
 
 
-def toyworld_dir() -> Path:
-    """The pretrained toy-world pipeline shipped with the engine (a diffusers folder)."""
-    return TOYWORLD_DIR
-
-
 def builtin_model_dir(
     family: str = "sd", prediction_type: str = "epsilon", *, pretrained: bool = True
 ) -> Path:
     """The built-in model as a diffusers folder.
 
     SD-family epsilon-prediction (the default) with ``pretrained``: the toy world
-    (:func:`toyworld_dir`). Otherwise the random tiny pipeline, written once into the cache and
+    (:data:`TOYWORLD_DIR`). Otherwise the random tiny pipeline, written once into the cache and
     reused. Its folder name carries a fingerprint of the components' configs, so a cache written by an
-    older definition of the model is never picked up by mistake.
+    older definition of the model is never picked up by mistake. The diffusion-transformer families
+    (``sd3``, ``flux``, ``zimage``) have only a random tiny pipeline (``engine/builtin_dit.py``);
+    ``prediction_type`` does not apply to them (they predict the flow velocity).
     """
+    if family not in FAMILIES:
+        from cat_engine.engine import builtin_dit
+
+        target = cache_root() / builtin_dit.tiny_dit_name(family)
+        if not (target / "model_index.json").exists():
+            save_pipeline_atomically(builtin_dit.tiny_dit_pipeline(family), target)
+        return target
     if (
         pretrained
         and (family, prediction_type) == ("sd", "epsilon")

@@ -18,14 +18,12 @@ transformers folder (safetensors, ``preprocessor_config.json``, tokenizer files)
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from cat_engine.engine.builtin import cache_root, clip_tokenizer
+from cat_engine.engine.files import write_folder_atomically
 
 BUILTIN_CLIP_NAME = "toyworld-clip-v2"  # the default embedding model
 RANDOM_CLIP_NAME = "builtin-tiny-clip-random"
@@ -84,11 +82,6 @@ def tiny_clip_image_processor(size: int = IMAGE_SIZE):
     )
 
 
-def toyworld_clip_dir() -> Path:
-    """The pretrained toy-world CLIP shipped with the engine (a transformers folder)."""
-    return TOYWORLD_CLIP_DIR
-
-
 def builtin_clip_dir(seed: int | None = None) -> Path:
     """The default CLIP folder: the toy-world CLIP; with a ``seed``, the random tiny CLIP.
 
@@ -101,17 +94,10 @@ def builtin_clip_dir(seed: int | None = None) -> Path:
     target = cache_root() / (RANDOM_CLIP_NAME + ("" if seed == 0 else f"-seed{seed}"))
     if (target / "config.json").exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
-        tiny_clip(seed).save_pretrained(tmp, safe_serialization=True)
-        tiny_clip_image_processor().save_pretrained(tmp)
-        clip_tokenizer().save_pretrained(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process wrote it first: keep theirs
-            pass
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    def write(folder: Path) -> None:
+        tiny_clip(seed).save_pretrained(folder, safe_serialization=True)
+        tiny_clip_image_processor().save_pretrained(folder)
+        clip_tokenizer().save_pretrained(folder)
+
+    return write_folder_atomically(target, write, replace_existing=False)  # another process's stays

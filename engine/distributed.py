@@ -2,13 +2,15 @@
 
 Launched by ``torchrun`` (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK`` in the environment), a process
 joins the group with gloo on the CPU and nccl on a GPU; launched plainly, it runs alone and every
-helper here is a no-op, so the recipe has one code path for one process and for many.
+helper here is a no-op, so the recipe has one code path for one process and for many. Several
+machines take part through torchrun's own rendezvous (:class:`Nodes`): nothing here depends on
+where a rank runs except its device, which is its local rank's.
 
-The split-batch step (``cat_loss``) needs the raw UNet: it reads the UNet's split state, walks its
+The split-batch step (the CAT loss) needs the raw UNet: it reads the UNet's split state, walks its
 modules and installs its own checkpoint function for the call. So DDP does not wrap the UNet; it
-wraps :class:`CatStep`, a module whose only parameters are the LoRA tensors and whose forward calls
-``cat_loss`` on the UNet it holds. DDP then synchronises exactly those tensors: the frozen weights
-are neither broadcast at start-up nor looked at by the reducer.
+wraps :class:`TrainStep`, a module whose only parameters are the LoRA tensors and whose forward calls
+the step's loss function on the UNet it holds. DDP then synchronises exactly those tensors: the
+frozen weights are neither broadcast at start-up nor looked at by the reducer.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import sys
 from dataclasses import dataclass
 
 import torch
+
+from cat_engine.engine.batch import CatBatch, StepLoss
 
 # Environment variables torchrun sets in every process it starts.
 WORLD_ENV, RANK_ENV, LOCAL_RANK_ENV = "WORLD_SIZE", "RANK", "LOCAL_RANK"
@@ -67,6 +71,16 @@ def init_distributed(device: str = "auto") -> DistContext:
     return DistContext(dist.get_rank(), dist.get_world_size(), local)
 
 
+def current_context() -> DistContext:
+    """This process's place in the initialised ``torch.distributed`` group, whoever set it up
+    (torchrun with :func:`init_distributed`, accelerate, the caller); :data:`SINGLE` when none is."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return SINGLE
+    return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get(LOCAL_RANK_ENV, "0")))
+
+
 def _wants_cuda(device: str) -> bool:
     if device == "auto":
         return torch.cuda.is_available()
@@ -88,7 +102,7 @@ def shutdown(ctx: DistContext) -> None:
 
     Without the barrier a rank that finished an all-gather first could tear down its gloo
     connections while a peer was still receiving; the peer then aborted at exit ("terminate called
-    without an active exception", seen about once in ten 2-rank farm runs).
+    without an active exception").
     """
     if ctx.enabled:
         import torch.distributed as dist
@@ -153,38 +167,27 @@ def local_rows(global_batch: int, ctx: DistContext) -> slice:
     return slice(ctx.rank * per_rank, (ctx.rank + 1) * per_rank)
 
 
-class CatStep(torch.nn.Module):
-    """``forward(...)`` = ``cat_loss(unet, ...)`` as ``(loss, ldm, cat)``; parameters: the LoRA tensors only.
+class TrainStep(torch.nn.Module):
+    """``forward(batch)`` = ``loss_fn(model, batch)``; parameters: the trainable tensors only.
 
-    The UNet is held outside the module tree (so DDP neither broadcasts nor inspects its frozen
-    weights); the LoRA tensors are registered here as the very ``Parameter`` objects of the UNet,
-    so gradients DDP reduces are the ones the optimizer steps.
+    ``loss_fn`` is the step's loss (:data:`~cat_engine.engine.batch.StepLoss`: a tuple of tensors,
+    the differentiable loss first). The model is held outside the module tree (so DDP neither
+    broadcasts nor inspects its frozen weights); ``params`` (the LoRA tensors) are registered here
+    as the very ``Parameter`` objects of the model, so the gradients DDP reduces are the ones the
+    optimizer steps.
     """
 
-    def __init__(self, unet: torch.nn.Module, lora: list[torch.nn.Parameter], cat_weight: float):
+    def __init__(self, model: torch.nn.Module, params: list[torch.nn.Parameter], loss_fn: StepLoss):
         super().__init__()
-        object.__setattr__(self, "unet", unet)  # not a submodule, on purpose (see the class doc)
-        self.lora = torch.nn.ParameterList(lora)
-        self.cat_weight = cat_weight
+        object.__setattr__(self, "model", model)  # not a submodule, on purpose (see the class doc)
+        self.params = torch.nn.ParameterList(params)
+        self.loss_fn = loss_fn
 
-    def forward(self, noisy, timesteps, token_embeds, plain_embeds, target, added=None, plain_added=None):
-        from cat_engine.cat.loss import cat_loss
-
-        out = cat_loss(
-            self.unet,
-            noisy,
-            timesteps,
-            token_embeds,
-            plain_embeds,
-            target,
-            cat_weight=self.cat_weight,
-            added_cond_kwargs=added,
-            plain_added_cond_kwargs=plain_added,
-        )
-        return out.loss, out.ldm, out.cat
+    def forward(self, batch: CatBatch) -> tuple[torch.Tensor, ...]:
+        return self.loss_fn(self.model, batch)
 
 
-def data_parallel(step: CatStep, ctx: DistContext, device: torch.device):
+def data_parallel(step: TrainStep, ctx: DistContext, device: torch.device):
     """``step`` wrapped in DDP when running on several ranks, else ``step`` itself.
 
     No ``static_graph`` even with gradient checkpointing: the engine's checkpoint Function
@@ -200,13 +203,60 @@ def data_parallel(step: CatStep, ctx: DistContext, device: torch.device):
     return DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def torchrun_command(nproc: int, module: str, args: list[str]) -> list[str]:
-    """The command line that runs ``python -m module args`` on ``nproc`` local ranks."""
+@dataclass(frozen=True)
+class Nodes:
+    """The machines of a torchrun launch: ``count`` of them, meeting at ``endpoint`` (``HOST:PORT``).
+
+    Without ``node_rank`` the nodes meet through torchrun's c10d rendezvous, which numbers them in
+    the order they join; with it (a scheduler's node index, e.g. ``$SLURM_NODEID``) through torchrun's
+    static rendezvous, node 0 at ``endpoint``. One node and no endpoint: a standalone launch.
+    """
+
+    count: int = 1
+    endpoint: str | None = None
+    node_rank: int | None = None
+    run_id: str = "cat-engine"
+
+    def problem(self) -> str | None:
+        """What is wrong with these options, for a one-line error; ``None`` when nothing is."""
+        if self.count < 1:
+            return "--nnodes must be >= 1"
+        if self.count > 1 and not self.endpoint:
+            return "--nnodes > 1 needs --rdzv-endpoint HOST:PORT (a machine every node can reach)"
+        if self.endpoint is not None:
+            host, _, port = self.endpoint.rpartition(":")
+            if not host or not port.isdigit():
+                return f"--rdzv-endpoint {self.endpoint}: expected HOST:PORT"
+        if self.node_rank is not None and not 0 <= self.node_rank < self.count:
+            return f"--node-rank {self.node_rank} must be in [0, {self.count}) for --nnodes {self.count}"
+        return None
+
+    def torchrun_flags(self) -> list[str]:
+        if self.count == 1 and self.endpoint is None:
+            return ["--standalone"]
+        if self.node_rank is None:
+            return [
+                f"--nnodes={self.count}",
+                "--rdzv_backend=c10d",
+                f"--rdzv_endpoint={self.endpoint}",
+                f"--rdzv_id={self.run_id}",
+            ]
+        host, _, port = self.endpoint.rpartition(":")
+        return [
+            f"--nnodes={self.count}",
+            f"--node_rank={self.node_rank}",
+            f"--master_addr={host}",
+            f"--master_port={port}",
+        ]
+
+
+def torchrun_command(nproc: int, module: str, args: list[str], nodes: Nodes = Nodes()) -> list[str]:
+    """The command line that runs ``python -m module args`` on ``nproc`` ranks per node of ``nodes``."""
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--standalone",
+        *nodes.torchrun_flags(),
         f"--nproc_per_node={nproc}",
         "-m",
         module,

@@ -23,18 +23,47 @@ from __future__ import annotations
 import torch
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
-from cat_engine.engine.split_batch import SplitBatchState
-from cat_engine.kernels import lora_linear
+from cat_engine.engine.errors import CatEngineError
+from cat_engine.engine.quantize import is_quantized_linear, lora_on_quantized_base
+from cat_engine.engine.split_batch import STATE_ATTR, SplitBatchState
+from cat_engine.kernels import dispatch, lora_linear
 from cat_engine.kernels.lora_linear import autocast_dtype
 
-STATE_ATTR = "_cat_split_state"
+
+class LoraPathError(CatEngineError):
+    """``CAT_ENGINE_LORA_PATH`` names no path; the message says which values it takes."""
+
+
+# Where a fused layer keeps its route (see FusedLoraLinear._cat_route).
+ROUTE_ATTR = "_cat_route_cache"
 
 
 class FusedLoraLinear(PeftLoraLinear):
-    """peft's LoRA ``Linear`` whose forward calls :func:`cat_engine.kernels.lora_linear`."""
+    """peft's LoRA ``Linear`` whose forward calls :func:`cat_engine.kernels.lora_linear`.
 
-    def _cat_fusable(self, x: torch.Tensor, args, kwargs) -> bool:
-        if args or kwargs or self.disable_adapters or self.merged or self.fan_in_fan_out or x.dim() < 2:
+    Whether the layer can run the fused op depends on peft's adapter state (disabled, merged, the
+    active adapter, its variant), which changes only through peft's methods; the answer and the
+    modules it names are kept as the layer's *route*, rebuilt when that state differs from the one
+    it was made for (or when an adapter is added or deleted), so a call does not walk peft's
+    properties again. What can differ per call (extra arguments, the input's rank and dtype,
+    autocast, dropout's training flag, the scale) is checked per call.
+    """
+
+    def _cat_state(self):
+        """peft's state the route depends on, as a value (None: this peft keeps it elsewhere)."""
+        d = self.__dict__
+        if "_active_adapter" not in d or "merged_adapters" not in d or "_disable_adapters" not in d:
+            return None
+        active = d["_active_adapter"]
+        return (
+            d["_disable_adapters"],
+            tuple(d["merged_adapters"]),
+            active if isinstance(active, str) else tuple(active),
+        )
+
+    def _cat_fusable_layer(self) -> bool:
+        """Whether peft's state lets this layer run the fused op (what does not depend on the call)."""
+        if self.disable_adapters or self.merged or self.fan_in_fan_out:
             return False
         active = self.active_adapters
         if len(active) != 1 or active[0] not in self.lora_A:
@@ -43,13 +72,38 @@ class FusedLoraLinear(PeftLoraLinear):
         if name in getattr(self, "lora_variant", {}) or getattr(self, "use_dora", {}).get(name, False):
             return False
         base = self.get_base_layer()
-        if type(base) is not torch.nn.Linear:
+        if type(base) is not torch.nn.Linear and not is_quantized_linear(base):  # engine/quantize.py
             return False
-        dropout = self.lora_dropout[name]
-        if not isinstance(dropout, (torch.nn.Dropout, torch.nn.Identity)):
-            return False
-        # Outside autocast, a dtype mismatch is peft's (and F.linear's) to report.
-        return x.dtype == base.weight.dtype or autocast_dtype(x.device.type) is not None
+        return isinstance(self.lora_dropout[name], (torch.nn.Dropout, torch.nn.Identity))
+
+    def _cat_route(self):
+        """``(state, name, base layer, lora_A module, lora_B module, dropout module)`` of the active
+        adapter to fuse, or ``(state, None)`` for peft's forward."""
+        state = self._cat_state()
+        route = self.__dict__.get(ROUTE_ATTR)
+        if route is None or state is None or route[0] != state:
+            route = (state, None)
+            if self._cat_fusable_layer():
+                name = self.active_adapters[0]
+                route = (
+                    state,
+                    name,
+                    self.get_base_layer(),
+                    self.lora_A[name],
+                    self.lora_B[name],
+                    self.lora_dropout[name],
+                )
+            if state is not None:
+                self.__dict__[ROUTE_ATTR] = route
+        return route
+
+    def update_layer(self, *args, **kwargs):
+        self.__dict__.pop(ROUTE_ATTR, None)
+        return super().update_layer(*args, **kwargs)
+
+    def delete_adapter(self, *args, **kwargs):
+        self.__dict__.pop(ROUTE_ATTR, None)
+        return super().delete_adapter(*args, **kwargs)
 
     def _refuse_split_fallback(self, x: torch.Tensor) -> None:
         """peft's forward puts the delta on every row: wrong inside a split batch, so say so.
@@ -70,18 +124,23 @@ class FusedLoraLinear(PeftLoraLinear):
         )
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if not self._cat_fusable(x, args, kwargs):
+        route = self._cat_route()
+        if route[1] is None or args or kwargs or x.dim() < 2:
             self._refuse_split_fallback(x)
             return super().forward(x, *args, **kwargs)
-        name = self.active_adapters[0]
-        base = self.get_base_layer()
-        dropout = self.lora_dropout[name]
-        p = dropout.p if isinstance(dropout, torch.nn.Dropout) else 0.0
+        _, name, base, lora_A, lora_B, dropout = route
+        weight = base.weight
+        # Outside autocast, a dtype mismatch is peft's (and F.linear's) to report.
+        if x.dtype != weight.dtype and autocast_dtype(x.device.type) is None:
+            self._refuse_split_fallback(x)
+            return super().forward(x, *args, **kwargs)
+        if is_quantized_linear(base):  # engine/quantize.py
+            return lora_on_quantized_base(self, x, self.__dict__[STATE_ATTR].adapter_rows)
         return lora_linear(
-            x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-            self.scaling[name], getattr(self, STATE_ATTR).adapter_rows,
-            dropout_p=p, training=dropout.training,
-        )
+            x, weight, base.bias, lora_A.weight, lora_B.weight, self.scaling[name],
+            self.__dict__[STATE_ATTR].adapter_rows,
+            dropout_p=dropout.p if isinstance(dropout, torch.nn.Dropout) else 0.0, training=dropout.training,
+        )  # fmt: skip
 
 
 def fuse_lora_layers(model: torch.nn.Module, state: SplitBatchState) -> int:
@@ -89,7 +148,13 @@ def fuse_lora_layers(model: torch.nn.Module, state: SplitBatchState) -> int:
 
     Returns how many layers are fused (already fused ones included). Subclasses of peft's Linear
     (quantized and other backends) are left alone: their forward is not plain ``F.linear``.
+    Raises :class:`LoraPathError` when ``CAT_ENGINE_LORA_PATH`` is set to no known path, so a typo
+    stops the run here, in one line, rather than at the first layer call.
     """
+    try:
+        dispatch.forced_path()
+    except ValueError as exc:
+        raise LoraPathError(str(exc)) from None
     count = 0
     for module in model.modules():
         if type(module) is PeftLoraLinear:

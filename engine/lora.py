@@ -1,4 +1,4 @@
-"""LoRA adapters on a diffusers UNet: add, prepare for the engine, disable, save in diffusers format.
+"""LoRA adapters on a diffusers UNet: add, prepare for the engine, disable, save (diffusers and kohya formats).
 
 The adapter itself is peft's (``unet.add_adapter(LoraConfig(...))``), so anything trained here
 loads with ``StableDiffusionPipeline.load_lora_weights`` and anything trained elsewhere with
@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from cat_engine.engine.families import denoiser_family, lora_prefix
+from cat_engine.engine.files import write_atomically
 from cat_engine.engine.split_batch import adapter_rows, split_state
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -24,11 +26,19 @@ DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 ENGINE_METADATA_KEY = "cat_engine"
 
 
-def add_lora(unet, rank: int = 16, alpha: float | None = None, targets=DEFAULT_TARGETS, seed: int | None = None):
+def add_lora(
+    unet,
+    rank: int = 16,
+    alpha: float | None = None,
+    targets=DEFAULT_TARGETS,
+    seed: int | None = None,
+    dropout: float = 0.0,
+):
     """Add a trainable peft LoRA adapter (default name) to a frozen diffusers UNet; return the UNet.
 
     ``alpha`` defaults to ``rank`` (scale 1). ``lora_B`` starts at zero as in peft, so the adapter
     model initially equals the base model; ``lora_A`` is Gaussian, seeded by ``seed`` when given.
+    ``dropout``: peft's ``lora_dropout`` on the adapter's input (in training mode).
     """
     from peft import LoraConfig
 
@@ -40,6 +50,7 @@ def add_lora(unet, rank: int = 16, alpha: float | None = None, targets=DEFAULT_T
         lora_alpha=float(rank if alpha is None else alpha),
         init_lora_weights="gaussian",
         target_modules=list(targets),
+        lora_dropout=float(dropout),
     )
     if seed is None:
         unet.add_adapter(config)
@@ -48,6 +59,13 @@ def add_lora(unet, rank: int = 16, alpha: float | None = None, targets=DEFAULT_T
             torch.manual_seed(seed)
             unet.add_adapter(config)
     return unet
+
+
+def default_targets(model) -> tuple[str, ...]:
+    """The LoRA targets of ``model``'s family: :data:`DEFAULT_TARGETS` for UNets, the family's
+    own for a diffusion transformer (``engine/families/``)."""
+    family = denoiser_family(model)
+    return DEFAULT_TARGETS if family is None else family.default_targets
 
 
 def lora_named_parameters(unet) -> dict[str, torch.nn.Parameter]:
@@ -73,7 +91,8 @@ def fuse_lora(unet):
     ``adapter_rows``. The trainable tensors stay the same ``Parameter`` objects, so an optimizer
     built before the call keeps working, and state-dict keys do not change. LoRA on convolutions
     stays peft's. Calling it twice is harmless; :func:`unfuse_lora` undoes it. Raises
-    ``ValueError`` when the UNet has no LoRA adapter.
+    ``ValueError`` when the UNet has no LoRA adapter, and ``UnsupportedTargets`` (a user error) for
+    LoRA on a transformer's modules that see all rows' tokens flattened (``engine/families/``).
     """
     from cat_engine.engine.fused_lora import fuse_lora_layers
 
@@ -82,6 +101,9 @@ def fuse_lora(unet):
             "fuse_lora: the UNet carries no LoRA adapter; add one first with "
             "unet.add_adapter(peft.LoraConfig(...)) or cat_engine.engine.add_lora(unet)"
         )
+    family = denoiser_family(unet)
+    if family is not None:  # a transformer: LoRA only where every input row is one sample's
+        family.check_targets([n for n, m in unet.named_modules() if hasattr(m, "lora_A")])
     fuse_lora_layers(unet, split_state(unet))  # every fused call reads its adapter rows from here
     object.__setattr__(unet, "_cat_fused", True)
     return unet
@@ -120,7 +142,8 @@ def adapters_disabled(unet):
 def lora_state_dict(unet) -> dict[str, torch.Tensor]:
     """The adapter's weights under the keys diffusers' ``load_lora_weights`` reads (peft form).
 
-    ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` for every targeted module. (diffusers'
+    ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` for every targeted module (``transformer.``
+    for a diffusion transformer, ``engine/families/``). (diffusers'
     ``convert_state_dict_to_diffusers`` renames attention keys to the old ``lora.down/up`` form but
     leaves others, such as ``proj_in`` or ``ff.net.2``, as ``lora_A/B``; the loader then reads the
     file as peft's and drops the renamed attention weights. Keeping one form avoids that.)
@@ -128,16 +151,27 @@ def lora_state_dict(unet) -> dict[str, torch.Tensor]:
     from peft.utils import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(unet)
-    return {f"unet.{k}": v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+    prefix = lora_prefix(unet)
+    return {f"{prefix}.{k}": v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
 
 
 def lora_config_dict(unet) -> dict:
     cfg = unet.peft_config["default"]
-    return {"r": int(cfg.r), "lora_alpha": float(cfg.lora_alpha), "target_modules": sorted(cfg.target_modules)}
+    config = {
+        "r": int(cfg.r),
+        "lora_alpha": float(cfg.lora_alpha),
+        "target_modules": sorted(cfg.target_modules),
+    }
+    # Per-module ranks and alphas, when the adapter has them: without them a loader scales those
+    # modules by the global alpha / r.
+    for key in ("rank_pattern", "alpha_pattern"):
+        if getattr(cfg, key, None):
+            config[key] = dict(getattr(cfg, key))
+    return config
 
 
 def save_lora(unet, output_dir: str | os.PathLike, info: dict | None = None) -> Path:
-    """Write ``OUTPUT/pytorch_lora_weights.safetensors`` atomically (temporary name, then rename).
+    """Write ``OUTPUT/pytorch_lora_weights.safetensors`` atomically (``engine/files.py``).
 
     ``info`` (token, class word, cat weight, ...) goes into the safetensors metadata under
     ``cat_engine`` as JSON, next to the peft config diffusers needs to rebuild the adapter.
@@ -145,22 +179,64 @@ def save_lora(unet, output_dir: str | os.PathLike, info: dict | None = None) -> 
     from safetensors.torch import save_file
 
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     config = lora_config_dict(unet)
     metadata = {
         "format": "pt",
-        DIFFUSERS_METADATA_KEY: json.dumps({f"unet.{k}": v for k, v in config.items()}, sort_keys=True),
+        DIFFUSERS_METADATA_KEY: json.dumps(
+            {f"{lora_prefix(unet)}.{k}": v for k, v in config.items()}, sort_keys=True
+        ),
         ENGINE_METADATA_KEY: json.dumps({**config, **(info or {})}, sort_keys=True, default=str),
     }
-    path = output_dir / LORA_WEIGHT_NAME
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(lora_state_dict(unet), str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-    return path
+    state = lora_state_dict(unet)
+    return write_atomically(
+        output_dir / LORA_WEIGHT_NAME, lambda tmp: save_file(state, str(tmp), metadata=metadata)
+    )
+
+
+SAVE_FORMATS = ("diffusers", "kohya", "both")
+
+
+def writes_kohya(unet, save_format: str) -> bool:
+    """Whether ``save_format`` writes a kohya file for ``unet``: ``kohya`` always (refused for a
+    model the format does not cover), ``both`` for the UNets it covers (SD1.x/2.x/SDXL)."""
+    from cat_engine.engine.kohya import kohya_supported
+
+    if save_format not in SAVE_FORMATS:
+        raise ValueError(f"save format must be one of {', '.join(SAVE_FORMATS)}, got {save_format!r}")
+    return save_format == "kohya" or (save_format == "both" and kohya_supported(unet))
+
+
+def save_lora_files(
+    unet,
+    output_dir: str | os.PathLike,
+    save_format: str = "both",
+    info: dict | None = None,
+    *,
+    name: str | None = None,
+) -> list[Path]:
+    """The adapter in the formats ``save_format`` names, written atomically into ``output_dir``.
+
+    ``diffusers``: :func:`save_lora` (``pytorch_lora_weights.safetensors``, for ``load_lora_weights``).
+    ``kohya``: ``<name>.safetensors`` with kohya keys, per-module alphas and ``ss_*`` metadata, for
+    ComfyUI, AUTOMATIC1111/Forge and sd-scripts (``engine/kohya.py``); ``name`` defaults to the
+    folder's name. ``both``: the two (the kohya file for SD1.x/2.x/SDXL UNets only: the format is
+    not defined here for diffusion transformers). Returns the paths written, the diffusers file first.
+    """
+    from cat_engine.engine.kohya import save_kohya
+
+    paths = []
+    if save_format in ("diffusers", "both"):
+        paths.append(save_lora(unet, output_dir, info))
+    if writes_kohya(unet, save_format):
+        record = json.dumps({**lora_config_dict(unet), **(info or {})}, sort_keys=True, default=str)
+        paths.append(
+            save_kohya(unet, output_dir, info, name=name, extra_metadata={ENGINE_METADATA_KEY: record})
+        )
+    return paths
 
 
 def read_lora_metadata(path: str | os.PathLike) -> dict:
-    """The engine metadata of a saved adapter (a folder or the .safetensors file)."""
+    """The engine metadata of a saved adapter (a folder, or either .safetensors file)."""
     from safetensors import safe_open
 
     path = Path(path)

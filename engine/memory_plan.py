@@ -5,7 +5,7 @@ channels_last, fused AdamW, applied to a diffusers UNet carrying a LoRA adapter.
     ctx = apply_memory_plan(unet, plan, device)          # attention, checkpointing, casts, layout
     optimizer = make_optimizer(lora_parameters(unet), 1e-4, plan, device)
     with ctx.autocast():
-        loss = cat_loss(ctx.unet, ...).loss
+        loss = loss_fn(ctx.unet, batch)[0]               # the step's loss (engine/batch.py StepLoss)
     if ctx.scaler is not None:                           # fp16: loss scaling
         ctx.scaler.scale(loss).backward(); ctx.scaler.step(optimizer); ctx.scaler.update()
     else:
@@ -27,7 +27,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from cat_engine.engine.batch import CatBatch
+from cat_engine.engine.denoiser import unet_forward
 from cat_engine.engine.errors import CatEngineError
+from cat_engine.engine.families import denoiser_family
+from cat_engine.engine.quantize import QUANT_MODES, check_mode, is_quantized, quantize_frozen
 
 ATTENTION_BACKENDS = ("sdpa", "xformers", "math")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
@@ -40,6 +44,8 @@ DTYPES = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
+# torch.compile modes of --compile (a plain --compile, or compile: true, means "default").
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 # Relative tolerance of the compiled-vs-eager LoRA gradient check, per compute precision.
 # fp32 differences come from reordered sums (~1e-5); bf16 keeps 8 bits of mantissa, so two
 # correct paths that round differently can differ by a few 1e-3 per element.
@@ -57,30 +63,67 @@ class MemoryPlan:
     ``precision``: ``fp32``, ``bf16`` (autocast; falls back to fp16 on GPUs without bf16),
     ``fp16`` (autocast + loss scaling, CUDA only), or ``auto`` (bf16/fp16 on CUDA, fp32 elsewhere).
     ``fused_adamw``: ``None`` means auto (fused on CUDA when this torch supports it).
+    ``compile``: ``False``, or a ``torch.compile`` mode of :data:`COMPILE_MODES` (``True`` means
+    ``"default"``).
+    ``frozen_quant``: frozen weights in 8 bits, ``none``, ``int8`` or ``fp8`` (engine/quantize.py).
+    ``offload``: a transformer's blocks in CPU memory, each on the device while it runs
+    (engine/offload.py); needs ``gradient_checkpointing``.
     """
 
     attention: str = "sdpa"
     gradient_checkpointing: bool = False
     precision: str = "fp32"
-    compile: bool = False
+    compile: bool | str = False
     channels_last: bool = False
     fused_adamw: bool | None = None
+    frozen_quant: str = "none"
+    offload: bool = False
 
     def __post_init__(self):
+        object.__setattr__(self, "compile", compile_mode(self.compile))
         if self.attention not in ATTENTION_BACKENDS:
             raise MemoryPlanError(
                 f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention!r}"
             )
         if self.precision not in PRECISIONS:
             raise MemoryPlanError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.frozen_quant not in QUANT_MODES:
+            raise MemoryPlanError(
+                f"frozen_quant must be one of {', '.join(QUANT_MODES)}, got {self.frozen_quant!r}"
+            )
+        if self.offload and not self.gradient_checkpointing:
+            raise MemoryPlanError(
+                "--offload needs --gradient-checkpointing: without it autograd keeps every block's "
+                "weights on the device for backward"
+            )
 
     def describe(self) -> str:
         parts = [self.precision, self.attention, "ckpt" if self.gradient_checkpointing else "no-ckpt"]
         if self.compile:
-            parts.append("compile")
+            parts.append("compile" if self.compile == "default" else f"compile {self.compile}")
         if self.channels_last:
             parts.append("channels_last")
+        if self.frozen_quant != "none":
+            parts.append(self.frozen_quant)
+        if self.offload:
+            parts.append("offload")
         return " ".join(parts)
+
+
+def compile_mode(value) -> bool | str:
+    """``False`` or a mode of :data:`COMPILE_MODES` from what a flag or YAML gives: a mode, a bool,
+    ``None``, or the strings true/false."""
+    if (
+        value is None
+        or value is False
+        or (isinstance(value, str) and value.lower() in ("false", "no", "off", ""))
+    ):
+        return False
+    if value is True or (isinstance(value, str) and value.lower() in ("true", "yes", "on")):
+        return "default"
+    if value in COMPILE_MODES:
+        return value
+    raise MemoryPlanError(f"compile must be one of {', '.join(COMPILE_MODES)} (or true/false), got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -192,6 +235,14 @@ def set_attention(unet, backend: str):
     """
     from diffusers.models import attention_processor as ap
 
+    family = denoiser_family(unet)
+    if family is not None:  # a diffusion transformer keeps its family's processors, which run SDPA
+        if backend != "sdpa":
+            raise MemoryPlanError(
+                f"--attention {backend}: {family.title} runs its own attention processors (PyTorch SDPA); "
+                "use --attention sdpa"
+            )
+        return unet
     if backend == "sdpa":
         if not hasattr(torch.nn.functional, "scaled_dot_product_attention"):
             raise MemoryPlanError("this torch has no scaled_dot_product_attention; use --attention math")
@@ -217,17 +268,26 @@ def is_lora_name(name: str) -> bool:
     return "lora_" in name
 
 
+NORM_LAYERS = (torch.nn.LayerNorm, torch.nn.GroupNorm)
+
+
 def cast_frozen_weights(unet, dtype: torch.dtype):
-    """Store frozen weights in ``dtype``; keep LoRA parameters (names containing ``lora_``) in fp32.
+    """Store frozen weights in ``dtype``; keep LoRA parameters (names containing ``lora_``) and the
+    normalisation layers' scales and shifts in fp32.
 
     Parameters keep their identity (``.data`` is replaced), so an optimizer built before stays
     valid. Half-precision frozen weights need autocast in the forward: peft's LoRA layers then run
     with fp32 LoRA weights next to half base weights (autocast casts each matmul's inputs).
+    Normalisation layers stay fp32 because a norm can see an fp32 input before any autocast op has
+    run (the built-in UNet's text-embedding ``LayerNorm`` reads the fp32 text embeddings), and CPU
+    autocast leaves norms alone: fp32 input with half weights is an error there, while fp32 weights
+    take either input. CUDA autocast computes norms in fp32 anyway, so nothing changes there.
     """
+    norms = {id(p) for m in unet.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)}
     with torch.no_grad():
         for name, param in unet.named_parameters():
-            target = torch.float32 if is_lora_name(name) else dtype
-            if param.is_floating_point() and param.dtype != target:
+            target = torch.float32 if is_lora_name(name) or id(param) in norms else dtype
+            if param.is_floating_point() and param.dtype != target and not is_quantized(param):
                 param.data = param.data.to(target)
         for name, buf in unet.named_buffers():
             if buf.is_floating_point() and not is_lora_name(name) and buf.dtype != dtype:
@@ -268,7 +328,7 @@ def enable_checkpointing(unet, checkpoint_func: Callable | None = None):
 
 
 def apply_memory_plan(
-    unet, plan: MemoryPlan, device, *, check_inputs=None, checkpoint_func=None
+    unet, plan: MemoryPlan, device, *, check_inputs: CatBatch | None = None, checkpoint_func=None
 ) -> MemoryContext:
     """Apply ``plan`` to ``unet`` in place (move to ``device``, attention, checkpointing, casts, layout).
 
@@ -279,11 +339,14 @@ def apply_memory_plan(
     device = _device(device)
     precision = resolve_precision(plan, device)
     plan = replace(plan, precision=precision.name, fused_adamw=fused_adamw_wanted(plan, device))
-    unet.to(device)
+    check_mode(plan.frozen_quant, device)
+    # Quantise and cast before moving: the full-precision weights need not fit the device.
+    quantize_frozen(unet, plan.frozen_quant)
+    cast_frozen_weights(unet, precision.frozen_dtype)
+    place_on_device(unet, plan, device)
     set_attention(unet, plan.attention)
     if plan.gradient_checkpointing:
         enable_checkpointing(unet, checkpoint_func)
-    cast_frozen_weights(unet, precision.frozen_dtype)
     if plan.channels_last:
         unet.to(memory_format=torch.channels_last)
     autocast = autocast_factory(precision, device)
@@ -304,6 +367,19 @@ def apply_memory_plan(
     return ctx
 
 
+def place_on_device(unet, plan: MemoryPlan, device) -> None:
+    """``unet.to(device)``; with ``plan.offload``, the blocks' frozen tensors stay in CPU memory."""
+    if not plan.offload:
+        unet.to(device)
+        return
+    from cat_engine.engine.offload import BlockOffload, block_offload
+
+    if denoiser_family(unet) is None:
+        raise MemoryPlanError("--offload moves a diffusion transformer's blocks; a UNet cannot offload")
+    if block_offload(unet) is None:
+        BlockOffload(unet, device)
+
+
 # --- optimizer ---------------------------------------------------------------------------------
 
 
@@ -313,13 +389,20 @@ def fused_adamw_wanted(plan: MemoryPlan, device) -> bool:
     return _device(device).type == "cuda"
 
 
-def make_optimizer(params, lr: float, plan: MemoryPlan, device, **kwargs) -> torch.optim.Optimizer:
+def make_optimizer(
+    params, lr: float, plan: MemoryPlan, device, name: str = "adamw", **kwargs
+) -> torch.optim.Optimizer:
     """AdamW over ``params``; fused when the plan wants it and this torch supports it here.
 
     The fused kernel is feature-checked (the ``fused`` argument exists, and construction accepts
     these parameters on this device); when it is refused we warn and use the default AdamW.
+    Another ``name`` (``adamw8bit``, ``prodigy``) comes from ``engine/optimizers.py``.
     """
     params = list(params)
+    if name != "adamw":
+        from cat_engine.engine.optimizers import make_extra_optimizer
+
+        return make_extra_optimizer(name, params, lr, **kwargs)
     if fused_adamw_wanted(plan, device):
         if "fused" in inspect.signature(torch.optim.AdamW).parameters:
             try:
@@ -360,12 +443,6 @@ def _compile_in_place(modules, **compile_kwargs) -> None:
 def _uncompile(modules) -> None:
     for m in modules:
         m._compiled_call_impl = None
-
-
-def _unet_call(unet, inputs):
-    latents, timesteps, text, added = inputs
-    kwargs = {"added_cond_kwargs": added} if added is not None else {}
-    return unet(latents, timesteps, encoder_hidden_states=text, return_dict=False, **kwargs)[0]
 
 
 def lora_gradients(call: Callable, params, autocast=contextlib.nullcontext) -> list[torch.Tensor]:
@@ -426,7 +503,7 @@ def _nonzero_lora_b(unet):
 def compile_unet(
     unet,
     plan: MemoryPlan,
-    check_inputs,
+    check_inputs: CatBatch,
     *,
     backend: str = "inductor",
     per_block: bool = False,
@@ -434,18 +511,19 @@ def compile_unet(
     rtol: float | None = None,
     **compile_kwargs,
 ):
-    """``torch.compile`` the UNet in place, then prove its LoRA gradients equal eager ones.
+    """``torch.compile`` the UNet in place, in ``plan.compile``'s mode, then prove its LoRA
+    gradients equal eager ones.
 
-    ``check_inputs``: ``(latents, timesteps, encoder_hidden_states, added_cond_kwargs or None)``,
-    small (as from ``unet_configs.example_inputs``); one forward+backward runs eager and one
-    compiled. On a mismatch above ``rtol`` (default per precision, 1e-3 for fp32), or when
-    compiling fails, it warns loudly, undoes the compilation and returns the eager UNet.
+    ``check_inputs``: a small :class:`~cat_engine.engine.batch.CatBatch`; one forward+backward of
+    the UNet on its token rows (``noisy_latents``, ``timesteps``, ``token_embeds``,
+    ``added_cond_kwargs``) runs eager, then compiled: once in mode ``default``, three times in the
+    modes that record CUDA graphs (``reduce-overhead``, ``max-autotune``: the first runs record,
+    the last replays), every run checked. On a mismatch above ``rtol`` (default per precision, 1e-3
+    for fp32), or when compiling fails, it warns loudly, undoes the compilation and returns the
+    eager UNet (docs/design.md §6: inductor on CPU is known to get LoRA gradients wrong).
 
-    ``per_block=False`` (default) compiles the whole UNet as one graph: measured on the tiny UNet
-    (2 busy CPU cores, torch 2.13, compile + first forward/backward), whole-UNet inductor took
-    115 s and per-block (down/mid/up blocks) 159 s; aot_eager 35 s. Both inductor variants gave
-    LoRA gradients with max rel err 1.0 against eager there (the known CPU bug), so the check
-    falls back on that torch; aot_eager matched exactly.
+    ``per_block=False`` (default) compiles the whole UNet as one graph, which compiled faster than
+    per block (down/mid/up blocks) on the tiny UNet (bench/results/README-figures-from-code.md).
 
     The check runs on ``check_inputs``' shapes; the training shapes recompile (new graph) on the
     first real step and are trusted by the same backend. Pass training-sized inputs when affordable.
@@ -459,12 +537,21 @@ def compile_unet(
         warnings.warn("this torch has no nn.Module.compile; training eager", stacklevel=2)
         return unet
     rtol = COMPILE_RTOL.get(plan.precision, 1e-3) if rtol is None else rtol
+    mode = plan.compile or "default"
+    if mode != "default" and backend == "inductor":  # modes are inductor's
+        compile_kwargs.setdefault("mode", mode)
+    runs = 1 if mode == "default" else 3
     modules = unet_blocks(unet) if per_block else [unet]
+    b = check_inputs
+
+    def forward():  # the same call before and after: compilation is in place
+        return unet_forward(unet, b.noisy_latents, b.timesteps, b.token_embeds, b.added_cond_kwargs)
+
     with _nonzero_lora_b(unet):
-        eager = lora_gradients(lambda: _unet_call(unet, check_inputs), params, autocast)
+        eager = lora_gradients(forward, params, autocast)
         try:
             _compile_in_place(modules, backend=backend, **compile_kwargs)
-            compiled = lora_gradients(lambda: _unet_call(unet, check_inputs), params, autocast)
+            compiled = [lora_gradients(forward, params, autocast) for _ in range(runs)]
         except Exception as exc:  # noqa: BLE001 - inductor needs a C compiler, may hit unsupported ops, ...
             _uncompile(modules)
             warnings.warn(
@@ -472,12 +559,12 @@ def compile_unet(
                 stacklevel=2,
             )
             return unet
-    err = max_relative_error(compiled, eager)
+    err = max(max_relative_error(grads, eager) for grads in compiled)
     if not err <= rtol:  # also catches NaN
         _uncompile(modules)
         message = (
             f"torch.compile gave wrong LoRA gradients on this torch/device (max rel err {err:.3g}, "
-            f"tolerance {rtol:g}, backend {backend}); falling back to eager"
+            f"tolerance {rtol:g}, backend {backend}, mode {mode}); falling back to eager"
         )
         warnings.warn(message, stacklevel=2)
         print(f"WARNING: {message}", flush=True)  # loud: training continues, slower

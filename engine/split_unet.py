@@ -19,7 +19,7 @@ How (one call, three kinds of module call; with checkpointing, or ``no_checkpoin
   - without checkpointing and ``no_checkpoint="split"`` (diffusers' flag is switched on for the
     duration of the call only so that the units pass through our function), a row split: base rows
     under ``no_grad``, adapter rows with grad, outputs concatenated. The default without
-    checkpointing is two plain calls instead (measured below).
+    checkpointing is two plain calls instead (see below).
 
 * **Glue**: the leaf modules that run between units (the norm, ``proj_in``/``proj_out`` of
   ``Transformer2DModel``, down/up-sampling convs, ``conv_norm_out``/``conv_out``; a LoRA layer that
@@ -34,50 +34,52 @@ How (one call, three kinds of module call; with checkpointing, or ``no_checkpoin
   Row patterns travel on the tensors produced here; small tensors (the time embedding) are compared
   by value; anything else counts as distinct.
 
+Diffusion transformers (SD3, Flux, Z-Image; ``engine/families/``) run through the same machinery:
+their units are the transformer blocks diffusers checkpoints (``JointTransformerBlock``,
+``FluxTransformerBlock`` and ``FluxSingleTransformerBlock``, ``ZImageTransformerBlock`` including
+the refiners). Their glue is taken whole rather than leaf by leaf (:func:`_glue_modules`): the
+patch/text/time embedders and the final AdaLN norm and projection, whose modulation products would
+otherwise save the base rows' scales. Every conditioning tensor of a block call is per row (text,
+pooled text and time embeddings, masks, Z-Image's per-row rotary table); Flux's rotary table is one
+for all rows and reaches the blocks inside a tuple, which passes through as it is, and the module
+that makes it from position ids is left out of the glue.
+
 What still sees base rows in backward: elementwise glue between modules (residual adds, the skip
 concatenation, nearest up-sampling, reshapes) passes the base rows' zero gradient along. It saves
 nothing and does no FLOPs, but it is memory traffic over ``N`` rows.
 
 The LoRA layers must honour ``split_state(unet).adapter_rows``: the fused layers of
-``engine/fused_lora.py`` do; a UNet with plain peft LoRA layers is refused, since its base rows would
-silently carry the adapter.
+``engine/fused_lora.py`` do, and so do layers registered as row-aware (``engine/row_aware.py``); a
+UNet with plain peft LoRA layers, a replaced ``forward`` or trainable weights outside those layers is
+refused, since its base rows would silently carry the adapter.
 
-Without checkpointing (``no_checkpoint``), measured with ``OMP_NUM_THREADS=1 python -m
-cat_engine.bench.split_overhead --model small --checkpointing off --no-checkpoint-strategies split
-two_calls checkpoint`` (CPU, process time, fp32, B=1, rank 8) and ``--device cuda`` on an H200
-(fp32, B=1; small and full-size SD1.5 at 512 px). Overhead = (CAT step - LoRA step on 2B rows) in
-no-grad forwards of B rows:
+LoRA dropout: the checkpoint Function records the RNG state before a unit's forward and replays it
+for the recompute, as torch's own checkpoint does; the fused layers draw masks for the adapter rows
+only, so the recompute on the adapter rows draws the very masks of the forward over all rows.
 
-    strategy     FLOPs / (LoRA 2B + fwd B)   saved / LoRA 2B   CPU small   H200 small   H200 sd15
-    two_calls    1.00                        1.00              0.96-1.00   1.27         1.41
-    split        0.985 (shared rows)         1.00              0.99-1.19   1.9-2.1      1.3-1.7
-    checkpoint   ~1.25 (recompute 2B)        ~0.2              2.40        -            -
-
-``two_calls`` is the default: the same FLOPs and bytes, as fast on a CPU, and fewer, larger
-kernel launches on a GPU (``split`` runs every module twice plus a concatenation). It does not
-share the pre-LoRA work between plain and base rows (about 2% of SD1.5's FLOPs: ``conv_in`` and the
-first resnet); ``split`` does. ``checkpoint`` is checkpointing under another name.
-
-With checkpointing the one-call design above is the only one: CPU small ``0.67-0.72`` no-grad
-forwards of overhead (naive three-pass: 1.62-1.80), H200 SD1.5 ``-0.01`` against a LoRA step through the same
-checkpoint Function (the third group rides in a forward that runs anyway), engine / naive 0.69.
-Every figure, with its command, is in ``bench/results/split_overhead.jsonl``.
+Without checkpointing, ``no_checkpoint`` chooses how base rows stay out of autograd:
+``two_calls`` (the default: adapter rows with grad, then base rows under ``no_grad``) has the same
+FLOPs and saved bytes as ``split``, is as fast on a CPU, and launches fewer, larger kernels on a
+GPU (``split`` runs every module twice plus a concatenation). It does not share the pre-LoRA work
+(``conv_in`` and the first resnet) between plain and base rows; ``split`` does. ``checkpoint`` is
+checkpointing under another name: least memory, one more forward of the adapter rows. With
+checkpointing the one-call design above is the only one: the base rows ride in a forward that
+runs anyway. The measured overheads, with their commands, are in ``bench/results/`` (docs/design.md §7).
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
 import weakref
 from contextlib import contextmanager, nullcontext
 
 import torch
 
+from cat_engine.engine.denoiser import unet_forward
+from cat_engine.engine.families import denoiser_family
+from cat_engine.engine.row_aware import adapter_module_ids, check_adapter_layers, is_row_aware
 from cat_engine.engine.split_batch import adapter_rows as _adapter_rows_ctx
-
-# The kernels module (not its ``lora_linear`` function, which the package re-exports under the same
-# name); looked up per call because the VRAM estimator patches ``autocast_dtype`` on it.
-_lora_kernels = importlib.import_module("cat_engine.kernels.lora_linear")
+from cat_engine.kernels.lora_linear import autocast_dtype
 
 # Row-equality checks by value are done only for tensors this small per row (elements): the time
 # embedding (1280 on SD1.5) and SDXL's added embedding input (2816) qualify, hidden states do not.
@@ -98,9 +100,7 @@ def row_unaware_layers(unet) -> list[str]:
         from peft.tuners.lora.layer import LoraLayer
     except ImportError:  # peft absent: there can be no peft layers
         return []
-    from cat_engine.engine.fused_lora import FusedLoraLinear
-
-    return [n for n, m in unet.named_modules() if isinstance(m, LoraLayer) and type(m) is not FusedLoraLinear]
+    return [n for n, m in unet.named_modules() if isinstance(m, LoraLayer) and not is_row_aware(m)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -220,7 +220,7 @@ class _ValuelessFrozen(torch.autograd.Function):
             shape = (x.shape[0], module.out_channels, *spatial)
         device = x.device.type
         # Under autocast the real op would have produced the autocast dtype; match it.
-        dtype = _lora_kernels.autocast_dtype(device) or x.dtype
+        dtype = autocast_dtype(device) or x.dtype
         return x.new_empty(shape, dtype=dtype)
 
     @staticmethod
@@ -300,6 +300,8 @@ class _AdapterRowCheckpoint(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, call, module, kwargs, dummy, *args):
+        device = next((a.device for a in args if torch.is_tensor(a)), torch.device("cpu"))
+        ctx.rng = _rng_snapshot(device) if call.dropout else None
         # autograd runs Function.forward without grad: the base rows never enter the graph.
         out = call.run_unit(module, args, kwargs)
         n, rows = call.n_adapter, call.n_rows
@@ -316,10 +318,10 @@ class _AdapterRowCheckpoint(torch.autograd.Function):
                 spec.append(("obj", a))
         ctx.save_for_backward(*saved)
         ctx.spec, ctx.call, ctx.module, ctx.kwargs, ctx.n = spec, call, module, kwargs, n
-        device = next((a.device.type for a in args if torch.is_tensor(a)), "cpu")
         # The recompute runs in backward, outside the caller's autocast: record it to restore it.
         # (autocast_dtype is meta-safe: the VRAM estimator runs this step on the meta device.)
-        ctx.autocast = (device, _lora_kernels.autocast_dtype(device))
+        ctx.autocast = (device.type, autocast_dtype(device.type))
+        ctx.device = device
         return out
 
     @staticmethod
@@ -336,12 +338,15 @@ class _AdapterRowCheckpoint(torch.autograd.Function):
         n = ctx.n
         device, dtype = ctx.autocast
         restore_autocast = (
-            torch.autocast(device, dtype=dtype) if dtype is not None and device in ("cpu", "cuda") else nullcontext()
+            torch.autocast(device, dtype=dtype)
+            if dtype is not None and device in ("cpu", "cuda")
+            else nullcontext()
         )
         with (
             torch.enable_grad(),
             restore_autocast,
             _adapter_rows_ctx(ctx.call.unet, None),
+            _replayed_rng(ctx.rng, ctx.device),
             _skip_tail(ctx.module, args),
         ):
             out = ctx.module(*args, **ctx.kwargs)
@@ -367,6 +372,29 @@ class _AdapterRowCheckpoint(torch.autograd.Function):
         return (None, None, None, None, *result)
 
 
+def _rng_snapshot(device: torch.device):
+    """The RNG states a unit's dropout draws from: the CPU generator's and, on CUDA, the device's."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+@contextmanager
+def _replayed_rng(snapshot, device: torch.device):
+    """Run the block from ``snapshot``'s RNG states (None: as they are); outside it nothing changes."""
+    if snapshot is None:
+        yield
+        return
+    cpu, cuda = snapshot
+    index = (
+        device.index if device.index is not None else (torch.cuda.current_device() if cuda is not None else 0)
+    )
+    with torch.random.fork_rng(devices=[index] if cuda is not None else []):
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+        yield
+
+
 # --------------------------------------------------------------------------------------------------
 # One split call: dispatch of unit and glue module calls.
 # --------------------------------------------------------------------------------------------------
@@ -378,30 +406,68 @@ _call_ids = iter(range(1, 1 << 62))
 def _glue_leaves(module):
     """Leaf modules, with a LoRA layer (a module holding ``lora_A``) counted as one leaf."""
     for child in module.children():
-        if hasattr(child, "lora_A") or next(child.children(), None) is None:
+        if hasattr(child, "lora_A") or is_row_aware(child) or next(child.children(), None) is None:
             yield child
         else:
             yield from _glue_leaves(child)
 
 
-def _check_no_dropout(unet):
-    # The no-grad forward over all rows and the recompute over the adapter rows see different batch
-    # shapes, so their dropout masks could never match; the engine trains with dropout off.
-    for name, m in unet.named_modules():
-        if isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training:
-            raise ValueError(f"split-batch execution needs dropout off; {name} has p={m.p} in training mode")
+def _glue_modules(module, family):
+    """A transformer's glue: the largest modules that hold no block (the units), so that the
+    elementwise work inside them (AdaLN modulation, position embedding adds) is row-split with them
+    and never saves a base row. Containers are entered; blocks and position modules are left out."""
+    for child in module.children():
+        name = type(child).__name__
+        if name in family.block_classes or name in family.position_modules:
+            continue
+        container = isinstance(child, (torch.nn.ModuleList, torch.nn.ModuleDict))
+        if container or any(type(m).__name__ in family.block_classes for m in child.modules()):
+            yield from _glue_modules(child, family)
+        else:
+            yield child
+
+
+def _active_dropouts(module):
+    return [
+        (n, m)
+        for n, m in module.named_modules()
+        if isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training
+    ]
+
+
+def _adapter_dropout(unet) -> bool:
+    """Check the UNet's active dropouts; True when some LoRA layer's dropout will draw masks.
+
+    A LoRA layer's dropout draws for the adapter rows only, the same rows in the forward over all
+    rows and in the recompute, so the replayed RNG state gives the same masks. Any other dropout
+    would draw over all rows in the forward and over the adapter rows in the recompute: refused.
+    """
+    inside = set()
+    for m in unet.modules():
+        if is_row_aware(m):
+            inside.update(id(d) for _, d in _active_dropouts(m))
+    for name, m in _active_dropouts(unet):
+        if id(m) not in inside:
+            raise ValueError(
+                f"split-batch execution needs the model's own dropout off; {name} has p={m.p} in training mode "
+                "(LoRA dropout is fine)"
+            )
+    return bool(inside)
 
 
 class _SplitCall:
     """State of one split UNet call; its methods are what the UNet's modules call through."""
 
-    def __init__(self, unet, n_rows: int, n_adapter: int, n_groups: int, checkpoint: bool):
+    def __init__(
+        self, unet, n_rows: int, n_adapter: int, n_groups: int, checkpoint: bool, dropout: bool = False
+    ):
         self.unet, self.n_rows, self.n_adapter = unet, n_rows, n_adapter
         self.n_groups, self.group_rows = n_groups, n_rows // n_groups
         self.checkpoint = checkpoint
+        self.dropout = dropout  # LoRA dropout draws masks: each unit's recompute replays its RNG state
         self.token = next(_call_ids)
         self.depth = 0  # > 0 inside a unit or a split/shared module: its submodules run plainly
-        self._lora_ids = {id(p) for n, p in unet.named_parameters() if "lora_" in n}
+        self._adapter_modules = adapter_module_ids(unet)
         self._has_lora: dict[int, bool] = {}
         self._copies: dict[int, tuple] = {}  # id(x) -> (weakref(x), weakref(adapter-row copy))
         self._dummy = None
@@ -419,7 +485,7 @@ class _SplitCall:
     def has_lora(self, module) -> bool:
         key = id(module)
         if key not in self._has_lora:
-            self._has_lora[key] = any(id(p) in self._lora_ids for p in module.parameters())
+            self._has_lora[key] = any(id(m) in self._adapter_modules for m in module.modules())
         return self._has_lora[key]
 
     def dummy(self):
@@ -437,7 +503,9 @@ class _SplitCall:
         if known is not None and known[0] == self.token:
             return known[1]
         k, g = self.n_groups, self.group_rows
-        if t.requires_grad or t[0].numel() > _VALUE_CHECK_MAX_ROW_ELEMENTS:
+        # A value check reads the device, which CUDA graph capture forbids (engine/cuda_graphs.py).
+        capturing = t.is_cuda and torch.cuda.is_current_stream_capturing()
+        if t.requires_grad or t[0].numel() > _VALUE_CHECK_MAX_ROW_ELEMENTS or capturing:
             return tuple(range(k))
         chunks = [t[i * g : (i + 1) * g] for i in range(k)]
         pattern = tuple(next(j for j in range(i + 1) if torch.equal(chunks[j], chunks[i])) for i in range(k))
@@ -555,7 +623,9 @@ class _SplitCall:
                         m.gradient_checkpointing = True
                     if m.gradient_checkpointing:
                         m._gradient_checkpointing_func = self.unit
-            for leaf in _glue_leaves(self.unet):
+            family = denoiser_family(self.unet)
+            glue = _glue_leaves(self.unet) if family is None else _glue_modules(self.unet, family)
+            for leaf in glue:
                 wrapped.append((leaf, leaf.__dict__.get("forward", _MISSING)))
                 leaf.forward = self._glue(leaf, leaf.forward)
             yield self
@@ -573,17 +643,13 @@ class _SplitCall:
                     m._gradient_checkpointing_func = func
 
 
-def _unet_forward(unet, latents, timesteps, embeds, added_cond_kwargs):
-    kwargs = {"added_cond_kwargs": added_cond_kwargs} if added_cond_kwargs is not None else {}
-    return unet(latents, timesteps, encoder_hidden_states=embeds, return_dict=False, **kwargs)[0]
-
-
-def _take(obj, rows: slice):
-    if obj is None:
-        return None
+def _take(obj, rows: slice, n_rows: int):
+    """``rows`` of every per-row tensor (first dimension ``n_rows``) in ``obj``; anything else as is."""
     if isinstance(obj, dict):
-        return {k: _take(v, rows) for k, v in obj.items()}
-    return obj[rows]
+        return {k: _take(v, rows, n_rows) for k, v in obj.items()}
+    if torch.is_tensor(obj) and obj.dim() and obj.shape[0] == n_rows:
+        return obj[rows]
+    return obj
 
 
 def split_batch_call(
@@ -595,11 +661,13 @@ def split_batch_call(
     added_cond_kwargs: dict | None = None,
     *,
     no_checkpoint: str = "two_calls",
+    **unet_kwargs,
 ) -> torch.Tensor:
     """One UNet call over a split batch; returns the prediction for all ``N`` rows.
 
     Args:
-        unet: diffusers ``UNet2DConditionModel`` whose LoRA layers are fused (``fuse_lora``).
+        unet: diffusers ``UNet2DConditionModel``, or a diffusion transformer of ``engine/families/``,
+            whose LoRA layers are fused (``fuse_lora``).
         latents: ``[N, C, H, W]``, or ``[G, C, H, W]`` with ``N = k * G`` when the ``k`` groups of rows
             share the same latents (CAT: token, plain and base rows share ``z_t``). Shared latents let
             the LoRA-free work before the first LoRA layer run once per distinct group.
@@ -607,12 +675,16 @@ def split_batch_call(
         embeds: ``encoder_hidden_states``, ``[N, L, D]``.
         adapter_rows: the first ``adapter_rows`` rows carry the adapter and gradients; the others are
             the frozen model's, computed without autograd (their outputs have no gradient path).
-        added_cond_kwargs: SDXL's ``{"text_embeds": [N, P], "time_ids": [N, 6]}``.
+        added_cond_kwargs: SDXL's ``{"text_embeds": [N, P], "time_ids": [N, 6]}``; a transformer
+            family's per-row conditioning (``engine/denoiser.py``).
         no_checkpoint: how to keep base rows out of autograd when the UNet has no gradient
             checkpointing: ``"two_calls"`` (default: adapter rows with grad, then base rows under
             no_grad), ``"split"`` (one call, every unit and glue module row-split; shares the
             pre-LoRA work but launches more, slower on a GPU), or ``"checkpoint"`` (the checkpoint
             Function on every unit: least memory, one more forward of the adapter rows).
+        unet_kwargs: the UNet's other keyword arguments (``class_labels``, ``timestep_cond``,
+            ``encoder_attention_mask``, ``cross_attention_kwargs``, ...); every tensor in them whose
+            first dimension is ``N`` is per-row, the rest is shared by all rows.
 
     Gradients reach the LoRA weights through ``loss.backward()`` (units recompute reentrantly and
     accumulate into ``.grad``; ``torch.autograd.grad`` w.r.t. LoRA weights is not supported).
@@ -632,7 +704,8 @@ def split_batch_call(
             f"({unaware[0]}, ...); call cat_engine.engine.fuse_lora(unet) first (LoRA on convolutions "
             "is not fused and cannot run split)"
         )
-    _check_no_dropout(unet)
+    check_adapter_layers(unet, "split_batch_call")
+    dropout = _adapter_dropout(unet)
     n_groups = n_rows // g
     if torch.is_tensor(timesteps) and timesteps.dim() == 1 and timesteps.shape[0] == g and n_groups > 1:
         timesteps = timesteps.repeat(n_groups)
@@ -648,25 +721,32 @@ def split_batch_call(
         per_row = torch.is_tensor(timesteps) and timesteps.dim() == 1 and timesteps.shape[0] == n_rows
         ada, base = slice(0, adapter_rows), slice(adapter_rows, n_rows)
         with _adapter_rows_ctx(unet, None):
-            pred_adapter = _unet_forward(
+            pred_adapter = unet_forward(
                 unet,
                 full[ada],
                 timesteps[ada] if per_row else timesteps,
                 embeds[ada].clone(),  # a saved view would keep the base rows' embeddings alive
-                _take(added_cond_kwargs, ada),
+                _take(added_cond_kwargs, ada, n_rows),
+                **_take(unet_kwargs, ada, n_rows),
             )
         with torch.no_grad(), _adapter_rows_ctx(unet, 0):
-            pred_base = _unet_forward(
+            pred_base = unet_forward(
                 unet,
                 full[base],
                 timesteps[base] if per_row else timesteps,
                 embeds[base],
-                _take(added_cond_kwargs, base),
+                _take(added_cond_kwargs, base, n_rows),
+                **_take(unet_kwargs, base, n_rows),
             )
         return torch.cat([pred_adapter, pred_base])
 
     call = _SplitCall(
-        unet, n_rows, adapter_rows, n_groups, checkpoint=checkpointing or no_checkpoint == "checkpoint"
+        unet,
+        n_rows,
+        adapter_rows,
+        n_groups,
+        checkpoint=checkpointing or no_checkpoint == "checkpoint",
+        dropout=dropout,
     )
     if n_groups > 1:
         latents = call.mark(latents.repeat(n_groups, 1, 1, 1), (0,) * n_groups)
@@ -677,4 +757,4 @@ def split_batch_call(
         _adapter_rows_ctx(unet, adapter_rows),
         call.installed(force_units=not checkpointing),
     ):
-        return _unet_forward(unet, latents, timesteps, embeds, added_cond_kwargs)
+        return unet_forward(unet, latents, timesteps, embeds, added_cond_kwargs, **unet_kwargs)

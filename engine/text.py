@@ -1,4 +1,8 @@
-"""Prompt encoding for SD1.x/SD2.x (one CLIP text encoder) and SDXL (two, plus pooled output)."""
+"""Prompt encoding for SD1.x/SD2.x (one CLIP text encoder) and SDXL (two, plus pooled output).
+
+The diffusion-transformer families encode as their own pipelines do (``engine/families/``):
+:func:`encode_prompts` hands them the work.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +10,47 @@ from dataclasses import dataclass
 
 import torch
 
+from cat_engine.engine.families import dit_family
+
 
 @dataclass
 class PromptEmbeds:
-    """``embeds`` ``[B, 77, D]``; ``pooled`` ``[B, P]`` for SDXL, else ``None``."""
+    """``embeds`` ``[B, L, D]`` (L = 77 for SD/SDXL); ``pooled`` ``[B, P]`` for SDXL, SD3 and Flux,
+    else ``None``; ``mask`` ``[B, L]`` bool for families whose text has a length per prompt (Z-Image:
+    the padding is not attended), else ``None``."""
 
     embeds: torch.Tensor
     pooled: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+    def map(self, fn) -> PromptEmbeds:
+        """``fn`` applied to every tensor present."""
+        return PromptEmbeds(*(None if t is None else fn(t) for t in (self.embeds, self.pooled, self.mask)))
 
     def rows(self, index) -> PromptEmbeds:
-        return PromptEmbeds(self.embeds[index], None if self.pooled is None else self.pooled[index])
+        return self.map(lambda t: t[index])
+
+    @staticmethod
+    def concat(parts: list[PromptEmbeds]) -> PromptEmbeds:
+        """The parts' rows one after the other. Masked parts of different lengths are padded to the
+        longest (zeros, masked out)."""
+        if parts[0].mask is not None:
+            length = max(p.embeds.shape[1] for p in parts)
+            parts = [p._padded(length) for p in parts]
+        first = parts[0]
+        return PromptEmbeds(
+            *(
+                None if getattr(first, f) is None else torch.cat([getattr(p, f) for p in parts])
+                for f in ("embeds", "pooled", "mask")
+            )
+        )
+
+    def _padded(self, length: int) -> PromptEmbeds:
+        extra = length - self.embeds.shape[1]
+        if extra == 0:
+            return self
+        embeds = torch.nn.functional.pad(self.embeds, (0, 0, 0, extra))
+        return PromptEmbeds(embeds, self.pooled, torch.nn.functional.pad(self.mask, (0, extra), value=False))
 
 
 def _tokenize(tokenizer, prompts: list[str], device) -> torch.Tensor:
@@ -29,16 +64,23 @@ def _tokenize(tokenizer, prompts: list[str], device) -> torch.Tensor:
     return ids.to(device)
 
 
-@torch.no_grad()
-def encode_prompts(model, prompts: list[str], batch_size: int = 64) -> PromptEmbeds:
+def encode_prompts(model, prompts: list[str], batch_size: int = 64, *, grad: bool = False) -> PromptEmbeds:
     """Encode prompts with the model's text encoder(s), in batches; float32 results on the encoder device.
 
     SD: the last hidden state of the one encoder. SDXL: the penultimate hidden states of both
     encoders, concatenated, plus the second encoder's pooled projection (as diffusers' SDXL
-    pipeline does).
+    pipeline does). ``grad``: keep the autograd graph (a text encoder being trained).
     """
+    with torch.set_grad_enabled(grad):
+        return _encode(model, prompts, batch_size)
+
+
+def _encode(model, prompts: list[str], batch_size: int) -> PromptEmbeds:
     if not model.text_encoders:
         raise RuntimeError("text encoders were released; encode prompts before release_encoders()")
+    family = dit_family(model.family)
+    if family is not None:
+        return family.encode_prompts(model, prompts, batch_size)
     chunks_e, chunks_p = [], []
     for start in range(0, len(prompts), batch_size):
         part = list(prompts[start : start + batch_size])

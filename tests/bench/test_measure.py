@@ -1,10 +1,20 @@
-"""FLOP counts and saved-bytes counts against answers worked out by hand."""
+"""FLOP counts, saved-bytes counts and the timer against answers worked out by hand."""
+
+from contextlib import contextmanager
 
 import pytest
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 
-from cat_engine.bench.measure import SavedTensorsMeter, Spread, count_flops
+from cat_engine.bench.measure import (
+    SavedTensorsMeter,
+    Spread,
+    count_flops,
+    count_ops,
+    counting_checkpoint,
+    saved_bytes,
+    time_interleaved,
+)
 
 M, K, N, R = 6, 40, 24, 4
 
@@ -48,12 +58,14 @@ def test_flops_of_a_lora_linear_match_hand_count(device, input_grad):
 
 
 def test_sd15_forward_flops_on_meta():
-    from cat_engine.bench.presets import build_unet, make_batch, resolve_preset
+    from cat_engine.bench.presets import build_unet, make_batch
+    from cat_engine.engine.denoiser import unet_forward
+    from cat_engine.engine.unet_configs import resolve_model
 
-    preset = resolve_preset("sd15")
-    unet = build_unet(preset, "meta")
-    b = make_batch(preset.config, 1, 512, preset.vae_scale, "meta")
-    flops = count_flops(lambda: unet(b.noisy_latents, b.timesteps, encoder_hidden_states=b.token_embeds))
+    spec = resolve_model("sd15")
+    unet = build_unet(spec, "meta")
+    b = make_batch(spec, 1, 512, "meta")
+    flops = count_flops(lambda: unet_forward(unet, b.noisy_latents, b.timesteps, b.token_embeds))
     assert round(flops / 1e9) == 803  # docs/design.md §7
 
 
@@ -94,8 +106,9 @@ def test_saved_bytes_count_checkpointed_inputs_not_their_insides():
     x = torch.randn(M, K, requires_grad=True)
     meter = SavedTensorsMeter(exclude=toy.parameters())
     with meter:
-        loss = meter.checkpoint_func(toy, x)
+        loss = counting_checkpoint(toy, x)
     assert meter.bytes == M * K * 4  # x kept for the recompute; sigmoid's output not kept
+    assert saved_bytes(lambda: counting_checkpoint(toy, x), exclude=toy.parameters()) == meter.bytes
     loss.backward()
     grad = x.grad.clone()
     x.grad = None
@@ -109,3 +122,65 @@ def test_spread():
     assert Spread.of([2.0]).q1 == 2.0
     with pytest.raises(ValueError):
         Spread.of([])
+
+
+def test_counters_see_a_known_step():
+    """The counters on a step whose costs are known by hand: a frozen linear then a LoRA-like matmul."""
+    w = torch.randn(16, 8)  # frozen: a "parameter" of the module below
+    a = torch.randn(8, 4, requires_grad=True)
+    module = torch.nn.Linear(8, 16, bias=False)
+    module.weight.data = w
+    module.weight.requires_grad_(False)
+    x = torch.randn(5, 8, requires_grad=True)
+
+    def forward():
+        return (module(x) @ torch.ones(16, 1) + (x @ a).sum(1, keepdim=True)).sum()
+
+    # forward: 5x8x16 + 5x16x1 + 5x8x4 multiply-adds; backward: the grads of x (two matmuls, the
+    # frozen weight's included) and a; FlopCounterMode counts 2 per multiply-add.
+    fwd = 2 * (5 * 8 * 16 + 5 * 16 * 1 + 5 * 8 * 4)
+    bwd = 2 * (5 * 16 * 8 + 5 * 1 * 16 + 5 * 4 * 8 + 8 * 5 * 4)
+    assert count_flops(lambda: forward().backward()) == fwd + bwd
+    # Saved: the ones column (grad of the linear's output), x (grad of a) and a (grad of x); the
+    # frozen linear saves only its weight, a parameter, which is not counted.
+    with SavedTensorsMeter(exclude=module.parameters()) as meter:
+        forward()
+    assert meter.bytes == 4 * (5 * 8 + 16 * 1 + 8 * 4)
+    assert saved_bytes(forward, exclude=module.parameters()) == meter.bytes
+
+
+def test_timer_interleaves_rotates_and_restores_threads():
+    calls = []
+    steps = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    threads = torch.get_num_threads()
+    want = 2 if threads == 1 else 1  # a count other than the current one, to see it set and restored
+    seen_threads = []
+
+    @contextmanager
+    def note_threads(name):
+        seen_threads.append(torch.get_num_threads())
+        yield
+
+    times = time_interleaved(steps, 3, "cpu", warmup=1, threads=want, around=note_threads)
+    assert calls == list("abc") + list("abc") + list("bca") + list("cab")  # warm-up, then rotating rounds
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
+    assert all(t >= 0 for ts in times.values() for t in ts)
+    assert seen_threads == [want] * 9 and torch.get_num_threads() == threads
+    cpu = time_interleaved({"a": lambda: sum(range(100_000))}, 2, clock="cpu")
+    assert len(cpu["a"]) == 2 and min(cpu["a"]) > 0
+    with pytest.raises(ValueError, match="clock"):
+        time_interleaved(steps, 1, clock="sundial")
+    with pytest.raises(ValueError, match="CUDA"):
+        time_interleaved(steps, 1, "cpu", clock="cuda_events")
+
+
+def test_op_counter_counts_what_reaches_the_kernels_forward_and_backward():
+    """F.linear on 2-D input with a bias is ``t`` + ``addmm``; the backward of a frozen linear
+    with an input that needs grad is one ``mm`` (plus the grad seed and views)."""
+    x = torch.randn(M, K, requires_grad=True)
+    w, b = torch.randn(N, K), torch.randn(N)
+    counts = count_ops(lambda: torch.nn.functional.linear(x, w, b))
+    assert dict(counts) == {"aten.t": 1, "aten.addmm": 1}
+    y = torch.nn.functional.linear(x, w, b)
+    backward = count_ops(lambda: y.sum().backward())
+    assert backward["aten.mm"] == 1 and backward["aten.addmm"] == 0

@@ -141,12 +141,22 @@ def test_nproc_relaunches_the_same_options_under_torchrun(monkeypatch):
     )
     seen = {}
 
-    def fake_run(command, **kwargs):
-        seen["command"] = command
-        return subprocess.CompletedProcess(command, 0)
+    class FakePopen:  # torchrun, started in its own session (signals reach it through the launcher)
+        def __init__(self, command, **kwargs):
+            seen["command"], seen["kwargs"] = command, kwargs
 
-    monkeypatch.setattr(subprocess, "run", fake_run)
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", FakePopen)
     assert train_mod.launch(args) == 0
+    assert seen["kwargs"].get("start_new_session") is True
     command = seen["command"]
     assert command[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     rest = command[command.index("cat_engine") + 2 :]
@@ -162,3 +172,68 @@ def test_rank_slices_tile_the_global_batch(world, batch):
 
     rows = [local_rows(batch, DistContext(r, world)) for r in range(world)]
     assert [i for s in rows for i in range(batch)[s]] == list(range(batch))
+
+
+def _free_local_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_localhost_equal_one_process(tmp_path):
+    """``--nnodes 2`` through torchrun's c10d rendezvous: two "nodes" of one CPU rank each, each in its
+    own folder as on two machines, on 127.0.0.1 only. Rank 0 lands on whichever node joins first;
+    its folder gets the outputs, the other's none, and the adapter is the one one process trains."""
+    port = _free_local_port()
+    env = {**_env(), "PET_LOCAL_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}  # torchrun reads PET_*
+    flags = _flags({"base": random_base(), **FAST, "steps": 2, "save_every": 0, "output": "out"})
+    launch = [
+        "--nproc",
+        "1",
+        "--nnodes",
+        "2",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{port}",
+        "--rdzv-id",
+        f"t{port}",
+    ]
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    procs = []
+    for folder in nodes:
+        folder.mkdir()
+        command = [sys.executable, "-m", "cat_engine", "train", *launch, *flags]
+        procs.append(
+            subprocess.Popen(
+                command, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
+    try:
+        outputs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    written = [
+        folder / "out" / LORA_WEIGHT_NAME for folder in nodes if (folder / "out" / LORA_WEIGHT_NAME).exists()
+    ]
+    assert len(written) == 1, "rank 0 alone writes the LoRA"
+    single(output=str(tmp_path / "one"), steps=2, save_every=0)
+    one = load_file(str(tmp_path / "one" / LORA_WEIGHT_NAME))
+    diff = max_diff(load_file(str(written[0])), one)
+    print(f"2 nodes vs 1 process after 2 steps: max abs diff {diff:.3g}")
+    assert diff < TOL < lora_b_moved(one) / 20
+
+
+@pytest.mark.slow
+def test_two_ranks_accumulating_micro_batches_equal_one_process_on_the_whole_batch(tmp_path):
+    # Each rank keeps the first micro-batch's gradients local (no_sync) and all-reduces with the last.
+    torchrun(tmp_path, output=tmp_path / "two", steps=3, save_every=0, gradient_accumulation_steps=2)
+    single(output=str(tmp_path / "one"), steps=3, save_every=0, batch_size=4)
+    a = load_file(str(tmp_path / "two" / LORA_WEIGHT_NAME))
+    b = load_file(str(tmp_path / "one" / LORA_WEIGHT_NAME))
+    diff = max_diff(a, b)
+    print(f"2 ranks x 2 micro-batches vs 1 process, batch 4, 3 steps: max abs diff {diff:.3g}")
+    assert diff < TOL < lora_b_moved(b) / 20

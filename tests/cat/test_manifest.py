@@ -78,6 +78,16 @@ def test_manifest_options_layer_and_folders_resolve(manifest_file, tmp_path):
         ("concepts: [{data: a, token: x, class_word: y, steps: 0}]", [], "concept x-y: --steps must be >= 1"),
         ("concepts: [{data: a, token: x, class_word: y}]", ["--token", "z"], "--token cannot be combined"),
         ("kps: {seeds: 1, colour: red}\nconcepts: [{data: a}]", [], "kps: unknown option 'colour'"),
+        # a concept's folder must be one folder name inside the farm's folder
+        ("concepts: [{name: '..', data: a}]", [], r"concept name '\.\.' is not a folder name inside"),
+        ("concepts: [{name: '.', data: a}]", [], r"concept name '\.' is not a folder name"),
+        ("concepts: [{name: /tmp/x, data: a}]", [], r"concept name '/tmp/x' is not a folder name"),
+        ("concepts: [{name: a/../../b, data: a}]", [], r"concept name 'a/\.\./\.\./b' is not"),
+        ("concepts: [{token: ../x, data: a}]", [], r"concept name '\.\./x-star' is not"),
+        ("concepts: [{name: summary.json, data: a}]", [], r"is the farm's summary file"),
+        ("concepts: [{name: a, data: a, rank: 2.5}]", [], r"concepts\[0\] \(a\): rank: expected an integer"),
+        ("concepts: [{name: a, data: a}, {name: a, data: b}]", [], r"concept name 'a' repeated"),
+        ("concepts:\n  - name: a\n    name: b\n", [], r"key 'name' appears twice"),
     ],
 )
 def test_bad_manifest_is_one_clear_error(tmp_path, text, argv, message):

@@ -50,3 +50,30 @@ def test_plan_help_documents_binary_units(capsys):
         main(["plan", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "G/GB/GiB = 2^30" in help_text and "8192 MiB" in help_text
+
+
+def test_plan_a_transformer_lists_the_memory_options(capsys):
+    assert main(["plan", "--base", "builtin-tiny-flux", "--rank", "4", "--vram-budget", "8GB"]) == 0
+    out = capsys.readouterr().out
+    assert "builtin-tiny-flux: 64 px" in out and "CPU RAM" in out
+    rows = [line for line in out.splitlines() if line[:2] in ("1 ", "2 ", "3 ", "4 ", "5 ")]
+    assert len(rows) == 5 and "bf16 sdpa no-ckpt" in rows[0] and "bf16 sdpa ckpt int8 offload" in rows[4]
+    assert "chosen: bf16 sdpa no-ckpt" in out
+
+
+@pytest.mark.slow
+def test_plan_flux_at_1024px_fits_a_12gb_card(capsys):
+    """The command of the README's Flux.1 table: a plan that fits 12 GB, with the memory options."""
+    assert main(["plan", "--base", "flux", "--resolution", "1024", "--vram-budget", "12GB"]) == 0
+    out = capsys.readouterr().out
+    chosen = [line for line in out.splitlines() if "<- chosen" in line]
+    assert len(chosen) == 1 and chosen[0].split()[-3] == "yes"
+    assert "--gradient-checkpointing" in out and "--offload" in out
+
+
+def test_plan_counts_the_optimizer_state_it_is_told(capsys):
+    assert main(["plan", "--base", "builtin", "--optimizer", "prodigy"]) == 0
+    prodigy = capsys.readouterr().out
+    assert main(["plan", "--base", "builtin"]) == 0
+    adamw = capsys.readouterr().out
+    assert prodigy != adamw  # four fp32 buffers a tensor instead of two: a larger lora+opt column

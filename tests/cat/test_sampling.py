@@ -1,5 +1,8 @@
-"""The batched split-batch sampler against the diffusers pipeline, one image at a time."""
+"""The batched split-batch sampler against the diffusers pipeline, one image at a time: DDIM on the
+UNets; on the transformer families flow-matching Euler, each family's timesteps, guidance and
+negative prompt."""
 
+import diffusers
 import pytest
 import torch
 from diffusers import DDIMScheduler
@@ -8,10 +11,12 @@ from diffusers.utils.torch_utils import randn_tensor
 from cat_engine.cat import sampling
 from cat_engine.cat.sampling import Job, SampleSettings, initial_latents, sample_jobs
 from cat_engine.engine.builtin import tiny_pipeline
-from cat_engine.engine.lora import add_lora, save_lora
-from cat_engine.engine.models import BaseModel
+from cat_engine.engine.families import DIT_FAMILIES
+from cat_engine.engine.lora import LORA_WEIGHT_NAME, add_lora, save_lora
+from cat_engine.engine.models import BaseModel, load_base
 
 STEPS = 3
+TEXT_TOKENS = 32  # the tiny T5/Qwen tokenizers' length, which the engine uses (the pipelines default higher)
 JOBS = [
     Job(f"a photo of sks star {w}", f"a photo of star {w}", seed) for w in ("red", "blue") for seed in (0, 11)
 ]
@@ -45,7 +50,7 @@ def reference_pipeline(family, lora_dir):
     return pipe
 
 
-def pipeline_image(pipe, prompt, seed, guidance, adapter):
+def pipeline_image(pipe, prompt, seed, guidance, adapter, **kwargs):
     if adapter:
         pipe.enable_lora()
     else:
@@ -58,8 +63,24 @@ def pipeline_image(pipe, prompt, seed, guidance, adapter):
         height=64,
         width=64,
         output_type="pt",
+        **kwargs,
     )
     return out.images[0]
+
+
+def assert_images_equal_the_pipelines(got, pipe, guidance, **kwargs):
+    for i, job in enumerate(JOBS):
+        want = {
+            "tok": pipeline_image(pipe, job.token_prompt, job.seed, guidance, True, **kwargs),
+            "ada": pipeline_image(pipe, job.plain_prompt, job.seed, guidance, True, **kwargs),
+            "base": pipeline_image(pipe, job.plain_prompt, job.seed, guidance, False, **kwargs),
+        }
+        for name in sampling.SETS:
+            torch.testing.assert_close(
+                got[name][i], want[name], atol=2e-5, rtol=0, msg=f"{name} image of {job}"
+            )
+        # the LoRA must show, or the comparison above proves nothing about adapter rows
+        assert (want["ada"] - want["base"]).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize(("family", "guidance"), [("sd", 7.5), ("sd", 1.0), ("sdxl", 5.0)])
@@ -68,19 +89,57 @@ def test_batched_images_equal_the_pipeline_one_at_a_time(tmp_path, family, guida
     # batch_jobs=3 over 4 jobs: a full batch and a ragged one
     settings = SampleSettings(resolution=64, steps=STEPS, guidance=guidance, batch_jobs=3)
     got = sample_jobs(engine_model(family, lora_dir), JOBS, settings, progress=False)
-    pipe = reference_pipeline(family, lora_dir)
-    for i, job in enumerate(JOBS):
-        want = {
-            "tok": pipeline_image(pipe, job.token_prompt, job.seed, guidance, adapter=True),
-            "ada": pipeline_image(pipe, job.plain_prompt, job.seed, guidance, adapter=True),
-            "base": pipeline_image(pipe, job.plain_prompt, job.seed, guidance, adapter=False),
-        }
-        for name in sampling.SETS:
-            torch.testing.assert_close(
-                got[name][i], want[name], atol=2e-5, rtol=0, msg=f"{name} image of {job}"
-            )
-        # the LoRA must show, or the comparison above proves nothing about adapter rows
-        assert (want["ada"] - want["base"]).abs().max() > 1e-2
+    assert_images_equal_the_pipelines(got, reference_pipeline(family, lora_dir), guidance)
+
+
+@pytest.fixture(scope="module")
+def transformer_loras(tmp_path_factory):
+    """A LoRA per transformer family with non-zero B, saved by the engine."""
+    out = {}
+    for name, family in DIT_FAMILIES.items():
+        transformer = load_base(f"builtin-tiny-{name}", load_encoders=False).unet
+        add_lora(transformer, rank=4, targets=family.default_targets, seed=1)
+        g = torch.Generator().manual_seed(3)
+        for n, p in transformer.named_parameters():
+            if "lora_B" in n:
+                p.data = torch.randn(p.shape, generator=g) * 0.3
+        out[name] = save_lora(transformer, tmp_path_factory.mktemp(name)).parent
+    return out
+
+
+def transformer_model(name, lora_dir):
+    model = load_base(f"builtin-tiny-{name}")
+    model.unet.load_lora_adapter(str(lora_dir), prefix="transformer", weight_name=LORA_WEIGHT_NAME)
+    return model
+
+
+@pytest.mark.parametrize(
+    ("family", "guidance"),
+    [("sd3", 7.0), ("sd3", 1.0), ("flux", 3.5), ("zimage", 5.0), ("zimage", 0.0)],
+    ids=["sd3-cfg", "sd3-nocfg", "flux-embedded", "zimage-cfg", "zimage-nocfg"],
+)
+def test_transformer_images_equal_the_pipeline_one_at_a_time(transformer_loras, family, guidance):
+    model = transformer_model(family, transformer_loras[family])
+    settings = SampleSettings(resolution=64, steps=STEPS, guidance=guidance, batch_jobs=3)
+    got = sample_jobs(model, JOBS, settings, progress=False)
+    pipeline_cls = getattr(diffusers, DIT_FAMILIES[family].pipeline_class)
+    pipe = pipeline_cls.from_pretrained(str(model.path), local_files_only=True)
+    pipe.load_lora_weights(str(transformer_loras[family]), weight_name=LORA_WEIGHT_NAME)
+    pipe.set_progress_bar_config(disable=True)
+    assert_images_equal_the_pipelines(got, pipe, guidance, max_sequence_length=TEXT_TOKENS)
+
+
+def test_one_transformer_call_per_step(transformer_loras):
+    """Adapter and base rows share one call per step (the layers are fused by sample_jobs)."""
+    model = transformer_model("flux", transformer_loras["flux"])
+    rows = []
+    model.unet.register_forward_pre_hook(
+        lambda m, args, kwargs: rows.append(kwargs["hidden_states"].shape[0]), with_kwargs=True
+    )
+    settings = SampleSettings(resolution=64, steps=2, guidance=3.5, batch_jobs=2)
+    sample_jobs(model, JOBS[:2], settings, progress=False)
+    assert sampling.split_batch_native(model.unet)
+    assert rows == [6, 6]  # 2 jobs x 3 rows (no classifier-free guidance), one call per step
 
 
 def test_initial_latents_are_the_pipelines_noise_for_the_seed():

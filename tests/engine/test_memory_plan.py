@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from cat_engine.engine import memory_plan as mp
+from cat_engine.engine.batch import CatBatch
 from cat_engine.engine.builtin import tiny_unet
+from cat_engine.engine.denoiser import unet_forward
 from cat_engine.engine.lora import add_lora, fuse_lora, lora_parameters
 from cat_engine.engine.memory_plan import (
     MemoryPlan,
@@ -39,15 +41,16 @@ def lora_unet(seed: int = 0):
     return unet
 
 
-def inputs(batch: int = 1, seed: int = 0):
+def inputs(batch: int = 1, seed: int = 0) -> CatBatch:
     gen = torch.Generator().manual_seed(seed)
     latents = torch.randn(batch, 4, 16, 16, generator=gen)
     text = torch.randn(batch, 77, 32, generator=gen)
-    return latents, torch.full((batch,), 500), text, None
+    return CatBatch(latents, torch.full((batch,), 500), text, text * 0.5, torch.randn_like(latents))
 
 
-def call(unet, x):
-    return mp._unet_call(unet, x)
+def call(unet, x: CatBatch):
+    """The UNet on the batch's token rows: what compile_unet's gradient check runs."""
+    return unet_forward(unet, x.noisy_latents, x.timesteps, x.token_embeds, x.added_cond_kwargs)
 
 
 # --- attention ---------------------------------------------------------------------------------
@@ -137,8 +140,16 @@ def test_frozen_weights_half_lora_fp32_and_mixed_dtypes_train_under_autocast():
     reference = lora_gradients(lambda: call(unet, x), lora_parameters(unet))
     ids = [id(p) for p in lora_parameters(unet)]
     cast_frozen_weights(unet, torch.bfloat16)
+    # Normalisation layers keep fp32 scales and shifts (a norm may see an fp32 input before autocast acts).
+    norms = {
+        id(p)
+        for m in unet.modules()
+        if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm))
+        for p in m.parameters()
+    }
+    assert norms
     for name, p in unet.named_parameters():
-        assert p.dtype == (torch.float32 if "lora_" in name else torch.bfloat16), name
+        assert p.dtype == (torch.float32 if "lora_" in name or id(p) in norms else torch.bfloat16), name
     assert [id(p) for p in lora_parameters(unet)] == ids  # same Parameter objects: optimizers stay valid
     with pytest.warns(UserWarning, match="bf16 on CPU"):
         autocast = mp.autocast_factory(resolve_precision(MemoryPlan(precision="bf16"), "cpu"), "cpu")
@@ -153,7 +164,7 @@ def test_frozen_weights_half_lora_fp32_and_mixed_dtypes_train_under_autocast():
 def _bf16_plan_step(fused: bool):
     from cat_engine.cat.loss import cat_loss
 
-    unet, (latents, t, text, _) = lora_unet(), inputs(batch=1)
+    unet, x = lora_unet(), inputs(batch=1)
     if fused:  # cat_loss takes the split-batch path, as training does
         fuse_lora(unet)
     with pytest.warns(UserWarning, match="bf16 on CPU"):
@@ -169,7 +180,7 @@ def _bf16_plan_step(fused: bool):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # cat_loss's "not fused" notice on the reference path
         with ctx.autocast():
-            out = cat_loss(ctx.unet, latents, t, text, text * 0.5, torch.randn_like(latents))
+            out = cat_loss(ctx.unet, x.noisy_latents, x.timesteps, x.token_embeds, x.plain_embeds, x.target)
     out.loss.backward()  # outside autocast, as a training loop does
     grads = [p.grad for p in lora_parameters(unet)]
     assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
@@ -284,6 +295,46 @@ def test_compile_keeps_a_correct_compilation(monkeypatch):
         warnings.simplefilter("error")
         compile_unet(unet, MemoryPlan(compile=True), inputs())
     assert compiled_modules(unet) == [unet]
+
+
+@pytest.mark.parametrize(
+    "mode, backend, passed, runs",
+    [
+        ("default", "inductor", None, 1),
+        ("reduce-overhead", "inductor", "reduce-overhead", 3),  # recorded, then replayed: all checked
+        ("max-autotune", "inductor", "max-autotune", 3),
+        ("max-autotune", "aot_eager", None, 3),  # modes are inductor's; the other backends take none
+    ],
+)
+def test_compile_modes_reach_torch_compile_and_graph_modes_are_checked_on_replays(
+    monkeypatch, mode, backend, passed, runs
+):
+    seen, checks = {}, []
+
+    def record_compile(modules, **kwargs):
+        seen.update(kwargs)
+        for m in modules:
+            m._compiled_call_impl = m._call_impl
+
+    real = mp.lora_gradients
+    monkeypatch.setattr(mp, "_compile_in_place", record_compile)
+    monkeypatch.setattr(mp, "lora_gradients", lambda *a, **k: checks.append(1) or real(*a, **k))
+    unet = lora_unet()
+    plan = MemoryPlan(compile=mode)
+    assert plan.compile == mode and MemoryPlan(compile=True).compile == "default"
+    compile_unet(unet, plan, inputs(), backend=backend)
+    assert seen.get("mode") == passed and seen["backend"] == backend
+    assert len(checks) == 1 + runs  # eager once, compiled once per run
+    assert compiled_modules(unet) == [unet]
+    assert ("compile" if mode == "default" else f"compile {mode}") in plan.describe()
+
+
+def test_compile_mode_must_be_known():
+    with pytest.raises(
+        MemoryPlanError, match="compile must be one of default, reduce-overhead, max-autotune"
+    ):
+        MemoryPlan(compile="fastest")
+    assert MemoryPlan(compile=None).compile is False and MemoryPlan(compile="false").compile is False
 
 
 def test_compile_check_restores_zero_lora_b_and_grads():

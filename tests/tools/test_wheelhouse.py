@@ -1,8 +1,15 @@
 """The GPU suite's installer decides from wheel metadata what a machine is missing."""
 
+import importlib.util
+import sys
 import zipfile
+from pathlib import Path
 
-from cat_engine.bench.wheelhouse import Version, plan, read_wheel
+SCRIPT = Path(__file__).resolve().parents[2] / "tools" / "wheelhouse.py"
+_spec = importlib.util.spec_from_file_location("wheelhouse", SCRIPT)
+wheelhouse = sys.modules["wheelhouse"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(wheelhouse)
+Version, plan, read_wheel = wheelhouse.Version, wheelhouse.plan, wheelhouse.read_wheel
 
 
 def fake_wheel(folder, name, version, requires=()):

@@ -1,6 +1,6 @@
 """Install the wheels a machine is missing, from a folder, with no package index.
 
-    python3 bench/wheelhouse.py WHEEL_DIR --target SITE [--dry-run]
+    python3 tools/wheelhouse.py WHEEL_DIR --target SITE [--dry-run]
 
 For the GPU machine (bench/gpu_suite.sh), which has torch, triton, peft and transformers but no
 diffusers and no package registry. A wheel is installed when its distribution is not installed,

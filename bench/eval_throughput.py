@@ -1,8 +1,9 @@
 """Images/s of the KPS sampler against the diffusers pipeline called once per prompt, side by side.
 
-``python -m cat_engine.cat.eval_throughput [--prompts 4] [--seeds 4] [--steps 10]`` builds the
+``python -m cat_engine.bench.eval_throughput [--prompts 4] [--seeds 4] [--steps 10]`` builds the
 tiny built-in pipeline with a random LoRA, then generates the same G_tok, G_ada and G_base images
-both ways, interleaved, and prints the ratio (docs/design.md §7: ratios side by side in one run).
+every way, interleaved with one torch thread (``measure.time_interleaved``), and prints the ratios
+(docs/design.md §7: ratios side by side in one run).
 
 Baselines, LoRA loaded with ``load_lora_weights`` and switched off with ``disable_lora`` for
 G_base: ``StableDiffusionPipeline`` called once per image (one prompt, one seed), and once per
@@ -14,24 +15,36 @@ VAE and return tensors; the images are checked to agree before any time counts.
 from __future__ import annotations
 
 import argparse
-import statistics
+import json
 import tempfile
-import time
 
 import torch
 
+from cat_engine.bench.measure import Spread, time_interleaved, torch_threads
 from cat_engine.cat.eval import DEFAULT_TEMPLATES, make_jobs
 from cat_engine.cat.sampling import SETS, SampleSettings, sample_jobs
 
 
-def _setup(lora_dir):
+def _pipeline_of(base):
+    """The diffusers pipeline of ``base`` (a diffusers SD folder), or the tiny built-in one."""
+    if base is None:
+        from cat_engine.engine.builtin import tiny_pipeline
+
+        return tiny_pipeline()
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(
+        base, safety_checker=None, requires_safety_checker=False, use_safetensors=True, local_files_only=True
+    )
+
+
+def _setup(lora_dir, base=None, device="cpu"):
     from diffusers import DDIMScheduler
 
-    from cat_engine.engine.builtin import tiny_pipeline
     from cat_engine.engine.lora import LORA_WEIGHT_NAME, add_lora, save_lora
     from cat_engine.engine.models import BaseModel
 
-    source = tiny_pipeline()
+    source = _pipeline_of(base)
     add_lora(source.unet, rank=4, seed=1)
     g = torch.Generator().manual_seed(3)
     for name, p in source.unet.named_parameters():
@@ -39,13 +52,15 @@ def _setup(lora_dir):
             p.data = torch.randn(p.shape, generator=g) * 0.2
     save_lora(source.unet, lora_dir)
 
-    pipe = tiny_pipeline()
+    pipe = _pipeline_of(base)
     pipe.load_lora_weights(str(lora_dir))
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
 
-    mine = tiny_pipeline()
+    mine = _pipeline_of(base)
     mine.unet.load_lora_adapter(str(lora_dir), prefix="unet", weight_name=LORA_WEIGHT_NAME)
+    mine.to(device)
     model = BaseModel(None, "sd", mine.unet, mine.vae, [mine.tokenizer], [mine.text_encoder], mine.scheduler)
     return pipe, model
 
@@ -78,38 +93,45 @@ def _pipeline(pipe, jobs, seeds, settings, per_image: bool) -> dict[str, torch.T
 
 
 def measure(
-    prompts: int = 4, seeds: int = 4, steps: int = 10, repeats: int = 3, guidance: float = 7.5
+    prompts: int = 4,
+    seeds: int = 4,
+    steps: int = 10,
+    repeats: int = 3,
+    guidance: float = 7.5,
+    threads: int | None = 1,
+    base: str | None = None,
+    device: str = "cpu",
+    resolution: int = 64,
 ) -> dict:
-    """Median seconds of both ways over ``repeats`` interleaved rounds; returns the figures."""
+    """Median seconds of every way over ``repeats`` interleaved rounds; returns the figures.
+
+    ``base``: a diffusers SD folder instead of the tiny built-in pipeline (float32 on ``device``).
+    """
     templates = [
         DEFAULT_TEMPLATES[i % len(DEFAULT_TEMPLATES)] + ("" if i < 4 else f" {i}") for i in range(prompts)
     ]
     seed_list = list(range(seeds))
     jobs = make_jobs(templates, seed_list, "sks", "star")
-    settings = SampleSettings(resolution=64, steps=steps, guidance=guidance)
+    settings = SampleSettings(resolution=resolution, steps=steps, guidance=guidance)
     with tempfile.TemporaryDirectory() as tmp:
-        pipe, model = _setup(tmp)
+        pipe, model = _setup(tmp, base, device)
     ways = {
         "engine": lambda: sample_jobs(model, jobs, settings, progress=False),
         "per_prompt": lambda: _pipeline(pipe, jobs, seed_list, settings, per_image=False),
         "per_image": lambda: _pipeline(pipe, jobs, seed_list, settings, per_image=True),
     }
-    with torch.no_grad():
+    with torch.no_grad(), torch_threads(threads):
         # warm-up round, and the check that all ways make the same images
         images = {name: fn() for name, fn in ways.items()}
         max_diff = max(
             (images["engine"][k] - other[k]).abs().max().item() for other in images.values() for k in SETS
         )
-        if max_diff > 1e-4:
+        tolerance = 1e-4 if device == "cpu" else 1e-2  # a GPU: other batch sizes pick other kernels
+        if max_diff > tolerance:
             raise RuntimeError(f"engine and pipeline images differ by {max_diff:.2e}")
-        times = {name: [] for name in ways}
-        for _ in range(repeats):
-            for name, fn in ways.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
+        times = time_interleaved(ways, repeats, device, threads=threads)
     n_images = 3 * len(jobs)
-    rate = {name: n_images / statistics.median(t) for name, t in times.items()}
+    rate = {name: n_images / Spread.of(t).median for name, t in times.items()}
     return {
         "images": n_images,
         "prompts": prompts,
@@ -117,11 +139,14 @@ def measure(
         "steps": steps,
         "guidance": guidance,
         "batch_jobs": settings.batch_jobs,
-        "threads": torch.get_num_threads(),
+        "threads": threads or torch.get_num_threads(),
         "images_per_second": rate,
         "ratio_per_prompt": rate["engine"] / rate["per_prompt"],
         "ratio_per_image": rate["engine"] / rate["per_image"],
         "max_image_diff": max_diff,
+        "base": base or "tiny built-in",
+        "device": device,
+        "resolution": resolution,
     }
 
 
@@ -131,11 +156,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--base", help="a diffusers SD folder (default: the tiny built-in pipeline)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--resolution", type=int, default=64, help="pixels (default 64)")
+    parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
-    r = measure(args.prompts, args.seeds, args.steps, args.repeats)
+    r = measure(
+        args.prompts, args.seeds, args.steps, args.repeats, threads=args.threads, base=args.base,
+        device=args.device, resolution=args.resolution,
+    )  # fmt: skip
+    if args.json:
+        from pathlib import Path
+
+        from cat_engine.engine.files import write_text_atomically
+
+        write_text_atomically(Path(args.json), json.dumps(r, indent=1))
     print(
         f"{r['images']} images ({r['prompts']} prompts x {r['seeds']} seeds x 3 sets, {r['steps']} DDIM steps, "
-        f"CFG {r['guidance']}, {r['threads']} thread(s), tiny built-in model, CPU)"
+        f"CFG {r['guidance']}, {r['threads']} thread(s), {r['base']} at {r['resolution']} px, {r['device']})"
     )
     rate = r["images_per_second"]
     print(f"diffusers pipeline, once per image:                    {rate['per_image']:8.2f} images/s")
