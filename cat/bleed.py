@@ -156,9 +156,10 @@ def evaluate_concepts(
     """
     config.validate()
     device = device or dist.device_for("auto", ranks)
-    templates, seeds = config.templates, list(range(config.seeds))
+    templates, seeds = config.templates, config.seed_list()
     per_concept = len(templates) * len(seeds)
-    jobs = [job for c in concepts for job in make_jobs(templates, seeds, c["token"], c["class_word"])]
+    stride = config.prompt_seed_stride
+    jobs = [job for c in concepts for job in make_jobs(templates, seeds, c["token"], c["class_word"], stride)]
     ref_images = [read_images(c["refs"]) for c in concepts]
 
     model, settings, embedder = prepare_models(config, config.base, device)

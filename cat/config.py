@@ -69,6 +69,13 @@ class TrainConfig:
         metadata=help_metadata("plain caption for the CAT term: class (token -> class word), strip, empty"),
     )
     cat_weight: float = field(default=1.0, metadata=help_metadata("lambda of the CAT term (0 = plain LoRA)"))
+    cat_every: int = field(
+        default=1,
+        metadata=help_metadata(
+            "k: the CAT term on every k-th step only, weighted k x lambda (the same expected gradient); "
+            "the other steps are plain LoRA steps"
+        ),
+    )
     # several concepts in one adapter: [{data, token, class_word, caption_template}, ...];
     # None: the one concept of data/token/class_word above
     concepts: list[dict] | None = field(
@@ -278,6 +285,7 @@ MAX_LR = 1.0
 # Every numeric option and its range, one line each (tests check that none is missing).
 NUMERIC_BOUNDS = {
     "cat_weight": Bounds(0),
+    "cat_every": Bounds(1),
     "rank": Bounds(1, MAX_RANK, why="the LoRA kernels' limit"),
     "alpha": Bounds(0, above=True),
     "lr": Bounds(0, MAX_LR, above=True),
@@ -400,6 +408,7 @@ def trainer_option_checks(c: TrainConfig) -> list[tuple[bool, str]]:
             "--cuda-graphs replays one captured batch per step: raise --batch-size instead of "
             "--gradient-accumulation-steps",
         ),
+        (not (c.cuda_graphs and c.cat_every > 1), "--cuda-graphs captures one loss: use --cat-every 1"),
     ]
 
 

@@ -31,9 +31,41 @@ METRICS = (
     "diversity_base",
 )
 DEFAULT_CONCEPT = "green-star"
+DEFAULT_CAT_WEIGHT = 1.0
+DEFAULT_PLAIN_MODE = "class"
+DEFAULT_CAT_EVERY = 1
 DEFAULT_STEPS = 400
 DEFAULT_LR = 3e-3
 DEFAULT_RANK = 8
+# The eval's prompts: cat-engine eval's four, then more captions of the toy world's kind (its
+# scenes, backgrounds and styles), for evaluations that need more images per adapter.
+EVAL_TEMPLATES = (
+    "a photo of {}",
+    "{} on the beach",
+    "a painting of {}",
+    "{} in the snow",
+    "{} in the grass",
+    "a picture of {}",
+    "a photo of {} on a blue background",
+    "{} on a white background",
+    "a photo of {} on a gray background",
+    "a painting of {} on the beach",
+    "a photo of {} in the grass",
+    "{} on a pink background",
+    "a photo of {} on a black background",
+    "a painting of {} in the snow",
+    "{} on a yellow background",
+    "a photo of {} on an orange background",
+)
+DEFAULT_EVAL_PROMPTS = 4
+DEFAULT_EVAL_SEEDS = 4
+DEFAULT_EVAL_STEPS = 20
+DEFAULT_EVAL_SEED_STRIDE = 0
+
+
+def eval_templates(n: int) -> list[str]:
+    """The first ``n`` of :data:`EVAL_TEMPLATES`."""
+    return list(EVAL_TEMPLATES[:n])
 
 
 def concept_names() -> list[str]:
@@ -59,12 +91,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         ("--concept", str, DEFAULT_CONCEPT, f"built-in concept: {', '.join(concept_names())}"),
         ("--output", str, "cat-demo", "output folder"),
         ("--steps", int, DEFAULT_STEPS, "training steps"),
-        ("--cat-weight", float, 1.0, "lambda of the CAT run"),
+        ("--cat-weight", float, DEFAULT_CAT_WEIGHT, "lambda of the CAT run"),
+        ("--plain-mode", str, DEFAULT_PLAIN_MODE, "plain caption of the CAT term: class, strip, empty"),
+        ("--cat-every", int, DEFAULT_CAT_EVERY, "the CAT term on every k-th step, at k x lambda"),
         ("--lr", float, DEFAULT_LR, "learning rate"),
         ("--rank", int, DEFAULT_RANK, "LoRA rank"),
         ("--seed", int, 0, "training seed"),
-        ("--eval-seeds", int, 4, "sampling seeds per prompt"),
-        ("--eval-steps", int, 20, "DDIM steps"),
+        (
+            "--eval-prompts",
+            int,
+            DEFAULT_EVAL_PROMPTS,
+            f"prompt templates: the first N of {len(EVAL_TEMPLATES)}",
+        ),
+        ("--eval-seeds", int, DEFAULT_EVAL_SEEDS, "sampling seeds per prompt"),
+        ("--eval-seed-stride", int, DEFAULT_EVAL_SEED_STRIDE, "prompt p samples seeds + p x STRIDE"),
+        ("--eval-steps", int, DEFAULT_EVAL_STEPS, "DDIM steps"),
     ]
     for flag, kind, default, text in options:
         parser.add_argument(flag, type=kind, default=default, help=f"{text} (default %(default)s)")
@@ -84,11 +125,19 @@ def train_and_score(
     eval_seeds: int = 4,
     eval_steps: int = 20,
     progress: bool = False,
+    plain_mode: str = "class",
+    cat_every: int = 1,
+    templates: list[str] | None = None,
+    prompt_seed_stride: int = 0,
 ) -> dict:
     """Train one adapter on a built-in concept and score it; returns kps.json plus timings.
 
-    Writes the adapter to ``output/adapter`` and the KPS report to ``output/eval``.
+    Writes the adapter to ``output/adapter`` and the KPS report to ``output/eval``. ``templates``:
+    the eval's prompt templates (default ``cat-engine eval``'s); ``prompt_seed_stride``: its
+    ``--prompt-seed-stride``.
     """
+    import torch
+
     from cat_engine.cat.config import TrainConfig
     from cat_engine.cat.eval import EvalConfig, evaluate
     from cat_engine.cat.report import json_safe, write_report
@@ -99,6 +148,8 @@ def train_and_score(
         data=str(folder),
         class_word=class_word,
         cat_weight=cat_weight,
+        cat_every=cat_every,
+        plain_mode=plain_mode,
         steps=steps,
         lr=lr,
         rank=rank,
@@ -113,14 +164,32 @@ def train_and_score(
     train_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    prompts = {} if templates is None else {"templates": list(templates)}
     kps = evaluate(
-        EvalConfig(lora=str(lora), refs=str(folder), seeds=eval_seeds, steps=eval_steps), progress=progress
+        EvalConfig(
+            lora=str(lora),
+            refs=str(folder),
+            seeds=eval_seeds,
+            steps=eval_steps,
+            prompt_seed_stride=prompt_seed_stride,
+            **prompts,
+        ),
+        progress=progress,
     )
     write_report(kps, output / "eval")
     eval_s = time.perf_counter() - t0
     report = json_safe(kps.to_dict())
     report["train_seconds"], report["eval_seconds"] = round(train_s, 1), round(eval_s, 1)
-    report["train"] = {"steps": steps, "lr": lr, "rank": rank, "seed": seed, "cat_weight": cat_weight}
+    report["torch_threads"] = torch.get_num_threads()
+    report["train"] = {
+        "steps": steps,
+        "lr": lr,
+        "rank": rank,
+        "seed": seed,
+        "cat_weight": cat_weight,
+        "plain_mode": plain_mode,
+        "cat_every": cat_every,
+    }
     return report
 
 
@@ -164,6 +233,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.steps < 1 or args.eval_seeds < 1 or args.eval_steps < 1:
         raise CatEngineError("--steps, --eval-seeds and --eval-steps must be at least 1")
+    if not 1 <= args.eval_prompts <= len(EVAL_TEMPLATES):
+        raise CatEngineError(f"--eval-prompts must be 1..{len(EVAL_TEMPLATES)}")
     concept_folder(args.concept)  # a clear error before any work
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -172,7 +243,9 @@ def run(args: argparse.Namespace) -> int:
     for name, weight in METHODS:
         weight = args.cat_weight if weight is None else weight
         print(
-            f"cat-engine demo: {name}: training {args.steps} steps on '{args.concept}' (cat-weight {weight:g})",
+            f"cat-engine demo: {name}: training {args.steps} steps on '{args.concept}' (cat-weight {weight:g}"
+            + (f", every {args.cat_every} steps" if weight and args.cat_every > 1 else "")
+            + ")",
             flush=True,
         )
         runs[name] = train_and_score(
@@ -186,6 +259,10 @@ def run(args: argparse.Namespace) -> int:
             eval_seeds=args.eval_seeds,
             eval_steps=args.eval_steps,
             progress=not args.no_progress,
+            plain_mode=args.plain_mode,
+            cat_every=args.cat_every if weight else 1,
+            templates=eval_templates(args.eval_prompts),
+            prompt_seed_stride=args.eval_seed_stride,
         )
     grid = side_by_side(output, args.concept, runs)
     report = {
@@ -212,5 +289,65 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n{'':6s}" + "".join(f"{m[:12]:>13s}" for m in METRICS))
     for name in runs:
         print(f"{name:6s}" + "".join(f"{runs[name][m]:13.4f}" for m in METRICS))
+    print("\n".join(["", *sweep_lines(SWEEP_RECORD, args, report["cat_minus_lora"])]))
     print(f"\nwrote {output / 'report.json'} and {grid} in {report['seconds']:.0f} s")
     return 0
+
+
+# ------------------------------------------------------------------ the committed sweep, for scale
+SWEEP_RECORD = Path(__file__).resolve().parents[1] / "bench" / "results" / "cat_weight_sweep.json"
+SHOWN = ("kps", "identity", "preservation", "leakage")
+
+
+def sweep_lines(path: Path, args: argparse.Namespace, diff: dict) -> list[str]:
+    """This run's CAT - LoRA beside the committed sweep's paired 95% intervals for the same settings.
+
+    One training seed is one draw of a spread that the sweep measured over concepts and seeds; the
+    lines say how large that spread is, so one seed is not read as the effect.
+    """
+    mine = "this run (one training seed): CAT - LoRA " + ", ".join(f"{m} {diff[m]:+.3f}" for m in SHOWN)
+    if not path.is_file():
+        return [mine, f"(no committed sweep at {path} to compare it with: it is part of the repository)"]
+    record = json.loads(path.read_text())
+    arm = {
+        "cat_weight": args.cat_weight,
+        "plain_mode": args.plain_mode,
+        "steps": args.steps,
+        "cat_every": args.cat_every,
+    }
+    entry = next((e for e in record["summary"] if e["arm"] == arm and e.get("vs_lora")), None)
+    if entry is None:
+        return [mine, f"(the committed sweep, {path.name}, has no CAT arm with these settings: {arm})"]
+    paired = entry["vs_lora"]
+    n_concepts, n_seeds = len(record["concepts"]), len(record["seeds"])
+
+    def cells(pick) -> str:
+        return ", ".join(
+            f"{m} {pick(paired[m])['mean']:+.3f} [{pick(paired[m])['ci'][0]:+.3f}, {pick(paired[m])['ci'][1]:+.3f}]"
+            for m in SHOWN
+        )
+
+    lines = [
+        mine,
+        f"the committed sweep ({path.name}: {n_concepts} concepts x {n_seeds} training seeds, paired, 95% CI):",
+        f"  all concepts:  {cells(lambda d: d)}",
+    ]
+    if args.concept in paired["kps"]["per_concept"]:
+        lines.append(f"  {args.concept} only: {cells(lambda d: d['per_concept'][args.concept])}")
+    setup = record.get("shared_setup", {})
+    ours = (
+        eval_templates(args.eval_prompts),
+        args.eval_seeds,
+        args.eval_steps,
+        args.eval_seed_stride,
+        args.lr,
+        args.rank,
+    )
+    theirs = tuple(
+        setup.get(k) for k in ("eval_prompts", "eval_seeds", "eval_steps", "eval_seed_stride", "lr", "rank")
+    )
+    if ours != theirs:
+        lines.append(
+            "  (the sweep's lr, rank or eval settings differ from this run's: see shared_setup in the record)"
+        )
+    return lines

@@ -87,7 +87,19 @@ class EvalConfig:
             ", ".join(repr(t) for t in DEFAULT_TEMPLATES),
         ),
     )
-    seeds: int = field(default=4, metadata=help_metadata("seeds 0..N-1 per prompt"))
+    seeds: int = field(
+        default=4, metadata=help_metadata("sampling seeds per prompt: first-seed .. first-seed+N-1")
+    )
+    first_seed: int = field(
+        default=0, metadata=help_metadata("the first sampling seed (disjoint seed sets compare evaluations)")
+    )
+    prompt_seed_stride: int = field(
+        default=0,
+        metadata=help_metadata(
+            "prompt p samples its seeds from first-seed + p x STRIDE; 0: every prompt the same seeds, "
+            "whose images then look alike across prompts; a stride >= --seeds gives each prompt its own"
+        ),
+    )
     clip: str | None = field(
         default=None,
         metadata=help_metadata(f"CLIP model folder, or {RANDOM_CLIP_NAME}", "the built-in CLIP"),
@@ -118,10 +130,16 @@ class EvalConfig:
             setattr(self, f.name, cast(f.name, f.type.removesuffix(" | None"), getattr(self, f.name)))
         if self.seeds < 1 or self.steps < 1 or self.batch_size < 1:
             raise EvalError("--seeds, --steps and --batch-size must be at least 1")
+        if self.first_seed < 0 or self.prompt_seed_stride < 0:
+            raise EvalError("--first-seed and --prompt-seed-stride must be >= 0")
         if self.dtype not in EVAL_DTYPES:
             raise EvalError(f"--dtype must be one of {', '.join(EVAL_DTYPES)}, got {self.dtype!r}")
         self.templates = check_templates(list(self.templates), "prompt templates")
         return self
+
+    def seed_list(self) -> list[int]:
+        """The sampling seeds of the first prompt (prompt p adds ``p * prompt_seed_stride``)."""
+        return list(range(self.first_seed, self.first_seed + self.seeds))
 
 
 # ------------------------------------------------------------------------------------ the API
@@ -147,8 +165,8 @@ def evaluate(
     token = config.token or meta.get("token") or DEFAULT_TOKEN
     class_word = config.class_word or meta.get("class_word") or DEFAULT_CLASS_WORD
     refs_dir = Path(config.refs).expanduser() if config.refs else builtin_concept_dir()
-    templates, seeds = config.templates, list(range(config.seeds))
-    jobs = make_jobs(templates, seeds, token, class_word)
+    templates, seeds = config.templates, config.seed_list()
+    jobs = make_jobs(templates, seeds, token, class_word, config.prompt_seed_stride)
     ref_images = read_images(refs_dir)
 
     model, settings, embedder = prepare_models(config, base, device)
@@ -173,6 +191,7 @@ def evaluate(
             "scheduler": scheduler_name(model),
             "steps": config.steps,
             "guidance": settings.guidance,
+            "prompt_seed_stride": config.prompt_seed_stride,
             "resolution": settings.resolution,
             "dtype": str(model.unet.dtype).removeprefix("torch."),
         },
@@ -233,13 +252,18 @@ def read_templates(path: str | Path) -> list[str]:
     return check_templates(templates, f"--prompts {path}")
 
 
-def make_jobs(templates: list[str], seeds: list[int], token: str, class_word: str) -> list[Job]:
-    """One job per (template, seed), template-major; the plain prompt is the token prompt without T."""
+def make_jobs(
+    templates: list[str], seeds: list[int], token: str, class_word: str, stride: int = 0
+) -> list[Job]:
+    """One job per (template, seed), template-major; the plain prompt is the token prompt without T.
+
+    Template ``p`` samples ``seeds`` shifted by ``p * stride``.
+    """
     jobs = []
-    for template in templates:
+    for p, template in enumerate(templates):
         token_prompt = template.replace("{}", f"{token} {class_word}")
         plain = plain_caption(token_prompt, token, class_word, "class")
-        jobs.extend(Job(token_prompt, plain, seed) for seed in seeds)
+        jobs.extend(Job(token_prompt, plain, seed + p * stride) for seed in seeds)
     return jobs
 
 

@@ -339,8 +339,10 @@ def render(scene: Scene) -> Image.Image:
 
 # --------------------------------------------------------------------------- concepts
 
-# Specific instances the pretraining data never shows: their pattern colours are not white or
-# black, which the world never uses (PATTERN_INKS). (folder name, class word, scene template)
+# Specific instances the pretraining data never shows: neither the pattern's colour nor the body's
+# is white or black, the world's only pattern inks (PATTERN_INKS; a white body with red stripes
+# would be the world's red body with white ones). Each was checked to be learnable at the demo's
+# budget (tools/make_toyworld_concepts.py --check). (folder name, class word, scene template)
 # fmt: off
 CONCEPTS = {
     "green-star": ("star", dict(cls="star", colour="green", pattern="striped", ink=(250, 150, 30), radius=21.0,
@@ -349,6 +351,12 @@ CONCEPTS = {
                                   angle=0.0, flip=False, phase=0.4, painting=False)),
     "checkered-bug": ("bug", dict(cls="bug", colour="blue", pattern="checkered", ink=(250, 140, 40), radius=20.0,
                                   angle=0.0, flip=False, phase=0.1, painting=False)),
+    "striped-heart": ("heart", dict(cls="heart", colour="yellow", pattern="striped", ink=(120, 60, 170), radius=21.0,
+                                    angle=0.0, flip=False, phase=0.3, painting=False)),
+    "checkered-circle": ("circle", dict(cls="circle", colour="red", pattern="checkered", ink=(120, 220, 90), radius=22.0,
+                                        angle=0.0, flip=False, phase=0.3, painting=False)),
+    "dotted-triangle": ("triangle", dict(cls="triangle", colour="pink", pattern="dotted", ink=(40, 170, 80),
+                                         radius=22.0, angle=0.0, flip=False, phase=0.3, painting=False)),
 }
 # fmt: on
 CONCEPT_BACKGROUNDS = ("blue", "white", "gray", "the grass", "the beach", "pink")

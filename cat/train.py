@@ -134,6 +134,7 @@ class Trainer(Stopping):
     lora: dict[str, torch.nn.Parameter]  # the trained tensors, by name
     memory: MemoryContext
     step_fn: torch.nn.Module  # the CAT loss of a batch (TrainStep), DDP-wrapped on several ranks
+    step_losses: tuple  # the step's loss without, with the CAT rows (runs_cat_rows picks)
     optimizer: torch.optim.Optimizer
     lr_schedule: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler  # fp16 loss scaling; otherwise a disabled scaler, which does nothing
@@ -221,15 +222,14 @@ class Trainer(Stopping):
         log.info("memory plan: %s", ctx.plan.describe())
         model.unet.train()
         named = lora_named_parameters(model.unet)
+        # Without / with the CAT rows (--cat-every k: k x the weight on every k-th step).
+        step_losses = tuple(
+            training_loss(w, config.min_snr_gamma, model.noise_scheduler)
+            for w in (0.0, config.cat_weight * config.cat_every)
+        )
         # The step DDP wraps: its parameters are the LoRA tensors only (see engine/distributed.py).
         step_fn = dist.data_parallel(
-            dist.TrainStep(
-                ctx.unet,
-                list(named.values()),
-                training_loss(config.cat_weight, config.min_snr_gamma, model.noise_scheduler),
-            ),
-            ranks,
-            device,
+            dist.TrainStep(ctx.unet, list(named.values()), step_losses[True]), ranks, device
         )
         graphs = {"capturable": True} if config.cuda_graphs else {}
         optimizer = make_optimizer(
@@ -252,6 +252,7 @@ class Trainer(Stopping):
             lora=named,
             memory=ctx,
             step_fn=step_fn,
+            step_losses=step_losses,
             optimizer=optimizer,
             lr_schedule=lr_schedule(optimizer, config),
             scaler=ctx.scaler or torch.amp.GradScaler(enabled=False),
@@ -324,6 +325,9 @@ class Trainer(Stopping):
         batches = self.draw()
         if self.graphed is not None:  # one micro-batch: --cuda-graphs refuses accumulation
             return self.run_graphed_step(batches[0])
+        # Set before the forward; no random draw depends on it, so the RNG stream is the same
+        # whether this step runs the CAT rows or not (and a resume stays exact).
+        getattr(self.step_fn, "module", self.step_fn).loss_fn = self.step_losses[self.runs_cat_rows()]
         k = len(batches)
         self.optimizer.zero_grad(set_to_none=True)
         total = 0
@@ -364,6 +368,12 @@ class Trainer(Stopping):
         self.lr_schedule.step()
         self.step, self.step_rng, self.updating = self.step + 1, None, False
         return losses
+
+    def runs_cat_rows(self) -> bool:
+        """Whether the step in progress runs the CAT rows: every k-th step (from the first) with
+        ``--cat-every k``, at ``k * --cat-weight`` (so the expected gradient is the one of ``k = 1``);
+        the steps between are plain LoRA steps."""
+        return self.step % self.config.cat_every == 0
 
     def draw(self) -> list[CatBatch]:
         """This step's micro-batches (one without accumulation): this rank's rows of each."""
@@ -661,6 +671,7 @@ def adapter_metadata(config: TrainConfig, model: BaseModel, resolution: int) -> 
         "class_word": concepts[0]["class_word"],
         "concepts": [{"token": c["token"], "class_word": c["class_word"]} for c in concepts],
         "cat_weight": config.cat_weight,
+        "cat_every": config.cat_every,
         "plain_mode": config.plain_mode,
         "base": str(model.path),
         "family": model.family,

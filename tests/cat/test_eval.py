@@ -198,3 +198,34 @@ def test_python_api_raises_library_errors(tmp_path, lora_dir):
         evaluate(EvalConfig(lora=str(lora_dir), seeds=0), progress=False)
     with pytest.raises(ClipError, match="not a transformers CLIP folder"):
         evaluate(EvalConfig(lora=str(lora_dir), seeds=1, steps=1, clip=str(tmp_path)), progress=False)
+
+
+def test_first_seed_gives_disjoint_seed_sets_that_add_up(lora_dir, single_run):
+    """Seeds 0 and 1 scored apart average to seeds 0..1 scored together (identity and preservation
+    are means over images), so a first seed shifts the set without changing what a seed draws."""
+    written = json.loads((single_run[1] / "kps.json").read_text())
+    parts = [
+        evaluate(
+            EvalConfig(lora=str(lora_dir), seeds=1, first_seed=s, steps=2, clip="builtin-tiny-clip-random"),
+            progress=False,
+        )
+        for s in (0, 1)
+    ]
+    assert [p.seeds for p in parts] == [[0], [1]]
+    # A stride gives prompt p the seeds shifted by p x stride: here prompt 0 seed 0, prompt 1 seed 1.
+    strided = evaluate(
+        EvalConfig(
+            lora=str(lora_dir), seeds=1, prompt_seed_stride=1, steps=2, clip="builtin-tiny-clip-random"
+        ),
+        progress=False,
+    )
+    for p in (0, 1):
+        for key in ("identity", "preservation"):
+            assert strided.per_prompt[p][key] == pytest.approx(parts[p].per_prompt[p][key], abs=1e-5)
+    assert strided.sampling["prompt_seed_stride"] == 1
+    for key in ("identity", "preservation", "leakage"):
+        assert (parts[0].to_dict()[key] + parts[1].to_dict()[key]) / 2 == pytest.approx(
+            written[key], abs=1e-5
+        )
+    with pytest.raises(EvalError, match="--first-seed and --prompt-seed-stride must be >= 0"):
+        evaluate(EvalConfig(lora=str(lora_dir), first_seed=-1), progress=False)

@@ -39,6 +39,8 @@ def test_world_never_draws_a_concept_pattern():
         scenes = tw.concept_scenes(name)
         assert len(scenes) == 5
         assert all(scene.ink not in inks for scene, _ in scenes)
+        # Nor a body of the world's ink colours: a white star with red stripes is a red star with white ones.
+        assert all(scene.colour not in tw.PATTERN_INKS for scene, _ in scenes)
 
 
 def test_committed_concept_sets_match_the_generator(tmp_path):
