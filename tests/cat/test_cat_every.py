@@ -33,7 +33,7 @@ def test_cat_rows_run_on_every_kth_step_at_k_times_the_weight(tmp_path):
     by_hand = train_mod.Trainer.setup(_config(tmp_path, "by-hand", cat_weight=1.0))
     for weight in (1.0, 0.0, 1.0, 0.0):
         every.run_step()
-        by_hand.step_cat_weight = lambda w=weight: w  # run_step sets the step's lambda from this
+        by_hand.runs_cat_rows = lambda w=weight: w > 0  # run_step picks the step's loss from this
         by_hand.run_step()
         assert torch.equal(every.generator.get_state(), by_hand.generator.get_state())
     for name, param in every.lora.items():
