@@ -238,6 +238,8 @@ def test_a_config_built_in_python_is_checked_as_strictly():
     config = TrainConfig(output=Path("out"), lr=1, targets="to_q, to_v").validate()
     assert (config.output, config.lr, config.targets) == ("out", 1.0, ["to_q", "to_v"])
     assert isinstance(config.lr, float)
+
+
 @pytest.mark.parametrize(
     "flags, yaml, mode",
     [

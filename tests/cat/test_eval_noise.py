@@ -33,7 +33,14 @@ def test_spreads_from_cached_embeddings_match_an_eval_run(tmp_path):
     assert sorted(pool["by_seed"]) == [0, 1, 2, 3]  # made in two chunks, the second one seed
     folder, _ = demo.concept_folder("green-star")
     lora = tmp_path / "work" / "adapter-seed0"
-    config = EvalConfig(lora=str(lora), refs=str(folder), templates=demo.eval_templates(2), seeds=2, steps=2)
+    config = EvalConfig(
+        lora=str(lora),
+        refs=str(folder),
+        templates=demo.eval_templates(2),
+        seeds=2,
+        steps=2,
+        prompt_seed_stride=1000,
+    )  # the pool's stride (eval_noise's default; the file name says it)
     report = evaluate(config, progress=False)
     scored = eval_noise.score(pool, 2, [0, 1])
     for key in ("kps", "identity", "preservation", "leakage", "prompt_similarity"):

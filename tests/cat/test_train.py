@@ -476,6 +476,8 @@ def test_resuming_with_the_default_targets_checks_them_against_the_checkpoint(tm
         ckpt.CheckpointError, match=r"LoRA tensors this model does not adapt .*other --targets"
     ):
         _run(tmp_path, steps=2, resume="latest", targets=None)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
