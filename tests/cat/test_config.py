@@ -272,3 +272,17 @@ def test_a_bad_compile_mode_is_a_one_line_error():
         CatEngineError, match=r"compile must be one of default, reduce-overhead, max-autotune"
     ):
         build_config({"compile": "fastest"}, {})
+
+
+def test_every_option_has_a_row_in_the_readme_table():
+    """The README's option table is the user's reference: a new option without a row fails here."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    table = readme[readme.index("### Options of `cat-engine train`") : readme.index("### Coming from kohya")]
+    flags = {"concepts": "--concept"}  # the YAML list; its flag takes one concept at a time
+    missing = [
+        name
+        for name in OPTIONS
+        if (flags.get(name) or "--" + name.replace("_", "-")) not in table
+        and "--no-" + name.replace("_", "-") not in table
+    ]
+    assert not missing, f"options without a README row: {missing}"
