@@ -8,7 +8,7 @@ needed, nor the text encoders unless captions change per step (``--shuffle-capti
 takes the samples :class:`~cat_engine.cat.buckets.BatchSampler` names from the cached latent
 distributions and caption embeddings, and :func:`draw_batch` turns them into the step's
 :class:`~cat_engine.engine.batch.CatBatch`: DDPM noise for the UNet families, flow matching for the
-transformer families (docs/design.md §7b).
+transformer families (docs/design.md §9).
 """
 
 from __future__ import annotations
@@ -318,7 +318,7 @@ def draw_rows(
 
 
 def _flow_batch(family: DitFamily, latents, eps, sigma, token, plain) -> CatBatch:
-    """The flow-matching batch (docs/design.md §7b): ``x_t = (1 - sigma) x_0 + sigma noise``, target
+    """The flow-matching batch (docs/design.md §9): ``x_t = (1 - sigma) x_0 + sigma noise``, target
     ``noise - x_0``, ``timesteps`` ``1000 * sigma``; the three row groups share them, as for the UNets."""
     return CatBatch(
         flow_noisy(latents, eps, sigma),

@@ -1,4 +1,4 @@
-"""The CAT objective on diffusion transformers: flow matching (docs/design.md §1, §7b).
+"""The CAT objective on diffusion transformers: flow matching (docs/design.md §1, §9).
 
     x_t = (1 - sigma) x_0 + sigma noise,   v = noise - x_0
     L     = L_FM + lambda * L_CAT

@@ -1,4 +1,4 @@
-"""The training run's output folder, made safe before any work starts.
+"""The training run's output folder, made safe before any work starts (docs/design.md §10).
 
 :func:`prepare_output` runs first in :meth:`~cat_engine.cat.train.Trainer.setup`, on rank 0 (which
 writes every output), and hands its verdict to the other ranks:

@@ -183,6 +183,12 @@ class Trainer(Stopping):
     ) -> Trainer:
         """The output folder claimed for this run (cat/output_folder.py: lock, refusals, the
         checkpoint to resume), then :meth:`build`. Call :meth:`close` at the end (``train`` does)."""
+        if config.cuda_graphs:  # refused before the output folder is touched, when it cannot run
+            device = dist.device_for(config.device, ranks)
+            precision = resolve_precision(config.memory, device).name if device.type == "cuda" else None
+            check_cuda_graphs(
+                device, world=ranks.world, compile_mode=config.memory.compile, precision=precision
+            )
         lock, resume_from = prepare_output(config, ranks)
         try:
             trainer = cls.build(config, ranks, resume_from)
@@ -203,11 +209,6 @@ class Trainer(Stopping):
         """Model, data (encoded once), adapter, memory plan, optimizer; then the checkpoint to resume."""
         device = dist.device_for(config.device, ranks)
         rows = rank_rows(config.batch_size, ranks)
-        if config.cuda_graphs:  # refused here, before anything loads, when it cannot run
-            precision = resolve_precision(config.memory, device).name if device.type == "cuda" else None
-            check_cuda_graphs(
-                device, world=ranks.world, compile_mode=config.memory.compile, precision=precision
-            )
         torch.manual_seed(config.seed)
         model = load_base(config.base)
         config = with_model_targets(config, model)

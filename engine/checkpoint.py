@@ -1,4 +1,4 @@
-"""Training checkpoints: ``OUTPUT/checkpoints/step-N/``, safetensors and JSON only (no pickle).
+"""Training checkpoints: ``OUTPUT/checkpoints/step-N/``, safetensors and JSON only (no pickle; docs/design.md §10).
 
 A checkpoint holds everything needed to continue bit-exactly: the LoRA weights, the optimizer
 state, the learning-rate schedule, the RNG states, the data position and the config. What makes it

@@ -1,4 +1,5 @@
-"""LoRA files in the kohya format: what ComfyUI, AUTOMATIC1111/Forge and kohya's sd-scripts load.
+"""LoRA files in the kohya format: what ComfyUI, AUTOMATIC1111/Forge and kohya's sd-scripts load
+(docs/design.md §11).
 
 Those tools do not read peft's ``lora_A``/``lora_B`` keys (diffusers does). They read, per module::
 
@@ -19,6 +20,12 @@ Module paths (the rules the loaders apply, written out in tests/engine/test_lora
 * SDXL: the original (LDM/"sgm") path (``input_blocks.4.1.transformer_blocks.0.attn1.to_q``), as
   sd-scripts names SDXL LoRAs (it trains SDXL on the original UNet). ComfyUI and AUTOMATIC1111 match
   these against the model's own weight names; diffusers maps them back with the UNet config.
+
+* SD3/3.5 and Flux.1 transformers: ``lora_transformer_`` + the diffusers path
+  (``lora_transformer_transformer_blocks_0_attn_to_q``), OneTrainer's names, which ComfyUI (and
+  Forge, which shares its LoRA loader) map onto the model's own weights, fused q/k/v slices
+  included. Z-Image has no such names in those loaders: its diffusers file (``transformer.*`` keys)
+  is what they read, so the kohya format is refused for it.
 
 diffusers path -> LDM path, with ``L`` the layers per block (every block the same):
 
@@ -51,6 +58,7 @@ from cat_engine.engine.errors import CatEngineError
 from cat_engine.engine.files import write_atomically
 
 PREFIX = "lora_unet_"
+TRANSFORMER_PREFIX = "lora_transformer_"
 RESNET_NAMES = {
     "norm1": "in_layers.0",
     "conv1": "in_layers.2",
@@ -69,12 +77,16 @@ TOP_LEVEL = {
     "add_embedding.linear_2": "label_emb.0.2",
 }
 # sd-scripts' names of the base model families (ss_base_model_version) and SAI model-spec architectures.
-MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "sd3": "sd3", "flux": "flux1"}
 ARCHITECTURES = {
     "sd1": "stable-diffusion-v1",
     "sd2": "stable-diffusion-v2-512",
     "sdxl": "stable-diffusion-xl-v1-base",
+    "sd3": "stable-diffusion-v3-medium",
+    "flux": "flux-1-dev",
 }
+# The transformer classes the format names, by their family here.
+TRANSFORMER_FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
 
 
 class KohyaFormatError(CatEngineError):
@@ -86,6 +98,11 @@ def unet_family(config) -> str:
     if config.get("addition_embed_type") == "text_time":
         return "sdxl"
     return "sd2" if config.get("cross_attention_dim") == 1024 else "sd1"
+
+
+def kohya_family(model) -> str:
+    """The key of :data:`MODEL_VERSIONS` of ``model``: ``sd3``/``flux`` or the UNet's family."""
+    return TRANSFORMER_FAMILIES.get(type(model).__name__) or unet_family(model.config)
 
 
 def _layers_per_block(config) -> int:
@@ -144,9 +161,13 @@ def ldm_path(path: str, config) -> str | None:
     return None
 
 
-def kohya_module_name(path: str, config) -> str:
-    """``lora_unet_...`` of the UNet module at diffusers path ``path`` (see the module docstring)."""
-    if unet_family(config) == "sdxl":
+def kohya_module_name(path: str, config, family: str | None = None) -> str:
+    """``lora_unet_...`` of the UNet module at diffusers path ``path``, ``lora_transformer_...`` of
+    an SD3/Flux transformer's (``family`` from :func:`kohya_family`; see the module docstring)."""
+    family = family or unet_family(config)
+    if family in TRANSFORMER_FAMILIES.values():
+        return TRANSFORMER_PREFIX + path.replace(".", "_")
+    if family == "sdxl":
         ldm = ldm_path(path, config)
         if ldm is None:
             raise KohyaFormatError(
@@ -157,10 +178,11 @@ def kohya_module_name(path: str, config) -> str:
 
 
 def kohya_supported(model) -> bool:
-    """The format as written here covers diffusers' ``UNet2DConditionModel`` (SD1.x/2.x/SDXL)."""
+    """The format as written here covers diffusers' ``UNet2DConditionModel`` (SD1.x/2.x/SDXL) and
+    the SD3 and Flux.1 transformers."""
     from diffusers import UNet2DConditionModel
 
-    return isinstance(model, UNet2DConditionModel)
+    return isinstance(model, UNet2DConditionModel) or type(model).__name__ in TRANSFORMER_FAMILIES
 
 
 def _adapter_layers(unet) -> list[tuple[str, object, str]]:
@@ -169,8 +191,8 @@ def _adapter_layers(unet) -> list[tuple[str, object, str]]:
 
     if not kohya_supported(unet):
         raise KohyaFormatError(
-            f"--save-format kohya: written for SD1.x/2.x/SDXL UNets, not a {type(unet).__name__}; "
-            "use --save-format diffusers"
+            f"--save-format kohya: written for SD1.x/2.x/SDXL UNets and SD3/Flux transformers, not a "
+            f"{type(unet).__name__}; use --save-format diffusers (ComfyUI reads its transformer.* keys)"
         )
 
     out = []
@@ -190,14 +212,15 @@ def _adapter_layers(unet) -> list[tuple[str, object, str]]:
 def kohya_module_names(unet) -> dict[str, str]:
     """``{diffusers path: kohya module name}`` of every module carrying the adapter; raises
     :class:`KohyaFormatError` for one the format cannot name."""
-    return {path: kohya_module_name(path, unet.config) for path, _, _ in _adapter_layers(unet)}
+    family = kohya_family(unet)
+    return {path: kohya_module_name(path, unet.config, family) for path, _, _ in _adapter_layers(unet)}
 
 
 def kohya_state_dict(unet) -> dict[str, torch.Tensor]:
     """The adapter of ``unet`` (peft LoRA, fused or not) under kohya keys, float32 on the CPU."""
-    state = {}
+    state, family = {}, kohya_family(unet)
     for path, layer, name in _adapter_layers(unet):
-        key = kohya_module_name(path, unet.config)
+        key = kohya_module_name(path, unet.config, family)
         down, up = layer.lora_A[name].weight, layer.lora_B[name].weight
         rank = down.shape[0]
         state[f"{key}.lora_down.weight"] = down.detach().to("cpu", torch.float32).contiguous()
@@ -249,7 +272,7 @@ def kohya_metadata(unet, name: str, info: dict) -> dict[str, str]:
     ``info``: the engine's record of the run (``token``, ``class_word``, ``concepts``, ``base``,
     ``resolution``, ``steps``, ``prediction_type``, ``images``, ...); what it lacks is left out.
     """
-    family = unet_family(unet.config)
+    family = kohya_family(unet)
     layers = _adapter_layers(unet)
     ranks = sorted({layer.r[n] for _, layer, n in layers})
     alphas = sorted({float(layer.scaling[n]) * layer.r[n] for _, layer, n in layers})
@@ -273,9 +296,10 @@ def kohya_metadata(unet, name: str, info: dict) -> dict[str, str]:
         + ", ".join(f"'{c['token']}' ({c['class_word']})" for c in concepts if c.get("token")),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": f"{ARCHITECTURES[family]}/lora",
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models"
-        if family == "sdxl"
-        else "diffusers",
+        "modelspec.implementation": {
+            "sdxl": "https://github.com/Stability-AI/generative-models",
+            "flux": "https://github.com/black-forest-labs/flux",
+        }.get(family, "diffusers"),
         "modelspec.title": name,
         "modelspec.trigger_phrase": ", ".join(c["token"] for c in concepts if c.get("token")),
     }

@@ -212,7 +212,8 @@ SAVE_FORMATS = ("diffusers", "kohya", "both")
 
 def writes_kohya(unet, save_format: str) -> bool:
     """Whether ``save_format`` writes a kohya file for ``unet``: ``kohya`` always (refused for a
-    model the format does not cover), ``both`` for the UNets it covers (SD1.x/2.x/SDXL)."""
+    model the format does not cover), ``both`` for the models it covers (SD1.x/2.x/SDXL UNets, SD3
+    and Flux.1 transformers)."""
     from cat_engine.engine.kohya import kohya_supported
 
     if save_format not in SAVE_FORMATS:
@@ -234,8 +235,8 @@ def save_lora_files(
     ``diffusers``: :func:`save_lora` (``pytorch_lora_weights.safetensors``, for ``load_lora_weights``).
     ``kohya``: ``<name>.safetensors`` with kohya keys, per-module alphas and ``ss_*`` metadata, for
     ComfyUI, AUTOMATIC1111/Forge and sd-scripts (``engine/kohya.py``); ``name`` defaults to the
-    folder's name. ``both``: the two (the kohya file for SD1.x/2.x/SDXL UNets only: the format is
-    not defined here for diffusion transformers). ``extra``: other modules' LoRA, in both files.
+    folder's name. ``both``: the two (the kohya file only for the models that format covers: not
+    Z-Image, whose diffusers file those tools read). ``extra``: other modules' LoRA, in both files.
     Returns the paths written, the diffusers file first.
     """
     from cat_engine.engine.kohya import save_kohya

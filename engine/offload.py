@@ -1,4 +1,4 @@
-"""Block offloading (docs/design.md §6, §7b): a transformer's blocks live in CPU memory and visit the
+"""Block offloading (docs/design.md §6, §9): a transformer's blocks live in CPU memory and visit the
 device one or two at a time.
 
     offload = BlockOffload(transformer, device)   # the blocks' frozen tensors to (pinned) CPU memory

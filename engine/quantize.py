@@ -1,4 +1,4 @@
-"""Frozen base weights in 8 bits (docs/design.md §6, §7b); the LoRA weights and the CAT maths stay as they were.
+"""Frozen base weights in 8 bits (docs/design.md §6, §9); the LoRA weights and the CAT maths stay as they were.
 
     quantize_frozen(model, "int8")   # every frozen nn.Linear: int8 values and a float32 scale per row
 

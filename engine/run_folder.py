@@ -1,4 +1,5 @@
-"""One run per output folder: an exclusive lock while a run uses it, and the identity of the run it holds.
+"""One run per output folder: an exclusive lock while a run uses it, and the identity of the run it holds
+(docs/design.md §10).
 
 :func:`claim` is what a run does before any work: the folder must be a folder it can write, no
 other process may be using it (:class:`RunLock`, an ``fcntl.flock`` the OS releases when the

@@ -1,4 +1,4 @@
-"""Stopping a run on SIGINT (Ctrl-C) or SIGTERM (schedulers, ``kill``) at a step boundary.
+"""Stopping a run on SIGINT (Ctrl-C) or SIGTERM (schedulers, ``kill``) at a step boundary (docs/design.md §10).
 
 While a loop runs inside :meth:`StopRequest.deferred`, the first signal only records the request:
 the loop finishes the step in progress, writes a consistent checkpoint and raises

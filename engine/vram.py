@@ -421,7 +421,7 @@ def candidate_plans(
     half, half+ckpt, fp32, fp32+ckpt. ``half`` is ``fp16`` on GPUs without bf16. Math attention is
     never a candidate: slower than SDPA and larger.
 
-    Transformers (docs/design.md §7b): half, half+ckpt, then the memory options, all checkpointed:
+    Transformers (docs/design.md §9): half, half+ckpt, then the memory options, all checkpointed:
     block offloading (lossless; its copies overlap the blocks' compute, which at these models'
     token counts takes longer than the copy), an 8-bit frozen base (the frozen model, and so the CAT
     target, moves by the quantisation's error), both. fp32 is no candidate: it doubles the weights,

@@ -1,7 +1,7 @@
 """The model families the engine trains, and how a folder or a loaded model is told apart.
 
 UNet families (``sd``: SD1.x/SD2.x, ``sdxl``) are the engine's original path (``engine/models.py``,
-``engine/text.py``). Diffusion transformers (docs/design.md §7b) each have a module here:
+``engine/text.py``). Diffusion transformers (docs/design.md §9) each have a module here:
 
 ==========  ==========================  ===========================================
 family      transformer class           pipeline (loads the LoRA files)

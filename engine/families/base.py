@@ -1,4 +1,4 @@
-"""What the engine needs to know about a family of diffusion transformers (docs/design.md §7b).
+"""What the engine needs to know about a family of diffusion transformers (docs/design.md §9).
 
 A family is one small module (``sd3.py``, ``flux.py``, ``zimage.py``) holding a :class:`DitFamily`:
 

@@ -1,4 +1,4 @@
-"""Flow matching (docs/design.md §7b): the noisy input, the target and the training noise levels.
+"""Flow matching (docs/design.md §9): the noisy input, the target and the training noise levels.
 
     x_t = (1 - sigma) * x_0 + sigma * noise        target = noise - x_0 (the velocity)
 

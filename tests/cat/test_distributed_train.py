@@ -130,7 +130,7 @@ def test_global_batch_must_divide_by_the_ranks(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_nproc_relaunches_the_same_options_under_torchrun(monkeypatch):
+def test_nproc_relaunches_the_same_options_under_torchrun(fake_torchrun):
     import argparse
 
     parser = argparse.ArgumentParser()
@@ -139,22 +139,7 @@ def test_nproc_relaunches_the_same_options_under_torchrun(monkeypatch):
         ["--nproc", "2", "--batch-size", "4", "--concept", "a/b:sks:dog", "--flip", "--no-compile"]
         + ["--targets", "to_q,to_v"]
     )
-    seen = {}
-
-    class FakePopen:  # torchrun, started in its own session (signals reach it through the launcher)
-        def __init__(self, command, **kwargs):
-            seen["command"], seen["kwargs"] = command, kwargs
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def wait(self):
-            return 0
-
-    monkeypatch.setattr(subprocess, "Popen", FakePopen)
+    seen = fake_torchrun
     assert train_mod.launch(args) == 0
     assert seen["kwargs"].get("start_new_session") is True
     command = seen["command"]

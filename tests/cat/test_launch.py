@@ -1,7 +1,6 @@
 """cat/launch.py: the torchrun command of ``--nproc`` / ``--nnodes`` and its one-line refusals."""
 
 import argparse
-import subprocess
 
 import pytest
 
@@ -15,22 +14,15 @@ def _args(*argv):
     return parser.parse_args(list(argv))
 
 
-def _command(monkeypatch, *argv):
-    seen = {}
-
-    def fake_run(command, **kwargs):
-        seen["command"] = command
-        return subprocess.CompletedProcess(command, 0)
-
-    monkeypatch.setattr(subprocess, "run", fake_run)
+def _command(seen, *argv):
     assert train_mod.launch(_args(*argv)) == 0
     command = seen["command"]
     return command[command.index("torch.distributed.run") + 1 : command.index("-m", 3)]
 
 
-def test_c10d_rendezvous_across_nodes(monkeypatch):
+def test_c10d_rendezvous_across_nodes(fake_torchrun):
     flags = _command(
-        monkeypatch,
+        fake_torchrun,
         *(
             "--nproc",
             "2",
@@ -53,9 +45,9 @@ def test_c10d_rendezvous_across_nodes(monkeypatch):
     ]
 
 
-def test_static_rendezvous_with_a_node_rank(monkeypatch):
+def test_static_rendezvous_with_a_node_rank(fake_torchrun):
     flags = _command(
-        monkeypatch,
+        fake_torchrun,
         "--nnodes",
         "2",
         "--node-rank",
@@ -74,8 +66,8 @@ def test_static_rendezvous_with_a_node_rank(monkeypatch):
     ]
 
 
-def test_one_node_is_standalone(monkeypatch):
-    assert _command(monkeypatch, "--nproc", "2", "--batch-size", "2") == [
+def test_one_node_is_standalone(fake_torchrun):
+    assert _command(fake_torchrun, "--nproc", "2", "--batch-size", "2") == [
         "--standalone",
         "--nproc_per_node=2",
     ]

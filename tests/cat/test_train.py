@@ -461,7 +461,10 @@ def test_resuming_an_older_checkpoint_puts_the_newer_ones_aside(tmp_path, straig
 
 
 def test_a_64_bit_seed_trains():
-    assert len(train_mod.sample_indices(3, 2, 6, 2**64 - 1)) == 2
+    from cat_engine.cat.buckets import BatchSampler, sample_indices
+
+    assert len(sample_indices(3, 2, 6, 2**64 - 1)) == 2
+    assert len(BatchSampler([[0, 1, 2], [3, 4, 5]], 2, 2**64 - 1).indices(3)) == 2
 
 
 def test_resuming_with_the_default_targets_checks_them_against_the_checkpoint(tmp_path):

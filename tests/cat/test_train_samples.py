@@ -73,6 +73,7 @@ def test_a_run_with_samples_trains_bit_identically_to_one_without(tmp_path):
 def test_only_rank_0_samples_and_tracks(tmp_path, monkeypatch):
     monkeypatch.setattr(dist, "data_parallel", lambda step, ranks, device: step)  # no process group here
     config = _config(tmp_path, "rank1", sample_every=1, log_with="tensorboard", batch_size=2)
-    trainer = train_mod.Trainer.setup(config, dist.DistContext(rank=1, world=2))
+    # build: the part of setup after the output folder is claimed (which needs the process group)
+    trainer = train_mod.Trainer.build(config, dist.DistContext(rank=1, world=2), resume_from=None)
     assert trainer.samples is None and type(trainer.tracker).__name__ == "Tracker"
     assert not (tmp_path / "rank1" / "logs").exists()

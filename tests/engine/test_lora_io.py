@@ -340,14 +340,14 @@ def test_an_adapter_the_kohya_format_cannot_name_is_refused_in_one_line():
     assert "\n" not in str(exc.value)
 
 
-def test_a_transformer_gets_the_diffusers_file_alone_and_kohya_is_refused(tmp_path):
+def test_zimage_gets_the_diffusers_file_alone_and_kohya_is_refused(tmp_path):
     from cat_engine.engine.builtin_dit import tiny_transformer
     from cat_engine.engine.kohya import KohyaFormatError
     from cat_engine.engine.lora import save_lora_files
 
-    model = tiny_transformer("sd3")
-    add_lora(model, rank=4, targets=("attn.to_q",), seed=0)
+    model = tiny_transformer("zimage")
+    add_lora(model, rank=4, targets=("attention.to_q",), seed=0)
     paths = save_lora_files(model, tmp_path / "dit", "both", {"token": "sks"})
     assert [p.name for p in paths] == [LORA_WEIGHT_NAME] == [p.name for p in (tmp_path / "dit").iterdir()]
-    with pytest.raises(KohyaFormatError, match="not a SD3Transformer2DModel; use --save-format diffusers"):
+    with pytest.raises(KohyaFormatError, match="not a ZImageTransformer2DModel; use --save-format diffusers"):
         save_lora_files(model, tmp_path / "dit", "kohya")
