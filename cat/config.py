@@ -95,6 +95,12 @@ class TrainConfig:
             "feed-forward) projections for SD3, Flux and Z-Image",
         ),
     )
+    train_text_encoder: bool = field(
+        default=False,
+        metadata=help_metadata(
+            "also train a LoRA (same rank and alpha) on the CLIP text encoder(s) of SD1.x/2.x and SDXL"
+        ),
+    )
     # optimisation
     lr: float = field(default=1e-4, metadata=help_metadata("learning rate"))
     lr_warmup_steps: int = field(default=0, metadata=help_metadata("linear warm-up steps"))
@@ -390,7 +396,7 @@ RUN_ONLY.add("save_format")  # how the adapter is written, not what it is
 # Options that make a run what it is: resuming it with other values would train another adapter.
 IDENTITY = (
     *("base", "data", "concepts", "token", "class_word", "caption_template", "plain_mode"),
-    *("rank", "alpha", "targets", "seed", "resolution", "flip"),
+    *("rank", "alpha", "targets", "seed", "resolution", "flip", "train_text_encoder"),
 )
 RUN_ONLY |= {"epochs", "sample_every", "sample_prompts", "sample_seeds", "sample_steps", "log_with"}
 LOGGERS = ("none", "tensorboard", "wandb")
@@ -409,6 +415,11 @@ def trainer_option_checks(c: TrainConfig) -> list[tuple[bool, str]]:
             "--gradient-accumulation-steps",
         ),
         (not (c.cuda_graphs and c.cat_every > 1), "--cuda-graphs captures one loss: use --cat-every 1"),
+        (
+            not (c.cuda_graphs and c.train_text_encoder),
+            "--cuda-graphs captures the UNet's step, not the text encoders': drop one of --cuda-graphs, "
+            "--train-text-encoder",
+        ),
     ]
 
 

@@ -167,10 +167,13 @@ class CachedData:
         """The token and plain embeddings of image rows ``index``, as cached (or encoded now)."""
         if isinstance(self.texts, CaptionCache):
             return self.texts.token(index), self.texts.plain(index)
+        token, plain = self.caption_rows(index)
+        return self.texts.lookup(token), self.texts.lookup(plain)
+
+    def caption_rows(self, index: torch.Tensor) -> tuple[list[str], list[str]]:
+        """The token and plain captions of image rows ``index``."""
         rows = index.tolist()
-        return self.texts.lookup([self.captions[i] for i in rows]), self.texts.lookup(
-            [self.plain_captions[i] for i in rows]
-        )
+        return [self.captions[i] for i in rows], [self.plain_captions[i] for i in rows]
 
     def sampler(self, batch_size: int, seed: int) -> BatchSampler:
         return BatchSampler(self.groups(), batch_size, seed)
@@ -213,15 +216,49 @@ class NoiseOptions:
     offset: float = 0.0  # --noise-offset: a per-channel constant added to the noise
 
 
-def draw_batch(
+@dataclass
+class DrawnBatch:
+    """A step's batch and the captions of its rows (a trained text encoder encodes them itself,
+    ``cat/text_encoder_lora.py``); the batch holds the frozen encoders' embeddings."""
+
+    batch: CatBatch
+    token_captions: list[str]
+    plain_captions: list[str]
+
+    def split(self, k: int) -> list[DrawnBatch]:
+        """``k`` equal micro-batches, rows in order."""
+        m = self.batch.rows // k
+        return [
+            DrawnBatch(
+                part, self.token_captions[i * m : (i + 1) * m], self.plain_captions[i * m : (i + 1) * m]
+            )
+            for i, part in enumerate(micro_batches(self.batch, k))
+        ]
+
+
+def micro_batches(batch: CatBatch, k: int) -> list[CatBatch]:
+    """``batch`` cut into ``k`` equal micro-batches, rows in order."""
+    if k == 1:
+        return [batch]
+    m = batch.rows // k
+    return [batch.map(lambda t, i=i: t[i * m : (i + 1) * m] if t.dim() else t) for i in range(k)]
+
+
+def draw_batch(*args, **kwargs) -> CatBatch:
+    """:func:`draw_rows`' batch (same arguments), without the captions."""
+    return draw_rows(*args, **kwargs).batch
+
+
+def draw_rows(
     data: CachedData,
     indices: list[int],
     generator,
     noise_scheduler,
     rows=slice(None),
     noise: NoiseOptions = NoiseOptions(),
-) -> CatBatch:
-    """The :class:`CatBatch` of samples ``indices``: z_t, t and the target drawn for each, ``rows`` of them.
+) -> DrawnBatch:
+    """The :class:`CatBatch` of samples ``indices``: z_t, t and the target drawn for each, ``rows`` of
+    them, with those rows' captions.
 
     All randomness comes from ``generator``, a CPU one: identical draws on any device, and
     resumable. The draws cover the whole global batch on every rank, so the generator advances
@@ -257,12 +294,13 @@ def draw_batch(
     idx, latents, eps, t = idx[rows], latents[rows], eps[rows], t[rows]
     if captions is None:
         token, plain = data.text_rows(idx)
+        texts = data.caption_rows(idx)
     else:
         picked = range(len(indices))[rows] if isinstance(rows, slice) else torch.as_tensor(rows).tolist()
-        token = data.texts.lookup([captions[0][i] for i in picked])
-        plain = data.texts.lookup([captions[1][i] for i in picked])
+        texts = [captions[0][i] for i in picked], [captions[1][i] for i in picked]
+        token, plain = data.texts.lookup(texts[0]), data.texts.lookup(texts[1])
     if family is not None:
-        return _flow_batch(family, latents, eps, t, token, plain)
+        return DrawnBatch(_flow_batch(family, latents, eps, t, token, plain), *texts)
     noisy = noise_scheduler.add_noise(latents, eps, t)
     prediction = noise_scheduler.config.prediction_type
     if prediction == "epsilon":
@@ -276,7 +314,7 @@ def draw_batch(
         time_ids = data.time_ids[idx].to(device)
         added = {"text_embeds": token.pooled, "time_ids": time_ids}
         plain_added = {"text_embeds": plain.pooled, "time_ids": time_ids}
-    return CatBatch(noisy, t, token.embeds, plain.embeds, target, added, plain_added)
+    return DrawnBatch(CatBatch(noisy, t, token.embeds, plain.embeds, target, added, plain_added), *texts)
 
 
 def _flow_batch(family: DitFamily, latents, eps, sigma, token, plain) -> CatBatch:

@@ -31,6 +31,7 @@ from cat_engine.cat.dataset import DEFAULT_CLASS_WORD, DEFAULT_TOKEN, IMAGE_SUFF
 from cat_engine.cat.logs import console_logging
 from cat_engine.cat.report import GRID_MAX_PROMPTS, GRID_MAX_SEEDS, KpsReport, grid_rows, write_report
 from cat_engine.cat.sampling import SETS, Job, SampleSettings, sample_jobs, to_uint8
+from cat_engine.cat.text_encoder_lora import load_text_encoder_lora
 from cat_engine.engine import builtin
 from cat_engine.engine import distributed as dist
 from cat_engine.engine.builtin_clip import RANDOM_CLIP_NAME
@@ -319,7 +320,7 @@ def sampling_guidance(config: EvalConfig, model) -> float:
 
 
 def load_adapted_model(base: str | None, lora: Path, dtype: str, device: torch.device):
-    """The base model with the adapter loaded into its UNet, on ``device``, in ``dtype`` (``auto``:
+    """The base model with the adapter loaded into its UNet (and text encoders, when it has theirs), on ``device``, in ``dtype`` (``auto``:
     float16 on a GPU, else float32); the VAE stays in float32."""
     from safetensors import SafetensorError
 
@@ -334,6 +335,7 @@ def load_adapted_model(base: str | None, lora: Path, dtype: str, device: torch.d
         ) from None
     if not has_peft_adapter(model.unet):
         raise EvalError(f"--lora {lora}: no LoRA weights for this --base's {lora_prefix(model.unet)} in it")
+    load_text_encoder_lora(model, lora)  # a --train-text-encoder run's: the base rows read the frozen ones
     if dtype == "auto":  # half precision where it is fast; transformers (and T5) in bf16, as released
         half = "bfloat16" if dit_family(model.family) is not None else "float16"
         dtype = half if device.type == "cuda" else "float32"

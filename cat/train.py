@@ -48,6 +48,8 @@ from cat_engine.cat.data import (
     compile_check_inputs,
     concept_list,
     draw_batch,
+    draw_rows,
+    micro_batches,
     prepare_data,
 )
 from cat_engine.cat.launch import add_launch_arguments, launch, rank_rows, wants_torchrun
@@ -62,6 +64,13 @@ from cat_engine.cat.output_folder import (
     prepare_output,
 )
 from cat_engine.cat.stopping import NonFiniteAdapter, Stopping, TrainingError
+from cat_engine.cat.text_encoder_lora import (
+    adapted_text_loss,
+    add_text_encoder_lora,
+    check_text_encoder_training,
+    text_encoder_adapters,
+    text_encoder_lora_parameters,
+)
 from cat_engine.cat.tracking import Tracker, make_tracker, memory_gib
 from cat_engine.cat.train_samples import TrainSamples
 from cat_engine.engine import checkpoint as ckpt
@@ -128,6 +137,7 @@ class Trainer(Stopping):
     ranks: dist.DistContext
     rows: slice  # this rank's rows of the global batch
     model: BaseModel  # its UNet carries the adapter; the VAE and text encoders are released
+    # (the text encoders stay, with their own adapter, under --train-text-encoder)
     resolution: int
     data: CachedData
     sampler: BatchSampler  # the rows of each step, a pure function of the step
@@ -203,30 +213,36 @@ class Trainer(Stopping):
         model = load_base(config.base)
         config = with_model_targets(config, model)
         check_family_options(config, model)
+        if config.train_text_encoder:
+            check_text_encoder_training(model)
         resolution = training_resolution(config, model)
         data = prepare_data(config, model, resolution, device)
         samples = None
         if config.sample_every and ranks.main:  # keeps the VAE and text encoders it samples with
-            live = not isinstance(data.texts, CaptionCache)
+            live = not isinstance(data.texts, CaptionCache) or config.train_text_encoder
             samples = TrainSamples(
                 config, model, concept_list(config), resolution, device, park_text=not live
             )
-        release_encoders(model, data)
+        release_encoders(model, data, keep_text=config.train_text_encoder)
         sampler = data.sampler(config.batch_size * config.gradient_accumulation_steps, config.seed)
         config = with_total_steps(config, sampler)
 
         add_adapter(model.unet, config)
+        if config.train_text_encoder:
+            add_text_encoder_lora(model, config.rank, config.alpha, config.seed)
         plan = memory_plan_for(config, model, resolution, device, batch=rows.stop - rows.start)
         check_inputs = compile_check_inputs(data) if plan.compile else None
         ctx = apply_memory_plan(model.unet, plan, device, check_inputs=check_inputs)
         log.info("memory plan: %s", ctx.plan.describe())
         model.unet.train()
-        named = lora_named_parameters(model.unet)
+        named = {**lora_named_parameters(model.unet), **text_encoder_lora_parameters(model)}
         # Without / with the CAT rows (--cat-every k: k x the weight on every k-th step).
         step_losses = tuple(
             training_loss(w, config.min_snr_gamma, model.noise_scheduler)
             for w in (0.0, config.cat_weight * config.cat_every)
         )
+        if config.train_text_encoder:  # each step encodes its captions with the adapted encoders
+            step_losses = tuple(adapted_text_loss(f, model) for f in step_losses)
         # The step DDP wraps: its parameters are the LoRA tensors only (see engine/distributed.py).
         step_fn = dist.data_parallel(
             dist.TrainStep(ctx.unet, list(named.values()), step_losses[True]), ranks, device
@@ -376,7 +392,8 @@ class Trainer(Stopping):
         return self.step % self.config.cat_every == 0
 
     def draw(self) -> list[CatBatch]:
-        """This step's micro-batches (one without accumulation): this rank's rows of each."""
+        """This step's micro-batches (one without accumulation): this rank's rows of each
+        (:class:`~cat_engine.cat.data.DrawnBatch` es, with their captions, under --train-text-encoder)."""
         indices = self.sampler.indices(self.step)
         noise = NoiseOptions(self.config.noise_offset)
         scheduler, k, size = (
@@ -384,12 +401,12 @@ class Trainer(Stopping):
             self.config.gradient_accumulation_steps,
             self.config.batch_size,
         )
-        if k == 1:
-            return [draw_batch(self.data, indices, self.generator, scheduler, self.rows, noise)]
-        rows = torch.cat([torch.arange(i * size, (i + 1) * size)[self.rows] for i in range(k)])
-        batch = draw_batch(self.data, indices, self.generator, scheduler, rows, noise)
-        m = len(rows) // k
-        return [batch.map(lambda t, i=i: t[i * m : (i + 1) * m] if t.dim() else t) for i in range(k)]
+        rows = self.rows
+        if k > 1:
+            rows = torch.cat([torch.arange(i * size, (i + 1) * size)[self.rows] for i in range(k)])
+        if self.config.train_text_encoder:  # the rows' captions go with them: the step encodes them
+            return draw_rows(self.data, indices, self.generator, scheduler, rows, noise).split(k)
+        return micro_batches(draw_batch(self.data, indices, self.generator, scheduler, rows, noise), k)
 
     def update(self, loss: torch.Tensor) -> None:
         """Backward (adding to the gradients of earlier micro-batches), clip, optimizer and schedule step.
@@ -548,7 +565,8 @@ class Trainer(Stopping):
         after the run's output folder."""
         info = {**adapter_metadata(self.config, self.model, self.resolution), "steps": self.step}
         name = kohya_file_name(self.output)
-        return save_lora_files(self.model.unet, folder, self.config.save_format, info, name=name)
+        extra = text_encoder_adapters(self.model)  # --train-text-encoder: in the same files
+        return save_lora_files(self.model.unet, folder, self.config.save_format, info, name=name, extra=extra)
 
 
 # --------------------------------------------------------------------------- setup's parts
@@ -557,10 +575,10 @@ def no_sync(step_fn) -> contextlib.AbstractContextManager:
     return step_fn.no_sync() if hasattr(step_fn, "no_sync") else contextlib.nullcontext()
 
 
-def release_encoders(model: BaseModel, data: CachedData) -> None:
+def release_encoders(model: BaseModel, data: CachedData, keep_text: bool = False) -> None:
     """Drop the VAE and the text encoders once the data is cached (the encoders stay when the
-    captions are encoded each step)."""
-    if isinstance(data.texts, CaptionCache):
+    captions are encoded each step, or ``keep_text``: they are trained)."""
+    if isinstance(data.texts, CaptionCache) and not keep_text:
         model.release_encoders()
     else:
         model.vae = None
@@ -620,6 +638,8 @@ def memory_plan_for(
     """``config.memory``, or with ``--vram-budget`` the fastest plan predicted to fit.
 
     ``batch``: the rows one device runs (the global batch over the ranks); default ``--batch-size``.
+    The plan is the denoiser's: with ``--train-text-encoder`` the text encoders kept on the device,
+    their small LoRA, its optimizer state and the encoders' activations are not counted.
     """
     if config.vram_budget is None:
         return config.memory
@@ -679,6 +699,7 @@ def adapter_metadata(config: TrainConfig, model: BaseModel, resolution: int) -> 
         "prediction_type": model.prediction_type,
         "lr": config.lr,
         "seed": config.seed,
+        "train_text_encoder": config.train_text_encoder,
     }
 
 

@@ -232,6 +232,36 @@ def kohya_state_dict(unet) -> dict[str, torch.Tensor]:
     return state
 
 
+def _layer_tensors(key: str, layer, name: str) -> dict[str, torch.Tensor]:
+    """One peft LoRA layer's down, up and alpha tensors under kohya module name ``key``."""
+    down, up = layer.lora_A[name].weight, layer.lora_B[name].weight
+    return {
+        f"{key}.lora_down.weight": down.detach().to("cpu", torch.float32).contiguous(),
+        f"{key}.lora_up.weight": up.detach().to("cpu", torch.float32).contiguous(),
+        f"{key}.alpha": torch.tensor(float(layer.scaling[name]) * down.shape[0], dtype=torch.float32),
+    }
+
+
+# sd-scripts' prefixes of the text encoders' LoRA: SD1.x/2.x's one encoder, SDXL's two.
+TEXT_ENCODER_PREFIXES = {1: ("lora_te_",), 2: ("lora_te1_", "lora_te2_")}
+
+
+def kohya_text_encoder_state_dict(encoders) -> dict[str, torch.Tensor]:
+    """The peft LoRA of CLIP text ``encoders`` (one: SD1.x/2.x, two: SDXL) under sd-scripts' keys:
+    the encoder's prefix + the module path from ``text_model``, ``.`` -> ``_``."""
+    from peft.tuners.lora.layer import LoraLayer
+
+    from cat_engine.engine.text import clip_module_path
+
+    state = {}
+    for prefix, encoder in zip(TEXT_ENCODER_PREFIXES[len(encoders)], encoders):
+        for path, layer in encoder.named_modules():
+            if isinstance(layer, LoraLayer):
+                key = prefix + clip_module_path(path).replace(".", "_")
+                state.update(_layer_tensors(key, layer, next(iter(layer.lora_A))))
+    return state
+
+
 def _text(value) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
@@ -301,16 +331,18 @@ def save_kohya(
     *,
     name: str | None = None,
     extra_metadata: dict | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``OUTPUT/<name>.safetensors`` atomically; return its path.
 
     ``name``: the file name (default :func:`kohya_file_name` of ``output_dir``); ``extra_metadata``:
-    further string entries (the engine's own record, under its key).
+    further string entries (the engine's own record, under its key); ``extra_tensors``: other
+    modules' LoRA under kohya keys (:func:`kohya_text_encoder_state_dict`).
     """
     from safetensors.torch import save_file
 
     path = Path(output_dir) / (name or kohya_file_name(output_dir))
-    state = kohya_state_dict(unet)
+    state = {**kohya_state_dict(unet), **(extra_tensors or {})}
     metadata = {
         "format": "pt",
         **kohya_metadata(unet, path.stem, info or {}),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -170,24 +171,37 @@ def lora_config_dict(unet) -> dict:
     return config
 
 
-def save_lora(unet, output_dir: str | os.PathLike, info: dict | None = None) -> Path:
+@dataclass
+class ExtraAdapters:
+    """Other modules' LoRA (trained text encoders), saved in the same files as the denoiser's."""
+
+    tensors: dict[str, torch.Tensor]  # diffusers keys: ``<prefix>.<module>.lora_A.weight``
+    configs: dict[str, dict]  # each prefix's peft config (:func:`lora_config_dict`)
+    kohya: dict[str, torch.Tensor]  # kohya keys, alphas included
+
+
+def save_lora(
+    unet, output_dir: str | os.PathLike, info: dict | None = None, extra: ExtraAdapters | None = None
+) -> Path:
     """Write ``OUTPUT/pytorch_lora_weights.safetensors`` atomically (``engine/files.py``).
 
     ``info`` (token, class word, cat weight, ...) goes into the safetensors metadata under
-    ``cat_engine`` as JSON, next to the peft config diffusers needs to rebuild the adapter.
+    ``cat_engine`` as JSON, next to the peft config diffusers needs to rebuild the adapter
+    (each of ``extra``'s too, under its own prefix).
     """
     from safetensors.torch import save_file
 
     output_dir = Path(output_dir)
     config = lora_config_dict(unet)
+    configs = {lora_prefix(unet): config, **(extra.configs if extra else {})}
     metadata = {
         "format": "pt",
         DIFFUSERS_METADATA_KEY: json.dumps(
-            {f"{lora_prefix(unet)}.{k}": v for k, v in config.items()}, sort_keys=True
+            {f"{p}.{k}": v for p, c in configs.items() for k, v in c.items()}, sort_keys=True
         ),
         ENGINE_METADATA_KEY: json.dumps({**config, **(info or {})}, sort_keys=True, default=str),
     }
-    state = lora_state_dict(unet)
+    state = {**lora_state_dict(unet), **(extra.tensors if extra else {})}
     return write_atomically(
         output_dir / LORA_WEIGHT_NAME, lambda tmp: save_file(state, str(tmp), metadata=metadata)
     )
@@ -214,6 +228,7 @@ def save_lora_files(
     info: dict | None = None,
     *,
     name: str | None = None,
+    extra: ExtraAdapters | None = None,
 ) -> list[Path]:
     """The adapter in the formats ``save_format`` names, written atomically into ``output_dir``.
 
@@ -221,17 +236,26 @@ def save_lora_files(
     ``kohya``: ``<name>.safetensors`` with kohya keys, per-module alphas and ``ss_*`` metadata, for
     ComfyUI, AUTOMATIC1111/Forge and sd-scripts (``engine/kohya.py``); ``name`` defaults to the
     folder's name. ``both``: the two (the kohya file only for the models that format covers: not
-    Z-Image, whose diffusers file those tools read). Returns the paths written, the diffusers file first.
+    Z-Image, whose diffusers file those tools read). ``extra``: other modules' LoRA, in both files.
+    Returns the paths written, the diffusers file first.
     """
     from cat_engine.engine.kohya import save_kohya
 
     paths = []
     if save_format in ("diffusers", "both"):
-        paths.append(save_lora(unet, output_dir, info))
+        paths.append(save_lora(unet, output_dir, info, extra))
     if writes_kohya(unet, save_format):
         record = json.dumps({**lora_config_dict(unet), **(info or {})}, sort_keys=True, default=str)
+        more = extra.kohya if extra else None
         paths.append(
-            save_kohya(unet, output_dir, info, name=name, extra_metadata={ENGINE_METADATA_KEY: record})
+            save_kohya(
+                unet,
+                output_dir,
+                info,
+                name=name,
+                extra_metadata={ENGINE_METADATA_KEY: record},
+                extra_tensors=more,
+            )
         )
     return paths
 

@@ -103,6 +103,17 @@ def _encode(model, prompts: list[str], batch_size: int) -> PromptEmbeds:
     return PromptEmbeds(embeds, pooled)
 
 
+# The CLIP text model's modules as LoRA files name them (diffusers and kohya, written with
+# transformers' ``CLIPTextModel.text_model``); recent transformers flatten that level away.
+CLIP_ROOT = "text_model."
+
+
+def clip_module_path(path: str) -> str:
+    """``path`` of a CLIP text encoder's module from the ``text_model`` root, whichever layout
+    the installed transformers has."""
+    return path if path.startswith(CLIP_ROOT) else CLIP_ROOT + path
+
+
 def sdxl_time_ids(resolution: int, batch: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """SDXL micro-conditioning: original size, crop top-left (0, 0), target size."""
     ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=dtype, device=device)

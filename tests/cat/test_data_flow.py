@@ -25,7 +25,7 @@ def _data(name: str) -> CachedData:
     texts = CaptionCache(
         embeds, ["tok", "plain"], torch.zeros(N, dtype=torch.long), torch.ones(N, dtype=torch.long)
     )
-    return CachedData(latents, texts, ["tok"] * N, [0] * N, name)
+    return CachedData(latents, texts, ["tok"] * N, [0] * N, name, ["plain"] * N)
 
 
 @pytest.mark.parametrize("name", list(DIT_FAMILIES))
