@@ -27,7 +27,9 @@ def test_demo_writes_report_and_grid(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert set(report["methods"]) == {"lora", "cat"}
     assert report["methods"]["lora"]["train"]["cat_weight"] == 0.0
-    assert report["methods"]["cat"]["train"]["cat_weight"] == 1.0
+    from cat_engine.cat.demo import DEFAULT_CAT_WEIGHT  # what the committed sweep's rule chose
+
+    assert report["methods"]["cat"]["train"]["cat_weight"] == DEFAULT_CAT_WEIGHT
     for method in report["methods"].values():
         for key in ("kps", "identity", "preservation", "leakage"):
             assert isinstance(method[key], float)
