@@ -18,6 +18,7 @@ import json
 import time
 from pathlib import Path
 
+from cat_engine.cat.config import TrainConfig
 from cat_engine.engine.files import write_atomically, write_text_atomically
 
 METHODS = (("lora", 0.0), ("cat", None))  # None: the --cat-weight of the run
@@ -31,7 +32,7 @@ METRICS = (
     "diversity_base",
 )
 DEFAULT_CONCEPT = "green-star"
-DEFAULT_CAT_WEIGHT = 1.0
+DEFAULT_CAT_WEIGHT = TrainConfig.cat_weight  # the trainer's default: one number, set from the sweep
 DEFAULT_PLAIN_MODE = "class"
 DEFAULT_CAT_EVERY = 1
 DEFAULT_STEPS = 400
