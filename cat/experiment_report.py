@@ -330,7 +330,8 @@ def plot(result: dict, path: Path) -> Path:
     fig.legend(list(seen.values()), list(seen.keys()), loc="lower center", ncol=min(4, len(seen)))
     n_concepts, n_seeds = len(result["concepts"]), len(result["seeds"])
     fig.suptitle(
-        f"Toy world: {n_concepts} concepts × {n_seeds} training seeds; mean over concepts, 95% bootstrap CI (concepts, then seeds)"
+        f"Toy world: {n_concepts} concepts × {n_seeds} training seeds{_partial(result)}; mean over concepts, "
+        "95% bootstrap CI (concepts, then seeds)"
     )
     fig.tight_layout(rect=(0, 0.06, 1, 0.96))
     out = write_atomically(Path(path), lambda p: fig.savefig(p, format="png", dpi=90))
@@ -341,3 +342,9 @@ def plot(result: dict, path: Path) -> Path:
 def _yerr(values) -> list[list[float]]:
     values = list(values)
     return [[v["mean"] - v["ci"][0] for v in values], [v["ci"][1] - v["mean"] for v in values]]
+
+
+def _partial(result: dict) -> str:
+    """`` (partial: N of M runs)`` when the record lacks runs, so a picture never claims the full design."""
+    missing, done = len(result.get("missing_runs") or ()), len(result.get("runs") or ())
+    return f" (partial: {done} of {done + missing} runs)" if missing else ""
