@@ -74,6 +74,17 @@ def lora_named_parameters(unet) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in unet.named_parameters() if "lora_" in n and p.requires_grad}
 
 
+def perturb_lora_b(model: torch.nn.Module, std: float) -> torch.nn.Module:
+    """Draw every ``lora_B`` weight of ``model`` from N(0, std) (the global RNG, in parameter order);
+    returns ``model``. peft starts B at zero, so an untrained adapter changes nothing: tests and
+    benchmarks use this to make its delta show."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, std)
+    return model
+
+
 def lora_parameters(unet) -> list[torch.nn.Parameter]:
     """The trainable LoRA parameters, in a stable (module) order."""
     return list(lora_named_parameters(unet).values())

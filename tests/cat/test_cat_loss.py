@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from cat_engine.cat.loss import CatLossOutput, batch_loss, cat_loss, cat_loss_reference, step_loss
 from cat_engine.engine.batch import CatBatch
 from cat_engine.engine.builtin import tiny_unet
-from cat_engine.engine.lora import add_lora, fuse_lora, lora_parameters
+from cat_engine.engine.lora import add_lora, fuse_lora, lora_parameters, perturb_lora_b
 
 LOSS_RTOL = 1e-5
 GRAD_RTOL = 1e-4
@@ -27,10 +27,7 @@ def _models(family: str, checkpointing: bool, dropout: float = 0.0, **unet_confi
     torch.manual_seed(0)
     peft = tiny_unet(family, **unet_config).eval()
     add_lora(peft, rank=4, seed=1, dropout=dropout)
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:  # peft starts B at zero: the adapter would do nothing
-                p.normal_(0.0, 0.05)
+    perturb_lora_b(peft, 0.05)  # peft starts B at zero: make the delta show
     engine = fuse_lora(copy.deepcopy(peft))
     if checkpointing:
         engine.enable_gradient_checkpointing()

@@ -18,7 +18,7 @@ from cat_engine.cat.flow_loss import flow_cat_loss, flow_cat_loss_reference
 from cat_engine.engine.builtin_dit import tiny_transformer
 from cat_engine.engine.families import DIT_FAMILIES
 from cat_engine.engine.families.flux import TRAIN_GUIDANCE, image_ids, pack, unpack
-from cat_engine.engine.lora import add_lora, fuse_lora, lora_parameters
+from cat_engine.engine.lora import add_lora, fuse_lora, lora_parameters, perturb_lora_b
 
 LOSS_RTOL = 1e-5
 GRAD_RTOL = 1e-4
@@ -30,10 +30,7 @@ def _models(name: str, checkpointing: bool):
     torch.manual_seed(0)
     peft = tiny_transformer(name).eval()
     add_lora(peft, rank=4, targets=DIT_FAMILIES[name].default_targets, seed=1)
-    with torch.no_grad():
-        for n, p in peft.named_parameters():
-            if "lora_B" in n:  # peft starts B at zero: the adapter would do nothing
-                p.normal_(0.0, 0.05)
+    perturb_lora_b(peft, 0.05)  # peft starts B at zero: make the delta show
     engine = fuse_lora(copy.deepcopy(peft))
     if checkpointing:
         engine.enable_gradient_checkpointing()

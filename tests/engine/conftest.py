@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from cat_engine.engine.lora import perturb_lora_b
+
 
 @pytest.fixture
 def lora_transformer():
@@ -20,10 +22,7 @@ def lora_transformer():
         torch.manual_seed(0)
         model = tiny_transformer(family).eval()
         add_lora(model, rank=4, targets=DIT_FAMILIES[family].default_targets, seed=1)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0.0, lora_std)
+        perturb_lora_b(model, lora_std)  # peft starts B at zero: make the delta show
         fuse_lora(model)
         quantize_frozen(model, quant)
         return model

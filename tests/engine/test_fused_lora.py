@@ -15,6 +15,7 @@ from cat_engine.engine.lora import (
     FEED_FORWARD_TARGETS,
     adapters_disabled,
     lora_state_dict,
+    perturb_lora_b,
     save_lora,
 )
 
@@ -37,10 +38,7 @@ def tiny_unet(seed=0):
 
 def lora_unet(rank=4, alpha=8.0, targets=DEFAULT_TARGETS + FEED_FORWARD_TARGETS, seed=0):
     unet = add_lora(tiny_unet(seed), rank=rank, alpha=alpha, targets=targets, seed=seed)
-    with torch.no_grad():  # B starts at zero in peft; make the delta visible
-        for n, p in unet.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.2)
+    perturb_lora_b(unet, 0.2)  # peft starts B at zero: make the delta show
     return unet
 
 
@@ -196,10 +194,7 @@ def test_dropout_and_scaling_follow_peft():
             target_modules=list(DEFAULT_TARGETS),
         )
     )
-    with torch.no_grad():
-        for n, p in unet.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.2)
+    perturb_lora_b(unet, 0.2)  # peft starts B at zero: make the delta show
     unet.train()
     fused = fuse_lora(copy.deepcopy(unet))
     layer = next(m for m in fused.modules() if type(m) is FusedLoraLinear)

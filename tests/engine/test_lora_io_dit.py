@@ -14,6 +14,7 @@ from cat_engine.engine.lora import (
     adapters_disabled,
     add_lora,
     fuse_lora,
+    perturb_lora_b,
     read_lora_metadata,
     save_lora,
 )
@@ -26,10 +27,7 @@ def test_roundtrip_through_the_pipeline(tmp_path, name):
     model = load_base(f"builtin-tiny-{name}", load_encoders=False)
     transformer = model.unet
     add_lora(transformer, rank=4, alpha=8, targets=family.default_targets, seed=0)
-    with torch.no_grad():
-        for n, p in transformer.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0.0, 0.1)
+    perturb_lora_b(transformer, 0.1)  # peft starts B at zero: make the delta show
     fuse_lora(transformer)
     save_lora(transformer, tmp_path / "lora", {"token": "sks"})
     assert read_lora_metadata(tmp_path / "lora")["token"] == "sks"

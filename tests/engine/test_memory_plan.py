@@ -12,7 +12,7 @@ from cat_engine.engine import memory_plan as mp
 from cat_engine.engine.batch import CatBatch
 from cat_engine.engine.builtin import tiny_unet
 from cat_engine.engine.denoiser import unet_forward
-from cat_engine.engine.lora import add_lora, fuse_lora, lora_parameters
+from cat_engine.engine.lora import add_lora, fuse_lora, lora_parameters, perturb_lora_b
 from cat_engine.engine.memory_plan import (
     MemoryPlan,
     MemoryPlanError,
@@ -34,10 +34,7 @@ def lora_unet(seed: int = 0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = add_lora(tiny_unet(), rank=4, seed=seed)
-        with torch.no_grad():
-            for name, p in unet.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(std=0.02)
+        perturb_lora_b(unet, 0.02)  # peft starts B at zero: make the delta show
     return unet
 
 

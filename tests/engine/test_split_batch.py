@@ -16,7 +16,7 @@ from cat_engine.engine.builtin import tiny_unet
 from cat_engine.engine.builtin_dit import tiny_transformer
 from cat_engine.engine.denoiser import unet_forward
 from cat_engine.engine.families import DIT_FAMILIES
-from cat_engine.engine.lora import adapters_disabled, add_lora, fuse_lora, lora_parameters
+from cat_engine.engine.lora import adapters_disabled, add_lora, fuse_lora, lora_parameters, perturb_lora_b
 from cat_engine.engine.split_batch import adapter_rows
 from cat_engine.engine.split_unet import split_batch_call
 
@@ -34,10 +34,7 @@ def _unet(family="sd", checkpointing=False, checkpoint_func=None):
     else:
         unet = tiny_unet(family).eval()
         add_lora(unet, rank=4, seed=1)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.05)
+    perturb_lora_b(unet, 0.05)  # peft starts B at zero: make the delta show
     fuse_lora(unet)
     if checkpointing:
         kwargs = {} if checkpoint_func is None else {"gradient_checkpointing_func": checkpoint_func}
